@@ -1,0 +1,166 @@
+"""The one HTTP app on one port: streamable HTTP at /mcp, SSE at /sse, probes, metrics, mobile API.
+
+Bearer authentication wraps every route except the probes; the principal it resolves is
+left in the ASGI scope for the tools and routes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from mcp.server.transport_security import TransportSecuritySettings
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import metrics
+from .auth import SCOPE_STATE_KEY, ApiKeys, local_principal
+from .errors import ConfigurationError, RagError
+from .logging import get_logger
+from .runtime import Runtime, open_runtime
+from .server import build_server
+from .settings import Settings
+
+log = get_logger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class RuntimeHolder:
+    """Late binding: routes and tools are built before the runtime starts."""
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime
+        self.shutting_down = False
+
+    def get(self) -> Runtime:
+        if self.runtime is None:
+            raise RagError("the server is still starting; retry in a moment")
+        return self.runtime
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+        if self.runtime is not None:
+            self.runtime.draining = True
+
+
+class BearerAuth:
+    """401 for every request without a valid API key, except the probes. Without configured
+    keys (local use only) every request acts as the default tenant."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, default_tenant: str) -> None:
+        self.app = app
+        self.keys = keys
+        self.default_tenant = default_tenant
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.keys.enabled:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            principal = self.keys.authenticate(header)
+            if principal is None:
+                response = JSONResponse(
+                    {"error": "unauthorized", "message": "send Authorization: Bearer <API key>"},
+                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="mcp-rag"'},
+                )
+                await response(scope, receive, send)
+                return
+        else:
+            principal = local_principal(self.default_tenant)
+        scope.setdefault("state", {})[SCOPE_STATE_KEY] = principal
+        await self.app(scope, receive, send)
+
+
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection stays on: loopback names plus the configured hosts and origins."""
+    hosts = ["127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*", "[::1]", "[::1]:*", *settings.allowed_hosts]
+    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *settings.allowed_origins]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: RuntimeHolder | None = None,
+               sse_only: bool = False, runtime_factory: Callable[[Settings], Any] = open_runtime) -> Starlette:
+    """The HTTP app. With ``runtime`` given it is used as is; otherwise the app's lifespan starts one."""
+    if not settings.api_keys and settings.host not in LOOPBACK_HOSTS:
+        raise ConfigurationError(
+            f"refusing to serve on {settings.host} without authentication: set MCP_RAG_API_KEYS "
+            "(or bind to 127.0.0.1 for local use)"
+        )
+    holder = holder or RuntimeHolder(runtime)
+    mcp = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant)
+    security = transport_security(settings)
+    mcp_routes: list[BaseRoute] = []
+    if not sse_only:
+        streamable = mcp.streamable_http_app(
+            streamable_http_path="/mcp", stateless_http=settings.stateless_http, transport_security=security,
+            max_request_body_size=settings.max_request_bytes, host=settings.host,
+        )
+        mcp_routes += streamable.routes
+    sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security,
+                      max_request_body_size=settings.max_request_bytes, host=settings.host)
+    mcp_routes += sse.routes
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if holder.shutting_down:
+            return JSONResponse({"status": "not ready", "reasons": ["shutting down"]}, status_code=503)
+        if holder.runtime is None:
+            return JSONResponse({"status": "not ready", "reasons": ["starting"]}, status_code=503)
+        reasons = await holder.runtime.readiness()
+        if reasons:
+            return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ready", "region": settings.region})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        if holder.runtime is not None:
+            try:
+                await holder.runtime.syncer.lag()
+            except Exception as exc:  # the gauges keep their last value; the scrape still answers
+                log.debug("could not refresh index lag for metrics", error=str(exc))
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    from .mobile import mobile_routes
+
+    routes: list[BaseRoute] = [
+        Route("/health", health, methods=["GET", "HEAD"]),
+        Route("/ready", ready, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *mobile_routes(holder.get),
+        *mcp_routes,
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if holder.runtime is None:
+                holder.runtime = await stack.enter_async_context(runtime_factory(settings))
+            if not sse_only:
+                await stack.enter_async_context(mcp.session_manager.run())
+            log.info("http app ready", host=settings.host, port=settings.port, region=settings.region)
+            yield
+            holder.begin_shutdown()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant)
+    app.state.holder = holder
+    app.state.mcp = mcp
+    return app
+
+
+def json_error(status: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message}, status_code=status)
+
+
+__all__ = ["BearerAuth", "RuntimeHolder", "create_app", "json", "json_error", "transport_security"]

@@ -1,0 +1,129 @@
+"""Fetching a URL for ingestion, safely: http(s) only, public addresses only (checked on every
+redirect hop), bounded in size and time, and only content types we can extract."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import httpx2
+
+from .errors import AccessDeniedError, InvalidInputError, TooLargeError, UnsupportedSourceError
+
+MAX_REDIRECTS = 5
+CONTENT_KINDS = {
+    "text/html": "html",
+    "application/xhtml+xml": "html",
+    "text/plain": "text",
+    "text/markdown": "markdown",
+    "text/x-markdown": "markdown",
+    "application/pdf": "pdf",
+}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    url: str
+    kind: str
+    data: bytes
+
+
+class UrlPolicy:
+    """Which hosts may be fetched. Private, loopback, link-local (cloud metadata), multicast and
+    reserved addresses are refused unless the host name or an enclosing network is allowlisted."""
+
+    def __init__(self, allowlist: Sequence[str] = ()) -> None:
+        self._hosts: set[str] = set()
+        self._networks: list[Network] = []
+        for entry in allowlist:
+            try:
+                self._networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self._hosts.add(entry.lower().rstrip("."))
+
+    def check_url(self, url: str) -> tuple[str, int]:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise InvalidInputError(f"not a valid URL: {url[:200]!r}") from None
+        if parts.scheme not in ("http", "https"):
+            raise InvalidInputError(f"only http and https URLs can be ingested, not {parts.scheme or 'none'!r}")
+        if not parts.hostname:
+            raise InvalidInputError(f"the URL has no host: {url[:200]!r}")
+        if parts.username or parts.password:
+            raise InvalidInputError("URLs with credentials (user:password@) are not accepted")
+        return parts.hostname.lower().rstrip("."), port or (443 if parts.scheme == "https" else 80)
+
+    async def check_host(self, host: str, port: int) -> None:
+        if host in self._hosts:
+            return
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            raise InvalidInputError(f"cannot resolve host {host!r}") from None
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if not self._allowed(address):
+                raise AccessDeniedError(
+                    f"refusing to fetch {host!r}: it resolves to {address}, a non-public address "
+                    "(loopback, private, link-local or reserved); an operator can allow it with MCP_RAG_URL_ALLOWLIST"
+                )
+
+    def _allowed(self, address: IPAddress) -> bool:
+        if any(address in net for net in self._networks):
+            return True
+        return address.is_global and not address.is_multicast
+
+
+async def fetch(url: str, policy: UrlPolicy, *, max_bytes: int, timeout: float) -> Fetched:
+    """GET ``url`` following up to MAX_REDIRECTS redirects, each hop checked against the policy."""
+    try:
+        with anyio.fail_after(timeout):
+            async with httpx2.AsyncClient(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+                current = url
+                for _ in range(MAX_REDIRECTS + 1):
+                    host, port = policy.check_url(current)
+                    await policy.check_host(host, port)
+                    async with client.stream("GET", current, headers={"Accept": ", ".join(CONTENT_KINDS)}) as resp:
+                        if resp.is_redirect:
+                            location = resp.headers.get("location")
+                            if not location:
+                                raise InvalidInputError(f"{current}: redirect without a Location header")
+                            current = urljoin(current, location)
+                            continue
+                        if resp.status_code >= 400:
+                            raise InvalidInputError(f"{current}: the server answered HTTP {resp.status_code}")
+                        kind = _kind(resp.headers.get("content-type", ""), current)
+                        declared = resp.headers.get("content-length")
+                        if declared and declared.isdigit() and int(declared) > max_bytes:
+                            raise TooLargeError(f"{current}: {declared} bytes exceeds the limit of {max_bytes} bytes")
+                        body = bytearray()
+                        async for piece in resp.aiter_bytes():
+                            body += piece
+                            if len(body) > max_bytes:
+                                raise TooLargeError(f"{current}: larger than the limit of {max_bytes} bytes")
+                        return Fetched(current, kind, bytes(body))
+                raise InvalidInputError(f"{url}: more than {MAX_REDIRECTS} redirects")
+    except TimeoutError:
+        raise InvalidInputError(f"{url}: no complete answer within {timeout:.0f} seconds") from None
+    except httpx2.HTTPError as exc:
+        raise InvalidInputError(f"{url}: could not fetch ({type(exc).__name__}: {exc})") from None
+
+
+def _kind(content_type: str, url: str) -> str:
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime in CONTENT_KINDS:
+        return CONTENT_KINDS[mime]
+    raise UnsupportedSourceError(
+        f"{url}: content type {mime or 'unknown'!r} cannot be ingested; supported: {', '.join(sorted(CONTENT_KINDS))}"
+    )
