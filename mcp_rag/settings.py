@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 IndexBackend = Literal["embedded", "qdrant"]
 Scope = Literal["read", "write"]
@@ -49,6 +55,35 @@ def _split_csv(value: object) -> object:
     return value
 
 
+ENV_PREFIX = "MCP_RAG_"
+RESERVED_ENV_PREFIXES = ("MCP_RAG_TEST_",)
+"""Variables the test suite reads itself (never settings)."""
+
+
+class _UnknownEnvVars(PydanticBaseSettingsSource):
+    """Reports ``MCP_RAG_*`` environment variables that name no setting.
+
+    pydantic-settings silently ignores them (it rejects unknown keys only in ``.env`` and in
+    keyword arguments), so a misspelt variable would otherwise be dropped without a word.
+    They are returned under their full lower-case name, as the ``.env`` source reports its
+    unknown keys, and ``extra="forbid"`` turns each into an error naming the variable.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = set(self.settings_cls.model_fields)
+        unknown: dict[str, Any] = {}
+        for name, value in os.environ.items():
+            upper = name.upper()
+            if not upper.startswith(ENV_PREFIX) or upper.startswith(RESERVED_ENV_PREFIXES):
+                continue
+            if upper[len(ENV_PREFIX):].lower() not in known:
+                unknown[name.lower()] = value
+        return unknown
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MCP_RAG_",
@@ -56,6 +91,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="forbid",
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     # --- storage -------------------------------------------------------------------
@@ -133,6 +169,17 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _UnknownEnvVars(settings_cls), dotenv_settings, file_secret_settings
+
     @field_validator("allowed_roots", "url_allowlist", "allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -174,7 +221,7 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         if not value.startswith(("http://", "https://")):
-            raise ValueError(f"qdrant_url must start with http:// or https://, got {value!r}")
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
         return value
 
     @field_validator("embedding_model_dir")
@@ -199,13 +246,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.index_backend == "qdrant" and self.qdrant_url is None:
-            raise ValueError("index_backend is 'qdrant' but MCP_RAG_QDRANT_URL is not set")
+            raise ValueError("MCP_RAG_INDEX_BACKEND is 'qdrant' but MCP_RAG_QDRANT_URL is not set")
         if self.database_read_url and not self.database_url:
             raise ValueError("MCP_RAG_DATABASE_READ_URL needs MCP_RAG_DATABASE_URL (the primary) as well")
         if self.chunk_overlap_tokens >= self.chunk_tokens:
-            raise ValueError("chunk_overlap_tokens must be smaller than chunk_tokens")
+            raise ValueError("MCP_RAG_CHUNK_OVERLAP_TOKENS must be smaller than MCP_RAG_CHUNK_TOKENS")
         if self.db_pool_min > self.db_pool_max:
-            raise ValueError("db_pool_min must not exceed db_pool_max")
+            raise ValueError("MCP_RAG_DB_POOL_MIN must not exceed MCP_RAG_DB_POOL_MAX")
         tokens = [key.token for key in self.api_keys]
         if len(set(tokens)) != len(tokens):
             raise ValueError("MCP_RAG_API_KEYS lists the same token twice")

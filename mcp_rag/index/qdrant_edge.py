@@ -1,0 +1,408 @@
+"""VectorIndex over Qdrant Edge: the Qdrant engine in-process, one shard in a directory.
+
+Layout of ``directory``:
+
+* ``shard/``          the EdgeShard (segments + WAL; the engine locks the WAL exclusively)
+* ``index_meta.json`` model identity and change-log cursor, replaced atomically
+* ``owner.pid``       flock-ed by the process that has the index open, holds its pid
+
+Durability: every update is appended to the shard's WAL before ``update`` returns, and
+the WAL is replayed on load, so a ``kill -9`` right after a write loses nothing; writes
+are flushed to the segments as well so that reloading replays (almost) nothing.
+
+The engine does not optimise segments in the background (``EdgeShard.optimize`` exists
+but blocks for a long time), so points stay in plain appendable segments searched
+exhaustively; that is fast enough at the scale of a local index.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import anyio.to_thread
+import numpy as np
+from qdrant_edge import (
+    CountRequest,
+    Distance,
+    EdgeConfig,
+    EdgeShard,
+    EdgeSparseVectorParams,
+    EdgeVectorParams,
+    FieldCondition,
+    Filter,
+    Fusion,
+    HasIdCondition,
+    KeywordIndexParams,
+    MatchAny,
+    MatchPrefix,
+    MatchValue,
+    Modifier,
+    Point,
+    Prefetch,
+    Query,
+    QueryRequest,
+    RangeFloat,
+    ScrollRequest,
+    SparseVector,
+    UpdateOperation,
+)
+
+from mcp_rag.index.base import (
+    DENSE_VECTOR,
+    SPARSE_VECTOR,
+    Hit,
+    IndexPoint,
+    IndexQuery,
+    IndexUnavailableError,
+    MetadataValue,
+    ModelIdentity,
+    ModelMismatchError,
+    SearchFilter,
+    VectorIndex,
+)
+
+if TYPE_CHECKING:  # aliases that exist in the type stubs only
+    from qdrant_edge import ConditionType, NamedVector, PointId
+
+T = TypeVar("T")
+
+_SCROLL_PAGE = 1000
+_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class EdgeIndex(VectorIndex):
+    def __init__(self, directory: Path) -> None:
+        self._dir = Path(directory)
+        self._shard_path = self._dir / "shard"
+        self._meta_path = self._dir / "index_meta.json"
+        self._shard: EdgeShard | None = None
+        self._owner_fd: int | None = None
+        self._model: ModelIdentity | None = None
+        self._cursor = 0
+        # Queries run concurrently (they release the GIL); writes, flushes and meta
+        # updates are serialised.
+        self._write_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self, model: ModelIdentity) -> None:
+        await anyio.to_thread.run_sync(self._open, model)
+
+    def _open(self, model: ModelIdentity) -> None:
+        if self._shard is not None:
+            raise IndexUnavailableError(f"edge index {self._dir} is already open")
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._owner_fd = self._lock_owner()
+        try:
+            meta = self._read_meta()
+            if meta is not None and meta[0] != model:
+                raise ModelMismatchError(_mismatch(str(self._dir), meta[0], model))
+            has_shard = self._shard_path.is_dir() and any(self._shard_path.iterdir())
+            if meta is None or not has_shard:
+                # New index, or one half of it is missing: the index is derived data, so
+                # start afresh (meta first: a shard never exists without its identity).
+                self._write_meta(model, 0)
+                shutil.rmtree(self._shard_path, ignore_errors=True)
+                self._shard = _create_shard(self._shard_path, model)
+                self._cursor = 0
+            else:
+                self._shard = self._load_shard()
+                self._cursor = meta[1]
+            self._model = model
+        except BaseException:
+            self._release_owner()
+            raise
+
+    def _lock_owner(self) -> int:
+        path = self._dir / "owner.pid"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise IndexUnavailableError(self._in_use(int(owner) if owner.isdigit() else None)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _in_use(self, pid: int | None) -> str:
+        if pid == os.getpid():
+            return f"edge index directory {self._dir} is already open in this process"
+        who = f"another mcp-rag process (pid {pid})" if pid else "another process"
+        return f"edge index directory {self._dir} is in use by {who}; stop it or use another directory"
+
+    def _load_shard(self) -> EdgeShard:
+        try:
+            return EdgeShard.load(str(self._shard_path))
+        except Exception as e:
+            if "WouldBlock" in str(e):  # the engine's own WAL lock
+                raise IndexUnavailableError(self._in_use(None)) from e
+            raise IndexUnavailableError(f"cannot open edge index {self._shard_path}: {e}") from e
+
+    def _release_owner(self) -> None:
+        if self._owner_fd is not None:
+            # Not unlinked: another process may be waiting on this very file.
+            os.ftruncate(self._owner_fd, 0)
+            os.close(self._owner_fd)  # releases the flock
+            self._owner_fd = None
+
+    async def close(self) -> None:
+        def close() -> None:
+            with self._write_lock:
+                if self._shard is not None:
+                    self._shard.flush()
+                    self._shard.close()
+                    self._shard = None
+                self._release_owner()
+
+        await anyio.to_thread.run_sync(close)
+
+    async def ping(self) -> None:
+        await self._read(lambda shard: shard.info())
+
+    def _require(self) -> EdgeShard:
+        if self._shard is None:
+            raise IndexUnavailableError(f"edge index {self._dir} is not open")
+        return self._shard
+
+    async def _read(self, fn: Callable[[EdgeShard], T]) -> T:
+        return await anyio.to_thread.run_sync(lambda: fn(self._require()))
+
+    async def _write(self, *ops: UpdateOperation) -> None:
+        def write() -> None:
+            with self._write_lock:
+                shard = self._require()
+                for op in ops:
+                    shard.update(op)
+                shard.flush()
+
+        await anyio.to_thread.run_sync(write)
+
+    # -- meta: model identity and cursor --------------------------------------------
+
+    def _read_meta(self) -> tuple[ModelIdentity, int] | None:
+        try:
+            data = json.loads(self._meta_path.read_text())
+        except FileNotFoundError:
+            return None
+        return ModelIdentity(str(data["model_name"]), int(data["dimension"])), int(data["cursor"])
+
+    def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
+        data = {"model_name": model.name, "dimension": model.dimension, "cursor": cursor}
+        tmp = self._meta_path.with_suffix(".json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._meta_path)
+        dir_fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+    async def get_cursor(self) -> int:
+        return self._cursor
+
+    async def set_cursor(self, seq: int) -> None:
+        def set_cursor() -> None:
+            with self._write_lock:
+                if self._model is None:
+                    raise IndexUnavailableError(f"edge index {self._dir} is not open")
+                self._write_meta(self._model, seq)
+                self._cursor = seq
+
+        await anyio.to_thread.run_sync(set_cursor)
+
+    # -- writes --------------------------------------------------------------------
+
+    async def upsert(self, points: Sequence[IndexPoint]) -> None:
+        if points:
+            await self._write(UpdateOperation.upsert_points([_point(p) for p in points]))
+
+    async def delete_points(self, ids: Sequence[int]) -> None:
+        point_ids: list[PointId] = list(ids)
+        if point_ids:
+            await self._write(UpdateOperation.delete_points(point_ids))
+
+    async def delete_documents(self, tenant: str, document_ids: Sequence[str], keep_ids: Sequence[int] = ()) -> None:
+        if not document_ids:
+            return
+        keep_set: set[PointId] = set(keep_ids)
+        keep: list[ConditionType] = [HasIdCondition(keep_set)] if keep_set else []
+        flt = Filter(must=[_equals("tenant", tenant), _any_of("document_id", document_ids)], must_not=keep)
+        await self._write(UpdateOperation.delete_points_by_filter(flt))
+
+    async def delete_collection(self, tenant: str, collection: str) -> None:
+        flt = Filter(must=[_equals("tenant", tenant), _equals("collection", collection)])
+        await self._write(UpdateOperation.delete_points_by_filter(flt))
+
+    async def clear(self) -> None:
+        def clear() -> None:
+            with self._write_lock:
+                shard, model = self._require(), self._model
+                assert model is not None
+                # A fresh shard rather than deleting every point: the engine keeps counting
+                # deleted points in its IDF statistics until segments are optimised. The
+                # owner lock stays held, so no other process can slip in meanwhile.
+                shard.close()
+                self._shard = None
+                shutil.rmtree(self._shard_path)
+                self._write_meta(model, 0)
+                self._cursor = 0
+                self._shard = _create_shard(self._shard_path, model)
+
+        await anyio.to_thread.run_sync(clear)
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def query(self, query: IndexQuery) -> list[Hit]:
+        flt = _filter(query.filter)
+        dense = Query.Nearest(list(query.dense), using=DENSE_VECTOR) if query.dense is not None else None
+        sparse = (
+            Query.Nearest(SparseVector(list(query.sparse.indices), list(query.sparse.values)), using=SPARSE_VECTOR)
+            if query.sparse is not None and query.sparse.indices
+            else None
+        )
+        if query.dense is None and query.sparse is None:
+            raise ValueError("an IndexQuery needs a dense or a sparse vector")
+        if dense is not None and sparse is not None:
+            f = query.fusion
+            weights = list(f.weights) if f.weights else None
+            # cast: at runtime Fusion.Rrf/Dbsf subclass Fusion; the 0.9 stubs do not say so.
+            fusion = cast(Fusion, Fusion.Dbsf() if f.method == "dbsf" else Fusion.Rrf(f.rrf_k, weights))
+            request = QueryRequest(
+                limit=query.limit,
+                query=fusion,
+                prefetches=[
+                    Prefetch(limit=f.prefetch_limit, query=dense, filter=flt),
+                    Prefetch(limit=f.prefetch_limit, query=sparse, filter=flt),
+                ],
+                filter=flt,
+                with_payload=False,
+                with_vector=False,
+            )
+        elif dense is not None or sparse is not None:
+            request = QueryRequest(
+                limit=query.limit, query=dense or sparse, filter=flt, with_payload=False, with_vector=False
+            )
+        else:
+            return []  # an empty sparse query (e.g. only stop words) matches nothing
+        points = await self._read(lambda shard: shard.query(request))
+        return [Hit(id=_int_id(p.id), score=p.score) for p in points]
+
+    async def count(self, filter: SearchFilter | None = None) -> int:
+        request = CountRequest(exact=True, filter=_filter(filter) if filter is not None else None)
+        return await self._read(lambda shard: shard.count(request))
+
+    async def point_ids(self, filter: SearchFilter | None = None) -> set[int]:
+        flt = _filter(filter) if filter is not None else None
+
+        def scroll_all(shard: EdgeShard) -> set[int]:
+            ids: set[int] = set()
+            offset: PointId | None = None
+            while True:
+                request = ScrollRequest(
+                    offset=offset, limit=_SCROLL_PAGE, filter=flt, with_payload=False, with_vector=False
+                )
+                records, offset = shard.scroll(request)
+                ids.update(_int_id(r.id) for r in records)
+                if offset is None:
+                    return ids
+
+        return await self._read(scroll_all)
+
+
+def _create_shard(path: Path, model: ModelIdentity) -> EdgeShard:
+    config = EdgeConfig(
+        vectors={DENSE_VECTOR: EdgeVectorParams(size=model.dimension, distance=Distance.Cosine)},
+        sparse_vectors={SPARSE_VECTOR: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+    )
+    shard = EdgeShard.create(str(path), config)
+    for name in ("tenant", "collection", "document_id", "source_uri"):
+        params = KeywordIndexParams(is_tenant=name == "tenant" or None, prefix=name == "source_uri" or None)
+        shard.update(UpdateOperation.create_field_index(name, params))
+    shard.flush()
+    return shard
+
+
+def _mismatch(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
+    return (
+        f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
+        f"configured with {configured.name} ({configured.dimension}-d): its vectors are not comparable; "
+        "run `mcp-rag reindex` or point at another index"
+    )
+
+
+def _int_id(point_id: PointId) -> int:
+    if isinstance(point_id, int):
+        return point_id
+    raise TypeError(f"unexpected non-integer point id {point_id!r}")
+
+
+def _point(p: IndexPoint) -> Point:
+    q = p.payload
+    metadata = {k: v if isinstance(v, str | int | float | bool) else list(v) for k, v in q.metadata.items()}
+    payload: dict[str, Any] = {
+        "tenant": q.tenant,
+        "collection": q.collection,
+        "document_id": q.document_id,
+        "source_uri": q.source_uri,
+        "metadata": metadata,
+    }
+    vectors: dict[str, NamedVector] = {
+        DENSE_VECTOR: list(p.dense),
+        SPARSE_VECTOR: SparseVector(list(p.sparse.indices), list(p.sparse.values)),
+    }
+    return Point(p.id, vectors, payload)
+
+
+def _metadata_key(key: str) -> str:
+    if _SIMPLE_KEY.fullmatch(key):
+        return f"metadata.{key}"
+    if '"' in key:
+        raise ValueError(f"metadata key {key!r} cannot be filtered on (contains a double quote)")
+    return f'metadata."{key}"'  # quoted JSON path segment: dots, spaces, ... are literal
+
+
+def _equals(key: str, value: MetadataValue) -> FieldCondition:
+    if isinstance(value, bool):
+        # qdrant-edge 0.9 turns a Python bool into the integer 1/0 (bool is an int
+        # subclass), which never matches a boolean payload; numpy.bool_ is converted
+        # as a real boolean.
+        return FieldCondition(key, match=MatchValue(cast(bool, np.bool_(value))))
+    if isinstance(value, float):  # MatchValue takes str/int/bool only
+        return FieldCondition(key, range=RangeFloat(gte=value, lte=value))
+    return FieldCondition(key, match=MatchValue(value))
+
+
+def _any_of(key: str, values: Sequence[MetadataValue]) -> ConditionType:
+    values = list(values)
+    if all(isinstance(v, str) for v in values):  # also the empty list, which matches nothing
+        return FieldCondition(key, match=MatchAny([str(v) for v in values]))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return FieldCondition(key, match=MatchAny([int(v) for v in values]))
+    return Filter(should=[_equals(key, v) for v in values])  # mixed types, floats, bools
+
+
+def _filter(f: SearchFilter) -> Filter:
+    must: list[ConditionType] = [_equals("tenant", f.tenant)]
+    if f.collections is not None:
+        must.append(_any_of("collection", f.collections))
+    if f.document_ids is not None:
+        must.append(_any_of("document_id", f.document_ids))
+    if f.source_prefix is not None:
+        must.append(FieldCondition("source_uri", match=MatchPrefix(f.source_prefix)))
+    for key, value in f.metadata.items():
+        path = _metadata_key(key)
+        must.append(_equals(path, value) if isinstance(value, str | int | float | bool) else _any_of(path, value))
+    return Filter(must=must)

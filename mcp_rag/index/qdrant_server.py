@@ -1,0 +1,353 @@
+"""VectorIndex over a Qdrant server, through the sync ``QdrantClient``.
+
+The async client is not used: in local mode (``QdrantClient(":memory:")``, used by the
+tests) it runs everything on the event loop. Every blocking call goes through
+``anyio.to_thread.run_sync`` instead. Local mode is plain Python state with no locking,
+so there every call is serialised; the remote HTTP client is thread-safe and is not.
+
+Everything used here (``MatchPrefix``, ``Rrf`` weights, the IDF modifier, ``query_points``
+with prefetches) works in local mode as well as on a server. Local mode ignores payload
+indexes (and warns when one is created), so they are only created on a server. For an
+on-disk local client (``path=...``) pass ``force_disable_check_same_thread=True``: calls
+come from worker threads (serialised here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from mcp_rag.index.base import (
+    DENSE_VECTOR,
+    SPARSE_VECTOR,
+    Hit,
+    IndexPoint,
+    IndexQuery,
+    IndexUnavailableError,
+    MetadataValue,
+    ModelIdentity,
+    ModelMismatchError,
+    PointPayload,
+    SearchFilter,
+    VectorIndex,
+)
+
+T = TypeVar("T")
+
+_META_POINT_ID = 0
+_UPSERT_BATCH = 256
+_SCROLL_PAGE = 1000
+_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class QdrantServerIndex(VectorIndex):
+    """Chunks in ``collection``; model identity and cursor in ``<collection>__meta``."""
+
+    def __init__(self, client: QdrantClient, collection: str = "mcp_rag_chunks") -> None:
+        self._client = client
+        self._collection = collection
+        self._meta = f"{collection}__meta"
+        self._owns_client = False
+        options = client.init_options
+        self._local = options.get("location") == ":memory:" or options.get("path") is not None
+        self._where = str(options.get("url") or options.get("host") or options.get("path") or options.get("location"))
+        self._lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if self._local else contextlib.nullcontext()
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        api_key: str | None = None,
+        collection: str = "mcp_rag_chunks",
+        timeout: float = 10.0,
+    ) -> QdrantServerIndex:
+        # check_compatibility=False: it would make a blocking request right here.
+        client = QdrantClient(url=url, api_key=api_key, timeout=max(1, math.ceil(timeout)), check_compatibility=False)
+        index = cls(client, collection)
+        index._owns_client = True
+        return index
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        def run() -> T:
+            with self._lock:
+                try:
+                    return fn()
+                except ResponseHandlingException as e:
+                    raise IndexUnavailableError(f"cannot reach Qdrant at {self._where}: {e.source}") from e
+                except UnexpectedResponse as e:
+                    if e.status_code is not None and (e.status_code >= 500 or e.status_code in (401, 403)):
+                        raise IndexUnavailableError(
+                            f"Qdrant at {self._where} answered {e.status_code} {e.reason_phrase}"
+                        ) from e
+                    raise
+
+        return await anyio.to_thread.run_sync(run)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self, model: ModelIdentity) -> None:
+        await self._call(lambda: self._open(model))
+
+    def _open(self, model: ModelIdentity) -> None:
+        c = self._client
+        exists = c.collection_exists(self._collection)
+        meta = self._read_meta() if c.collection_exists(self._meta) else None
+        if meta is not None and meta[0] != model:
+            raise ModelMismatchError(_mismatch(self._collection, meta[0], model))
+        if meta is None and exists:
+            # Chunks without a model identity (meta lost): adopt them only if the sizes
+            # agree, and start over from cursor 0 (upserts then overwrite every point).
+            size = self._dense_size()
+            if size != model.dimension:
+                raise ModelMismatchError(_mismatch(self._collection, ModelIdentity("<unknown>", size), model))
+        if not exists:
+            self._create_chunks(model)
+        if meta is None:
+            if not c.collection_exists(self._meta):
+                one_d = models.VectorParams(size=1, distance=models.Distance.DOT)
+                c.create_collection(self._meta, vectors_config=one_d)
+            self._write_meta(model, 0)
+        elif not exists:
+            self._set_cursor(0)  # the chunks are gone: the cursor must not claim otherwise
+
+    def _create_chunks(self, model: ModelIdentity) -> None:
+        c = self._client
+        c.create_collection(
+            self._collection,
+            vectors_config={DENSE_VECTOR: models.VectorParams(size=model.dimension, distance=models.Distance.COSINE)},
+            sparse_vectors_config={SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+        )
+        if self._local:
+            return  # local mode ignores payload indexes and warns about them
+        for name in ("tenant", "collection", "document_id", "source_uri"):
+            c.create_payload_index(
+                self._collection,
+                name,
+                field_schema=models.KeywordIndexParams(
+                    type=models.KeywordIndexType.KEYWORD,
+                    is_tenant=name == "tenant" or None,
+                    prefix=name == "source_uri" or None,
+                ),
+                wait=True,
+            )
+
+    def _dense_size(self) -> int:
+        vectors = self._client.get_collection(self._collection).config.params.vectors
+        if isinstance(vectors, dict) and DENSE_VECTOR in vectors:
+            return vectors[DENSE_VECTOR].size
+        return 0
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._call(self._client.close)
+
+    async def ping(self) -> None:
+        await self._call(self._client.get_collections)
+
+    # -- meta: model identity and cursor --------------------------------------------
+
+    def _read_meta(self) -> tuple[ModelIdentity, int] | None:
+        records = self._client.retrieve(self._meta, [_META_POINT_ID], with_payload=True)
+        if not records or records[0].payload is None:
+            return None
+        p = records[0].payload
+        return ModelIdentity(str(p["model_name"]), int(p["dimension"])), int(p["cursor"])
+
+    def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
+        payload = {"model_name": model.name, "dimension": model.dimension, "cursor": cursor}
+        point = models.PointStruct(id=_META_POINT_ID, vector=[1.0], payload=payload)
+        self._client.upsert(self._meta, [point], wait=True)
+
+    def _set_cursor(self, seq: int) -> None:
+        self._client.set_payload(self._meta, {"cursor": seq}, points=[_META_POINT_ID], wait=True)
+
+    async def get_cursor(self) -> int:
+        meta = await self._call(self._read_meta)
+        return 0 if meta is None else meta[1]
+
+    async def set_cursor(self, seq: int) -> None:
+        await self._call(lambda: self._set_cursor(seq))
+
+    # -- writes --------------------------------------------------------------------
+
+    async def upsert(self, points: Sequence[IndexPoint]) -> None:
+        structs = [
+            models.PointStruct(
+                id=p.id,
+                vector={
+                    DENSE_VECTOR: list(p.dense),
+                    SPARSE_VECTOR: models.SparseVector(indices=list(p.sparse.indices), values=list(p.sparse.values)),
+                },
+                payload=_payload(p.payload),
+            )
+            for p in points
+        ]
+        for start in range(0, len(structs), _UPSERT_BATCH):
+            batch = structs[start : start + _UPSERT_BATCH]
+            await self._call(functools.partial(self._client.upsert, self._collection, batch, wait=True))
+
+    async def delete_points(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self._delete(models.PointIdsList(points=list(ids)))
+
+    async def delete_documents(self, tenant: str, document_ids: Sequence[str], keep_ids: Sequence[int] = ()) -> None:
+        if not document_ids:
+            return
+        keep: list[models.Condition] = [models.HasIdCondition(has_id=list(keep_ids))] if keep_ids else []
+        must = [_equals("tenant", tenant), _any_of("document_id", document_ids)]
+        await self._delete(models.FilterSelector(filter=models.Filter(must=must, must_not=keep)))
+
+    async def delete_collection(self, tenant: str, collection: str) -> None:
+        must = [_equals("tenant", tenant), _equals("collection", collection)]
+        await self._delete(models.FilterSelector(filter=models.Filter(must=must)))
+
+    async def _delete(self, selector: models.PointIdsList | models.FilterSelector) -> None:
+        await self._call(lambda: self._client.delete(self._collection, points_selector=selector, wait=True))
+
+    async def clear(self) -> None:
+        def clear() -> None:
+            meta = self._read_meta()
+            if meta is None:
+                raise IndexUnavailableError(f"index '{self._collection}' at {self._where} is not open")
+            # Recreating (rather than deleting every point) also resets the IDF statistics.
+            self._client.delete_collection(self._collection)
+            self._create_chunks(meta[0])
+            self._set_cursor(0)
+
+        await self._call(clear)
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def query(self, query: IndexQuery) -> list[Hit]:
+        flt = _filter(query.filter)
+        dense = list(query.dense) if query.dense is not None else None
+        sparse = (
+            models.SparseVector(indices=list(query.sparse.indices), values=list(query.sparse.values))
+            if query.sparse is not None and query.sparse.indices
+            else None
+        )
+        if dense is None and query.sparse is None:
+            raise ValueError("an IndexQuery needs a dense or a sparse vector")
+        kwargs: dict[str, Any]
+        if dense is not None and sparse is not None:
+            fusion = query.fusion
+            fused: models.FusionQuery | models.RrfQuery = (
+                models.FusionQuery(fusion=models.Fusion.DBSF)
+                if fusion.method == "dbsf"
+                else models.RrfQuery(
+                    rrf=models.Rrf(k=fusion.rrf_k, weights=list(fusion.weights) if fusion.weights else None)
+                )
+            )
+            prefetch = [
+                models.Prefetch(query=dense, using=DENSE_VECTOR, filter=flt, limit=fusion.prefetch_limit),
+                models.Prefetch(query=sparse, using=SPARSE_VECTOR, filter=flt, limit=fusion.prefetch_limit),
+            ]
+            kwargs = {"query": fused, "prefetch": prefetch}
+        elif dense is not None:
+            kwargs = {"query": dense, "using": DENSE_VECTOR}
+        elif sparse is not None:
+            kwargs = {"query": sparse, "using": SPARSE_VECTOR}
+        else:
+            return []  # an empty sparse query (e.g. only stop words) matches nothing
+
+        response = await self._call(
+            lambda: self._client.query_points(
+                self._collection, query_filter=flt, limit=query.limit, with_payload=False, **kwargs
+            )
+        )
+        return [Hit(id=_int_id(p.id), score=p.score) for p in response.points]
+
+    async def count(self, filter: SearchFilter | None = None) -> int:
+        flt = _filter(filter) if filter is not None else None
+        result = await self._call(lambda: self._client.count(self._collection, count_filter=flt, exact=True))
+        return result.count
+
+    async def point_ids(self, filter: SearchFilter | None = None) -> set[int]:
+        flt = _filter(filter) if filter is not None else None
+
+        def scroll_all() -> set[int]:
+            ids: set[int] = set()
+            offset: models.ExtendedPointId | None = None
+            while True:
+                records, offset = self._client.scroll(
+                    self._collection, scroll_filter=flt, limit=_SCROLL_PAGE, offset=offset,
+                    with_payload=False, with_vectors=False,
+                )  # fmt: skip
+                ids.update(_int_id(r.id) for r in records)
+                if offset is None:
+                    return ids
+
+        return await self._call(scroll_all)
+
+
+def _mismatch(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
+    return (
+        f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
+        f"configured with {configured.name} ({configured.dimension}-d): its vectors are not comparable; "
+        "run `mcp-rag reindex` or point at another index"
+    )
+
+
+def _int_id(point_id: models.ExtendedPointId) -> int:
+    if isinstance(point_id, int):
+        return point_id
+    raise TypeError(f"unexpected non-integer point id {point_id!r}")
+
+
+def _payload(p: PointPayload) -> dict[str, Any]:
+    metadata = {k: v if isinstance(v, str | int | float | bool) else list(v) for k, v in p.metadata.items()}
+    return {
+        "tenant": p.tenant,
+        "collection": p.collection,
+        "document_id": p.document_id,
+        "source_uri": p.source_uri,
+        "metadata": metadata,
+    }
+
+
+def _metadata_key(key: str) -> str:
+    if _SIMPLE_KEY.fullmatch(key):
+        return f"metadata.{key}"
+    if '"' in key:
+        raise ValueError(f"metadata key {key!r} cannot be filtered on (contains a double quote)")
+    return f'metadata."{key}"'  # quoted JSON path segment: dots, spaces, ... are literal
+
+
+def _equals(key: str, value: MetadataValue) -> models.Condition:
+    if isinstance(value, float):  # MatchValue takes str/int/bool only
+        return models.FieldCondition(key=key, range=models.Range(gte=value, lte=value))
+    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+def _any_of(key: str, values: Sequence[MetadataValue]) -> models.Condition:
+    values = list(values)
+    if all(isinstance(v, str) for v in values):  # also the empty list, which matches nothing
+        return models.FieldCondition(key=key, match=models.MatchAny(any=[str(v) for v in values]))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return models.FieldCondition(key=key, match=models.MatchAny(any=[int(v) for v in values]))
+    return models.Filter(should=[_equals(key, v) for v in values])  # mixed types, floats, bools
+
+
+def _filter(f: SearchFilter) -> models.Filter:
+    must = [_equals("tenant", f.tenant)]
+    if f.collections is not None:
+        must.append(_any_of("collection", f.collections))
+    if f.document_ids is not None:
+        must.append(_any_of("document_id", f.document_ids))
+    if f.source_prefix is not None:
+        must.append(models.FieldCondition(key="source_uri", match=models.MatchPrefix(prefix=f.source_prefix)))
+    for key, value in f.metadata.items():
+        path = _metadata_key(key)
+        must.append(_equals(path, value) if isinstance(value, str | int | float | bool) else _any_of(path, value))
+    return models.Filter(must=must)
