@@ -18,7 +18,7 @@ from .chunking import chunk_text
 from .embedding import Embedder
 from .errors import InvalidInputError, RagError, TooLargeError
 from .extract import SourceDocument
-from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
+from .index.base import FusionParams, IndexError_, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
 from .settings import Settings
 from .store.postgres import DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
@@ -168,18 +168,31 @@ class RagService:
                     metrics.DOCUMENTS_INGESTED.labels("unchanged").inc(len(batch.unchanged))
                     report.failed.extend(batch.failures)
                     if batch.writes:
-                        await self.syncer.catch_up()
+                        await self._index_committed()
                     if progress is not None:
                         await progress(report.processed, total,
                                        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged,"
                                        f" {len(report.failed)} failed")
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(write_stage)
-            async with send:
-                async for prepared in self._prepare(tenant, collection, sources, raise_on_failure):
-                    await send.send(prepared)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write_stage)
+                async with send:
+                    async for prepared in self._prepare(tenant, collection, sources, raise_on_failure):
+                        await send.send(prepared)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
         return report
+
+    async def _index_committed(self) -> None:
+        """Apply what was just committed to the index. The write is durable in Postgres with its
+        change-log entry, so an index that does not answer fails nothing: the sync worker (or the
+        next catch-up) applies it, and search never shows chunks Postgres does not have."""
+        try:
+            await self.syncer.catch_up()
+        except IndexError_ as exc:
+            log.warning("index not updated after a committed write; it will catch up from the change log",
+                        error=str(exc)[:300])
 
     async def _prepare(self, tenant: str, collection: str, sources: Iterable[SourceDocument | SourceFailure],
                        raise_on_failure: bool) -> AsyncIterator[_Prepared]:
@@ -202,8 +215,9 @@ class RagService:
                 failures.append(SourceFailure(item.source_uri, str(exc)))
                 continue
             pending[doc.source_uri] = (doc, content_hash(doc))
-            # A rough bound before chunking: ~4 characters a token.
-            if sum(len(d.text) for d, _ in pending.values()) // 4 >= budget * self.settings.chunk_tokens:
+            # A rough bound before chunking: ~4 characters a token, and at least one chunk a document.
+            if (len(pending) >= budget
+                    or sum(len(d.text) for d, _ in pending.values()) // 4 >= budget * self.settings.chunk_tokens):
                 yield await self._embed_batch(tenant, collection, pending, failures, seen)
                 pending, failures, seen = {}, [], 0
         if pending or failures:
@@ -257,6 +271,7 @@ class RagService:
                                filters: SearchFilters | None = None) -> list[SearchResult]:
         """Search without the tool's top_k bound (evaluation needs the top 100)."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
+        self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "))
         s = self.settings
         fusion = FusionParams(method=s.fusion, rrf_k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight),
@@ -311,12 +326,12 @@ class RagService:
 
     async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
         info = await self.store.delete_document(tenant, document_id)
-        await self.syncer.catch_up()
+        await self._index_committed()
         return info
 
     async def delete_collection(self, tenant: str, collection: str) -> int:
         count = await self.store.delete_collection(tenant, validate_collection(collection))
-        await self.syncer.catch_up()
+        await self._index_committed()
         return count
 
     async def list_collections(self, tenant: str) -> list[Any]:
@@ -325,6 +340,7 @@ class RagService:
     async def stats(self, tenant: str | None) -> tuple[StoreStats, int, int]:
         """(store counts, index points for the tenant, change-log entries not yet indexed)."""
         stats = await self.store.stats(tenant)
+        self.syncer.require_open()
         points = await self.index.count(SearchFilter(tenant=tenant) if tenant is not None else None)
         return stats, points, await self.syncer.lag()
 
@@ -435,6 +451,17 @@ def embed_text(doc: SourceDocument, heading_path: Sequence[str], text: str) -> s
     context = [doc.title] if doc.title else []
     context += [h for h in heading_path if h != doc.title]
     return (" > ".join(context) + "\n" + text) if context else text
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that stopped an ingest (the other task only saw the resulting cancellation)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, cancelled):
+            return exc
+    return group.exceptions[0]
 
 
 async def _iterate_in_thread(items: Iterable[SourceDocument | SourceFailure]) -> AsyncIterator[SourceDocument | SourceFailure]:

@@ -1,12 +1,17 @@
 """Running the server: stdio (one session per process) or the HTTP app under uvicorn.
 
-On SIGTERM/SIGINT the HTTP server turns not-ready at once, stops accepting connections,
-lets in-flight calls finish within the grace period, closes the pools and exits 0.
+On SIGTERM/SIGINT the HTTP server turns not-ready at once (``/ready`` answers 503) and refuses new
+tool calls with a retryable error, lets the running tool calls finish within the grace period, then
+stops accepting connections, closes the pools and exits 0.
 """
 
 from __future__ import annotations
 
+import math
+import logging
+import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -34,21 +39,58 @@ def run_stdio(settings: Settings) -> None:
 
     server = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant,
                           lifespan=lifespan)
-    server.run("stdio")
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _StopRequested
+
+    # SIGTERM unwinds like Ctrl-C, so pools close and the embedded Postgres is left cleanly.
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run("stdio")
+    except _StopRequested:
+        # Everything is closed by now; only the thread blocked reading stdin remains, and it
+        # would keep the process alive until the parent closes the pipe.
+        log.info("stopped by signal")
+        logging.shutdown()
+        os._exit(0)
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Raised by the SIGTERM handler of the stdio server."""
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, but readiness turns 503 the moment a stop signal arrives."""
+    """uvicorn with a drain phase: on the first stop signal readiness turns 503 and new tool calls
+    are refused (retryable), while the running tool calls finish with the listener still open; then
+    uvicorn's own graceful shutdown closes the connections. Both phases share the grace period.
+    A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, holder: RuntimeHolder) -> None:
+    def __init__(self, config: uvicorn.Config, holder: RuntimeHolder, grace_seconds: float) -> None:
         super().__init__(config)
         self._holder = holder
+        self._grace = grace_seconds
+        self._drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            log.info("stop signal received: draining", signal=signal.Signals(sig).name)
-        self._holder.begin_shutdown()
+        if self._drain_deadline is None and not self.should_exit:
+            log.info("stop signal received: draining", signal=signal.Signals(sig).name,
+                     tool_calls_in_flight=self._holder.calls.count)
+            self._holder.begin_shutdown()
+            self._drain_deadline = time.monotonic() + self._grace
+            return
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        deadline = self._drain_deadline
+        if deadline is not None and not self.should_exit:
+            now = time.monotonic()
+            if self._holder.calls.count == 0 or now >= deadline:
+                if self._holder.calls.count:
+                    log.warning("grace period over: stopping with tool calls still running",
+                                tool_calls_in_flight=self._holder.calls.count)
+                self.config.timeout_graceful_shutdown = max(1, math.ceil(deadline - now))
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def run_http(settings: Settings, *, sse_only: bool = False) -> None:
@@ -68,5 +110,5 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
     # installed before it ran: make that one a no-op so a drained server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    _DrainingServer(config, holder).run()
+    _DrainingServer(config, holder, settings.shutdown_grace_seconds).run()
     log.info("server stopped")
