@@ -17,7 +17,10 @@ TokenCounter = Callable[[Sequence[str]], list[int]]
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9À-Ý])|(?<=[。！？])")
+# A closing quote or bracket after the full stop stays with its sentence (up to two of them).
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?…])|(?<=[.!?…][\"')\]])|(?<=[.!?…][\"')\]]{2}))\s+(?=[\"'(\[]?[A-Z0-9À-Ý])|(?<=[。！？])"
+)
 _WORD = re.compile(r"\S+")
 
 

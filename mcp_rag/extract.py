@@ -24,6 +24,13 @@ CORPUS_SUFFIXES = {".jsonl"}
 SUPPORTED_SUFFIXES = sorted({*TEXT_SUFFIXES, *HTML_SUFFIXES, *PDF_SUFFIXES, *CORPUS_SUFFIXES})
 
 MAX_PDF_PAGES = 2000
+PDF_OPERATIONS_PER_BYTE = 8
+"""Work budget of PDF text extraction: content-stream operations per byte of the file (at least
+MIN_PDF_OPERATIONS, at most MAX_PDF_OPERATIONS). Ordinary PDFs need well under one operation per
+byte; a few-KB "bomb" (one highly compressed form XObject drawn thousands of times) needs millions,
+each costing pure-Python parsing time, so without a budget it ties up a worker for hours."""
+MIN_PDF_OPERATIONS = 250_000
+MAX_PDF_OPERATIONS = 5_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +62,12 @@ def extract_bytes(data: bytes, *, kind: str, source_uri: str, max_bytes: int) ->
         raise TooLargeError(f"{source_uri}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     if kind in ("text", "markdown"):
         text = decode_text(data, source_uri)
-        return SourceDocument(source_uri, text, title=_first_heading(text) or _name_of(source_uri),
-                              markdown=kind == "markdown")
+        heading = _first_heading(text) if kind == "markdown" else None  # '#' means nothing in plain text
+        return SourceDocument(source_uri, text, title=heading or _name_of(source_uri), markdown=kind == "markdown")
     if kind == "html":
         return _from_html(decode_text(data, source_uri), source_uri)
     if kind == "pdf":
-        return _from_pdf(data, source_uri)
+        return _from_pdf(data, source_uri, max_bytes)
     raise UnsupportedSourceError(f"{source_uri}: unsupported content type {kind!r}")
 
 
@@ -161,19 +168,37 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
     return SourceDocument(source_uri, text, title=title, metadata={"content_type": "text/html"})
 
 
-def _from_pdf(data: bytes, source_uri: str) -> SourceDocument:
+def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
     if not data.startswith(b"%PDF-"):
         raise UnsupportedSourceError(f"{source_uri}: not a PDF file (no %PDF- header)")
+    budget = min(MAX_PDF_OPERATIONS, max(MIN_PDF_OPERATIONS, PDF_OPERATIONS_PER_BYTE * len(data)))
+    operations = 0
+
+    def count_operation(*_: Any) -> None:
+        nonlocal operations
+        operations += 1
+        if operations > budget:
+            raise TooLargeError(
+                f"{source_uri}: extracting the text needs more than {budget} content operations "
+                "(a decompression or repetition bomb?); refused"
+            )
+
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
         if reader.is_encrypted:
             raise UnsupportedSourceError(f"{source_uri}: the PDF is encrypted")
         if len(reader.pages) > MAX_PDF_PAGES:
             raise TooLargeError(f"{source_uri}: {len(reader.pages)} pages exceeds the limit of {MAX_PDF_PAGES}")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages: list[str] = []
+        chars = 0
+        for page in reader.pages:
+            pages.append(page.extract_text(visitor_operand_before=count_operation) or "")
+            chars += len(pages[-1])
+            if chars > max_bytes:  # the document would be refused as too large anyway: stop early
+                raise TooLargeError(f"{source_uri}: the PDF's text exceeds the limit of {max_bytes} bytes")
         info_title = reader.metadata.title if reader.metadata else None
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
             MemoryError) as exc:

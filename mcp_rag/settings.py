@@ -36,12 +36,16 @@ def default_data_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "mcp-rag"
 
 
+def _all_scopes() -> list[Scope]:
+    return ["read", "write"]
+
+
 class ApiKey(BaseModel, extra="forbid"):
     """One bearer token accepted by the HTTP transports."""
 
     token: str = Field(min_length=16)
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    scopes: list[Scope] = Field(default_factory=lambda: ["read", "write"])
+    scopes: list[Scope] = Field(default_factory=_all_scopes)
 
 
 def _split_csv(value: object) -> object:

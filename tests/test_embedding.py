@@ -1,0 +1,208 @@
+"""The embedder with the real offline model: dense vectors, BM25 sparse vectors, token counts, batching,
+the event loop, and the model identity the index checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from mcp_rag.embedding import Embedder
+from mcp_rag.errors import ConfigurationError
+from mcp_rag.index.base import ModelIdentity, ModelMismatchError, VectorIndex
+from mcp_rag.index.qdrant_edge import EdgeIndex
+from mcp_rag.index.qdrant_server import QdrantServerIndex
+from mcp_rag.runtime import Runtime, open_runtime
+from mcp_rag.settings import Settings
+
+
+def two_handles(kind: str, directory: Path) -> tuple[VectorIndex, VectorIndex]:
+    """Two index objects over the same storage (a directory, or one Qdrant "server")."""
+    if kind == "qdrant-server":
+        client = QdrantClient(":memory:")
+        return QdrantServerIndex(client), QdrantServerIndex(client)
+    return EdgeIndex(directory), EdgeIndex(directory)
+
+
+FIXED_SENTENCE = "The quick brown fox jumps over the lazy dog."
+# The first components of FIXED_SENTENCE's embedding, computed once with the offline build of
+# sentence-transformers/all-MiniLM-L6-v2 (rounded to 4 decimals).
+FIXED_PREFIX = [0.0439, 0.0589, 0.0482, 0.0775, 0.0267, -0.0376, -0.0026, -0.0599]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def weights(embedder: Embedder, text: str) -> dict[int, float]:
+    sparse = embedder.embed_passages_sync([text])[0].sparse
+    return dict(zip(sparse.indices, sparse.values, strict=True))
+
+
+# --- dense ---------------------------------------------------------------------------------------
+
+
+def test_identity_and_dimension(embedder: Embedder) -> None:
+    assert embedder.loaded
+    assert embedder.identity == ModelIdentity("sentence-transformers/all-MiniLM-L6-v2", 384)
+    [e] = embedder.embed_passages_sync(["anything at all"])
+    assert e.dense.shape == (384,)
+    assert e.dense.dtype == np.float32
+
+
+def test_vectors_are_unit_length(embedder: Embedder) -> None:
+    for e in embedder.embed_passages_sync(["short", "A longer sentence about rivers and mountains.", "x " * 300]):
+        assert float(np.linalg.norm(e.dense)) == pytest.approx(1.0, abs=1e-4)
+    assert float(np.linalg.norm(embedder.embed_query_sync("a query").dense)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_reference_similarities(embedder: Embedder) -> None:
+    """The values sentence-transformers gives for the same weights."""
+    food, bread, market = embedder.embed_passages_sync(
+        ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
+    )
+    assert cosine(food.dense, bread.dense) == pytest.approx(0.7553, abs=0.01)
+    assert cosine(food.dense, market.dense) == pytest.approx(0.0037, abs=0.01)
+
+
+def test_fixed_vector(embedder: Embedder) -> None:
+    [e] = embedder.embed_passages_sync([FIXED_SENTENCE])
+    assert e.dense[:8].tolist() == pytest.approx(FIXED_PREFIX, abs=1e-3)
+    # queries get no prefix with this model: the same text gives the same vector
+    assert embedder.embed_query_sync(FIXED_SENTENCE).dense[:8].tolist() == pytest.approx(FIXED_PREFIX, abs=1e-3)
+
+
+def test_related_closer_than_unrelated(embedder: Embedder) -> None:
+    query = embedder.embed_query_sync("How do I bake sourdough bread at home?").dense
+    related, unrelated = embedder.embed_passages_sync([
+        "Mix flour, water and a starter, let the dough rise overnight, then bake it in a hot oven.",
+        "The spacecraft entered orbit around Jupiter after a five-year journey.",
+    ])
+    assert cosine(query, related.dense) > cosine(query, unrelated.dense) + 0.2
+
+
+# --- sparse (BM25) -----------------------------------------------------------------------------
+
+
+def test_sparse_drops_stopwords(embedder: Embedder) -> None:
+    with_stopwords = weights(embedder, "the cat and the dog")
+    without = weights(embedder, "cat dog")
+    assert set(with_stopwords) == set(without)
+    assert len(without) == 2
+    assert weights(embedder, "the and of it") == {}
+
+
+def test_sparse_repeated_term_weighs_more(embedder: Embedder) -> None:
+    cat = embedder.embed_query_sync("cat").sparse.indices[0]
+    dog = embedder.embed_query_sync("dog").sparse.indices[0]
+    w = weights(embedder, "cat cat cat dog")
+    assert w[cat] > w[dog] > 0
+
+
+def test_sparse_query_vector(embedder: Embedder) -> None:
+    """Queries get plain term presence (the engine applies IDF); repeated terms are not counted twice."""
+    sparse = embedder.embed_query_sync("the cat chased the cat up a tree").sparse
+    assert len(sparse.indices) == 3  # cat, chase(d), tree
+    assert list(sparse.values) == [1.0, 1.0, 1.0]
+    passage = weights(embedder, "the cat chased the cat up a tree")
+    assert set(sparse.indices) == set(passage)
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+def test_count_tokens(embedder: Embedder) -> None:
+    assert embedder.count_tokens([]) == []
+    short, punctuated, pieces, long = embedder.count_tokens(
+        ["hello world", "hello, world!", "tokenization", "word " * 400]
+    )
+    assert short == 2  # no [CLS]/[SEP]
+    assert punctuated == 4  # punctuation marks are tokens
+    assert pieces == 2  # token ##ization
+    assert long == 400  # never truncated to the model window
+
+
+# --- batching and the event loop -------------------------------------------------------------------
+
+
+def test_large_batches_match_one_by_one(model_dir: Path, tmp_path: Path, embedder: Embedder) -> None:
+    sizes: list[int] = []
+    small = Embedder(
+        Settings(data_dir=tmp_path, embedding_model_dir=model_dir, embedding_batch_size=4, _env_file=None),
+        on_batch=lambda n, seconds: sizes.append(n),
+    )
+    texts = [f"Passage number {i} talks about topic {i * 7 % 5} in some detail." for i in range(10)]
+    batched = small.embed_passages_sync(texts)
+    assert sizes == [4, 4, 2]
+    for text, got in zip(texts, batched, strict=True):
+        [alone] = embedder.embed_passages_sync([text])
+        np.testing.assert_allclose(got.dense, alone.dense, atol=1e-5)
+        assert list(got.sparse.indices) == list(alone.sparse.indices)
+        np.testing.assert_allclose(got.sparse.values, alone.sparse.values, rtol=1e-6)
+
+
+async def test_embedding_does_not_block_the_event_loop(embedder: Embedder) -> None:
+    texts = [f"Paragraph {i}: " + "the river flows past the old mill and the meadow " * 12 for i in range(32)]
+    ticks = 0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            await anyio.sleep(0.001)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        result = await embedder.embed_passages(texts)
+        done.set()
+    assert len(result) == len(texts)
+    assert ticks >= 3
+
+
+async def test_async_and_sync_agree(embedder: Embedder) -> None:
+    [a] = await embedder.embed_passages(["same text"])
+    [b] = embedder.embed_passages_sync(["same text"])
+    np.testing.assert_allclose(a.dense, b.dense, atol=1e-6)
+    q = await embedder.embed_query("same text")
+    np.testing.assert_allclose(q.dense, a.dense, atol=1e-5)
+    assert await embedder.embed_passages([]) == []
+
+
+# --- model identity ---------------------------------------------------------------------------------
+
+
+def test_unknown_model_name_is_a_configuration_error(model_dir: Path, tmp_path: Path) -> None:
+    other = Embedder(Settings(data_dir=tmp_path, embedding_model="other/model", embedding_model_dir=model_dir,
+                              _env_file=None))
+    with pytest.raises(ConfigurationError, match="other/model"):
+        other.load_sync()
+    assert not other.loaded
+
+
+async def test_index_refuses_another_model(runtime: Runtime) -> None:
+    """fastembed refuses unknown model names before any index is touched, so the mismatch is checked on the
+    index itself: an index built with one model will not open for another (of any dimension)."""
+    await runtime.index.close()
+    with pytest.raises(ModelMismatchError) as info:
+        await runtime.index.open(ModelIdentity("other", 384))
+    assert "other" in str(info.value)
+    assert "sentence-transformers/all-MiniLM-L6-v2" in str(info.value)
+    await runtime.index.open(runtime.embedder.identity)  # the right model still opens it
+
+
+async def test_runtime_over_an_index_of_another_model_is_a_configuration_error(
+    make_settings: Callable[..., Settings], embedder: Embedder, index_kind: str, tmp_path: Path
+) -> None:
+    first, reopened = two_handles(index_kind, tmp_path / "index")
+    await first.open(ModelIdentity("other/model", 384))
+    await first.close()
+    with pytest.raises(ConfigurationError) as info:
+        async with open_runtime(make_settings(), index=reopened, embedder=embedder):
+            pass
+    assert "other/model" in str(info.value)
+    assert "sentence-transformers/all-MiniLM-L6-v2" in str(info.value)
