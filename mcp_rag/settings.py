@@ -138,11 +138,11 @@ class Settings(BaseSettings):
     """Hosts or CIDR ranges ``ingest_url`` may reach even though they are private/loopback."""
 
     # --- search --------------------------------------------------------------------
-    fusion: Literal["rrf", "dbsf"] = "rrf"
-    rrf_k: int = Field(default=60, ge=1, le=1000)
+    fusion: Literal["rrf", "dbsf"] = "dbsf"
+    rrf_k: int = Field(default=2, ge=1, le=1000)
     dense_weight: float = Field(default=1.0, ge=0)
     sparse_weight: float = Field(default=1.0, ge=0)
-    prefetch_limit: int = Field(default=100, ge=1, le=1000)
+    prefetch_limit: int = Field(default=200, ge=1, le=1000)
 
     # --- server --------------------------------------------------------------------
     host: str = "127.0.0.1"

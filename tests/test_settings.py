@@ -46,7 +46,7 @@ def test_defaults() -> None:
     assert s.ingest_batch_chunks == 256
     assert s.max_document_bytes == 10 * 1024 * 1024
     assert (s.host, s.port) == ("127.0.0.1", 8000)
-    assert s.fusion == "rrf"
+    assert s.fusion == "dbsf"
     assert s.default_tenant == "default"
     assert s.api_keys == []
     assert s.allowed_roots == []
