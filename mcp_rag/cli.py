@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from dataclasses import asdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,16 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = "MCP_RAG_" + "_".join(str(p) for p in err["loc"][:1]).upper() if err["loc"] else "settings"
+            key = str(err["loc"][0]).upper() if err["loc"] else ""
+            # Unknown keys from the environment and .env arrive under their full name.
+            name = (key if key.startswith("MCP_RAG_") else "MCP_RAG_" + key) if key else "settings"
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                message = "unknown setting (check the spelling against .env.example)"
+                if key.startswith("MCP_RAG_"):
+                    message = "unknown setting (check the spelling against .env.example)"
+                else:  # a .env key without the prefix (or an unknown keyword argument)
+                    name = key
+                    message = "unknown setting (.env may only hold MCP_RAG_* variables; see .env.example)"
             lines.append(f"  {name}: {message}")
         raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None
 
@@ -122,11 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False) -> None:
+def _run(settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False,
+         catch_up: bool = True) -> None:
     from .runtime import open_runtime
 
     async def go() -> None:
-        async with open_runtime(settings, follow_changes=follow) as runtime:
+        async with open_runtime(settings, follow_changes=follow, catch_up=catch_up) as runtime:
             await body(runtime)
 
     anyio.run(go)
@@ -218,9 +226,10 @@ def _search(settings: Settings, args: argparse.Namespace) -> None:
         if not results:
             print("no results")
         for rank, r in enumerate(results, start=1):
-            where = " > ".join(r.heading_path)
+            where = " > ".join(h for h in r.heading_path if h != r.title)  # the title is printed already
             print(f"{rank}. [{r.score:.4f}] {r.title or r.source_uri}" + (f" — {where}" if where else ""))
-            print(f"   {r.source_uri} (document {r.document_id}, chunk {r.position}, chars {r.start_char}-{r.end_char})")
+            print(f"   {r.source_uri} (document {r.document_id}, chunk {r.position},"
+                  f" chars {r.start_char}-{r.end_char})")
             snippet = " ".join(r.text.split())
             print(f"   {snippet[:300]}{'…' if len(snippet) > 300 else ''}")
 
@@ -246,13 +255,29 @@ def _delete(settings: Settings, args: argparse.Namespace) -> None:
 def _sync(settings: Settings, args: argparse.Namespace) -> None:
     async def body(runtime: Any) -> None:
         if args.follow:
-            log.info("following the change log", interval=settings.sync_interval_seconds)
-            await runtime.syncer.follow(settings.sync_interval_seconds)
+            # SIGTERM (Kubernetes, systemd) or SIGINT: finish the batch in hand, close the
+            # index and the pools, exit 0.
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_set_on_stop_signal, stop)
+                log.info("following the change log", interval=settings.sync_interval_seconds,
+                         region=settings.region)
+                await runtime.syncer.follow(settings.sync_interval_seconds, stop=stop)
+                tg.cancel_scope.cancel()
+            log.info("stopped following the change log", cursor=await runtime.index.get_cursor())
         else:
             applied = await runtime.syncer.catch_up()
             print(f"applied {applied} change-log entries; index cursor at {await runtime.index.get_cursor()}")
 
-    _run(settings, body)
+    _run(settings, body, catch_up=False)  # the pass is this command's own, so it can report it
+
+
+async def _set_on_stop_signal(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("stop signal received", signal=signal.Signals(signum).name)
+            stop.set()
+            return
 
 
 def _reindex(settings: Settings, args: argparse.Namespace) -> None:
@@ -277,6 +302,7 @@ def _stats(settings: Settings, args: argparse.Namespace) -> None:
             "index_cursor": await runtime.index.get_cursor(),
             "last_change_seq": stats.last_change_seq,
             "reads_from_replica": replication.is_replica,
+            "replica_streaming": replication.streaming,
             "replication_lag_seconds": replication.lag_seconds,
         }
         if args.json:
@@ -286,7 +312,7 @@ def _stats(settings: Settings, args: argparse.Namespace) -> None:
             for key, value in data.items():
                 print(f"{key:<{width}}  {value}")
 
-    _run(settings, body)
+    _run(settings, body, catch_up=False)  # report the lag as found
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import anyio
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -24,7 +25,7 @@ from .auth import SCOPE_STATE_KEY, ApiKeys, local_principal
 from .errors import ConfigurationError, RagError
 from .logging import get_logger
 from .runtime import Runtime, open_runtime
-from .server import build_server
+from .server import InFlight, build_server
 from .settings import Settings
 
 log = get_logger(__name__)
@@ -39,6 +40,7 @@ class RuntimeHolder:
     def __init__(self, runtime: Runtime | None = None) -> None:
         self.runtime = runtime
         self.shutting_down = False
+        self.calls = InFlight()
 
     def get(self) -> Runtime:
         if self.runtime is None:
@@ -97,7 +99,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: Ru
             "(or bind to 127.0.0.1 for local use)"
         )
     holder = holder or RuntimeHolder(runtime)
-    mcp = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant)
+    mcp = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant,
+                       in_flight=holder.calls)
     security = transport_security(settings)
     mcp_routes: list[BaseRoute] = []
     if not sse_only:
@@ -125,10 +128,13 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: Ru
 
     async def metrics_endpoint(request: Request) -> Response:
         if holder.runtime is not None:
-            try:
-                await holder.runtime.syncer.lag()
-            except Exception as exc:  # the gauges keep their last value; the scrape still answers
-                log.debug("could not refresh index lag for metrics", error=str(exc))
+            # Both lag gauges are measured now, on the scrape; if the read database does not
+            # answer in time they keep their last value and the scrape still answers.
+            with anyio.move_on_after(settings.db_timeout + 1):
+                try:
+                    await holder.runtime.refresh_lag_metrics()
+                except Exception as exc:
+                    log.debug("could not refresh the lag gauges for metrics", error=str(exc))
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     from .mobile import mobile_routes

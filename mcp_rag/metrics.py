@@ -25,7 +25,9 @@ INDEX_LAG = Gauge(
     "mcp_rag_index_lag_entries", "Change-log entries not yet applied to this region's index.", registry=REGISTRY
 )
 REPLICATION_LAG = Gauge(
-    "mcp_rag_replication_lag_seconds", "Seconds the read database is behind the primary (0 on the primary).",
+    "mcp_rag_replication_lag_seconds",
+    "Seconds the read database is behind the primary: 0 on the primary and on a streaming replica that has "
+    "replayed all it received; otherwise an upper bound that grows while the replica is cut off.",
     registry=REGISTRY,
 )
 CHANGES_APPLIED = Counter("mcp_rag_changes_applied", "Change-log entries applied to the index.", registry=REGISTRY)

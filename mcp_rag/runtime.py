@@ -16,13 +16,13 @@ import anyio
 from . import metrics
 from .embedding import Embedder
 from .errors import ConfigurationError, RagError
-from .index.base import IndexError_, VectorIndex
+from .index.base import IndexError_, IndexUnavailableError, VectorIndex
 from .logging import get_logger
 from .service import RagService
 from .settings import Settings
 from .store.embedded import EmbeddedPostgres
 from .store.migrate import migrate
-from .store.postgres import Store
+from .store.postgres import ReplicationStatus, Store
 from .sync import IndexSyncer
 
 log = get_logger(__name__)
@@ -51,48 +51,71 @@ class Runtime:
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
 
+    async def refresh_lag_metrics(self) -> tuple[int, ReplicationStatus]:
+        """Index lag (change-log entries the index has not applied) and the read database's
+        replication status, also set on the ``/metrics`` gauges."""
+        index_lag = await self.syncer.lag()  # sets mcp_rag_index_lag_entries
+        replication = await self.store.replication_status()
+        metrics.REPLICATION_LAG.set(replication.lag_seconds or 0.0)
+        return index_lag, replication
+
     async def readiness(self) -> list[str]:
-        """Reasons the process should not take traffic; empty when ready."""
+        """Reasons the process should not take traffic; empty when ready.
+
+        Only what reads need is checked: the read database (a local replica, or the primary
+        when there is none), the index and how far behind both are. A region with a replica
+        stays ready while the primary is away (writes then fail with "database unavailable")
+        until the replica's staleness passes ``max_replication_lag_seconds``.
+        """
         reasons: list[str] = []
         if self.draining:
             return ["shutting down"]
         if not self.embedder.loaded:
             reasons.append("embedding model not loaded")
-        with anyio.move_on_after(self.settings.db_timeout + 1):
-            try:
-                await self.store.ping()
-            except RagError as exc:
-                reasons.append(f"postgres: {exc}")
         try:
-            with anyio.fail_after(self.settings.qdrant_timeout + 1):
-                await self.index.ping()
-        except (IndexError_, TimeoutError) as exc:
-            reasons.append(f"index: {exc or 'timed out'}")
+            with anyio.fail_after(self.settings.db_timeout + 1):
+                await self.store.ping(include_primary=False)
+        except RagError as exc:
+            reasons.append(f"postgres: {exc}")
+        except TimeoutError:
+            reasons.append(f"postgres: no answer within {self.settings.db_timeout + 1:.0f}s")
+        if not self.syncer.index_open:
+            reasons.append(f"index: {self.syncer.open_error}")
+        else:
+            try:
+                with anyio.fail_after(self.settings.qdrant_timeout + 1):
+                    await self.index.ping()
+            except (IndexError_, TimeoutError) as exc:
+                reasons.append(f"index: {exc or 'timed out'}")
         if not reasons:
             try:
-                lag = await self.syncer.lag()
+                with anyio.fail_after(self.settings.db_timeout + 1):
+                    lag, replication = await self.refresh_lag_metrics()
                 if lag > self.settings.max_index_lag_entries:
                     reasons.append(f"index lag: {lag} change-log entries not yet applied "
                                    f"(bound {self.settings.max_index_lag_entries})")
-                replication = await self.store.replication_status()
                 lag_s = replication.lag_seconds or 0.0
-                metrics.REPLICATION_LAG.set(lag_s)
                 if lag_s > self.settings.max_replication_lag_seconds:
                     reasons.append(f"replication lag: the read replica is {lag_s:.1f}s behind the primary "
                                    f"(bound {self.settings.max_replication_lag_seconds:.0f}s)")
             except RagError as exc:
                 reasons.append(f"postgres: {exc}")
+            except TimeoutError:
+                reasons.append(f"postgres: no answer within {self.settings.db_timeout + 1:.0f}s")
+            except IndexError_ as exc:
+                reasons.append(f"index: {exc}")
         return reasons
 
 
 @asynccontextmanager
 async def open_runtime(settings: Settings, *, follow_changes: bool | None = None, index: VectorIndex | None = None,
-                       embedder: Embedder | None = None) -> AsyncIterator[Runtime]:
+                       embedder: Embedder | None = None, catch_up: bool = True) -> AsyncIterator[Runtime]:
     """Start everything the service needs; stop it all on exit.
 
     ``follow_changes`` runs the index sync worker in the background (default: the
     ``sync_in_server`` setting). ``index`` and ``embedder`` replace the ones the settings
-    describe (tests, benchmarks).
+    describe (tests, benchmarks). ``catch_up=False`` leaves the index as it is at start
+    (``mcp-rag stats`` must report the lag it finds, not hide it).
     """
     async with AsyncExitStack() as stack:
         write_dsn = settings.database_url
@@ -109,23 +132,37 @@ async def open_runtime(settings: Settings, *, follow_changes: bool | None = None
         embedder = embedder or Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
         identity = await embedder.load()
         index = index or build_index(settings)
+        follow = settings.sync_in_server if follow_changes is None else follow_changes
+        unreachable: str | None = None
         try:
             await index.open(identity)
+        except IndexUnavailableError as exc:
+            # A Qdrant server that does not answer may come back by itself: a server process
+            # (which runs the sync worker) starts without it, reports not-ready, keeps taking
+            # writes into Postgres and opens the index once it answers. An embedded index that
+            # cannot be opened (another process holds it) and one-shot commands stay fatal.
+            if not (follow and settings.resolved_index_backend == "qdrant"):
+                raise ConfigurationError(str(exc)) from exc
+            unreachable = str(exc)
         except IndexError_ as exc:
             raise ConfigurationError(str(exc)) from exc
         stack.push_async_callback(index.close)
 
         syncer = IndexSyncer(store, index)
+        if unreachable is not None:
+            syncer.defer_open(identity, unreachable)
+            log.warning("the index does not answer; starting without it (search fails until it does)",
+                        error=unreachable)
         service = RagService(settings, store, index, embedder, syncer)
         runtime = Runtime(settings, store, index, embedder, syncer, service)
-        try:
-            applied = await syncer.catch_up()
-            if applied:
-                log.info("index caught up from the change log at start", applied=applied)
-        except (RagError, IndexError_) as exc:
-            log.warning("could not catch the index up at start; the sync worker will retry", error=str(exc))
+        if catch_up:
+            try:
+                applied = await syncer.catch_up()
+                if applied:
+                    log.info("index caught up from the change log at start", applied=applied)
+            except (RagError, IndexError_) as exc:
+                log.warning("could not catch the index up at start; the sync worker will retry", error=str(exc))
 
-        follow = settings.sync_in_server if follow_changes is None else follow_changes
         if not follow:
             yield runtime
             return

@@ -16,7 +16,7 @@ import anyio
 from . import metrics
 from .chunking import chunk_text
 from .embedding import Embedder
-from .errors import InvalidInputError, RagError, TooLargeError
+from .errors import InvalidInputError, RagError, TooLargeError, UnavailableError
 from .extract import SourceDocument
 from .index.base import FusionParams, IndexError_, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
@@ -128,7 +128,7 @@ class RagService:
                 f"text is {size} bytes, over the limit of {self.settings.max_document_bytes}; split it into parts"
             )
         uri = source_uri if source_uri else "text:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        doc = SourceDocument(uri, text, title=title, metadata=dict(metadata or {}))
+        doc = SourceDocument(uri, text, title=title, metadata=validate_metadata(metadata))
         report = await self.ingest(tenant, collection, [doc], raise_on_failure=True)
         return report.documents[0]
 
@@ -190,7 +190,7 @@ class RagService:
         next catch-up) applies it, and search never shows chunks Postgres does not have."""
         try:
             await self.syncer.catch_up()
-        except IndexError_ as exc:
+        except (IndexError_, UnavailableError) as exc:  # the index, or a read replica that does not answer
             log.warning("index not updated after a committed write; it will catch up from the change log",
                         error=str(exc)[:300])
 

@@ -4,7 +4,9 @@ Each change names a document (or a whole collection). Applying it *reconciles* t
 index with what Postgres says now: the document's current chunks are upserted and every
 other point of that document is deleted; a document that no longer exists loses all its
 points. Reconciling is idempotent, so replaying entries (after a crash, or by two
-workers) is harmless. The cursor (last applied seq) lives with the index, which is the
+workers) is harmless; still, the workers of one region (every replica of the server, and
+``mcp-rag sync --follow``) take turns through an advisory lock on the read database, so
+two passes never interleave their reads and writes. The cursor (last applied seq) lives with the index, which is the
 one thing a region can always write.
 """
 
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 import anyio
 
 from . import metrics
-from .index.base import IndexPoint, PointPayload, VectorIndex
+from .index.base import IndexError_, IndexPoint, IndexUnavailableError, ModelIdentity, PointPayload, VectorIndex
 from .logging import get_logger
 from .store.postgres import Change, IndexableChunk, Store
 
@@ -43,11 +45,44 @@ class IndexSyncer:
         self.index = index
         self.batch_size = batch_size
         self._lock = anyio.Lock()
+        self._pending_open: ModelIdentity | None = None
+        self.open_error = ""
+
+    # --- an index that could not be opened at start (a Qdrant server that does not answer) ---
+
+    def defer_open(self, model: ModelIdentity, error: str) -> None:
+        """The index could not be opened yet: every catch_up (so the sync worker) tries again."""
+        self._pending_open = model
+        self.open_error = error
+
+    @property
+    def index_open(self) -> bool:
+        return self._pending_open is None
+
+    def require_open(self) -> None:
+        """Raise IndexUnavailableError while the index has not been opened."""
+        if self._pending_open is not None:
+            raise IndexUnavailableError(f"not opened yet: {self.open_error}")
+
+    async def _ensure_open(self) -> None:
+        # Called with self._lock held.
+        model = self._pending_open
+        if model is None:
+            return
+        try:
+            await self.index.open(model)
+        except IndexError_ as exc:
+            self.open_error = str(exc)
+            raise
+        self._pending_open = None
+        self.open_error = ""
+        log.info("index opened; catching up from the change log")
 
     async def catch_up(self) -> int:
         """Apply every change not yet in the index; returns how many entries were applied."""
         applied = 0
-        async with self._lock:
+        async with self._lock, self.store.sync_lock():
+            await self._ensure_open()
             cursor = await self.index.get_cursor()
             while True:
                 changes = await self.store.changes_after(cursor, self.batch_size)
@@ -65,6 +100,7 @@ class IndexSyncer:
 
     async def lag(self) -> int:
         """Change-log entries not yet applied to the index."""
+        self.require_open()
         pending = await self.store.pending_changes(await self.index.get_cursor())
         metrics.INDEX_LAG.set(pending)
         return pending
@@ -88,7 +124,8 @@ class IndexSyncer:
 
     async def reindex(self) -> int:
         """Rebuild the index from Postgres alone; returns the number of points written."""
-        async with self._lock:
+        async with self._lock, self.store.sync_lock():
+            await self._ensure_open()
             upto = await self.store.last_change_seq()
             await self.index.clear()
             written = 0

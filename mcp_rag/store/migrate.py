@@ -13,6 +13,7 @@ from ..logging import get_logger
 log = get_logger(__name__)
 
 MIGRATION_LOCK_KEY = 0x6D63_7072_6167_0001  # "mcprag" + 1: one lock id for this project's migrations
+CONNECT_TIMEOUT = 10
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -40,7 +41,7 @@ async def migrate(dsn: str) -> list[int]:
     find nothing to do. Each migration runs in its own transaction.
     """
     applied: list[int] = []
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             await conn.execute(
@@ -68,7 +69,7 @@ async def migrate(dsn: str) -> list[int]:
 
 
 async def current_version(dsn: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
         cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
         row = await cur.fetchone()
         if not row or not row[0]:

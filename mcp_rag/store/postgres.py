@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +26,9 @@ from ..index.base import SparseVector
 
 CHANGE_LOG_LOCK_KEY = 0x6D63_7072_6167_0002
 """Writers serialise on this lock just before logging a change, so seq order is commit order."""
+SYNC_LOCK_KEY = 0x6D63_7072_6167_0003
+"""Index sync passes of one region take turns on this lock (on the read database)."""
+SYNC_LOCK_WAIT = 30.0
 
 Metadata = dict[str, Any]
 
@@ -139,6 +144,10 @@ class Page:
 class ReplicationStatus:
     is_replica: bool
     lag_seconds: float | None = None
+    """0 on a replica that is streaming and has replayed all it received; an upper bound on its
+    staleness otherwise; None on the primary (or when it cannot be known yet)."""
+    streaming: bool | None = None
+    """Whether the replica's WAL receiver is connected to the primary (None on the primary)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +169,7 @@ class Store:
             if self.read_dsn == write_dsn
             else AsyncConnectionPool(self.read_dsn, name="read", check=AsyncConnectionPool.check_connection, **common)
         )
+        self._caught_up_at: float | None = None  # monotonic time the replica was last seen fully caught up
 
     async def open(self) -> None:
         await self._write.open(wait=False)
@@ -173,9 +183,15 @@ class Store:
 
     # --- health ----------------------------------------------------------------------
 
-    async def ping(self) -> None:
-        """Raise UnavailableError unless both the primary and the read database answer."""
-        for pool in {id(self._write): self._write, id(self._read): self._read}.values():
+    async def ping(self, *, include_primary: bool = True) -> None:
+        """Raise UnavailableError unless the read database (and, by default, the primary) answers.
+
+        ``include_primary=False`` checks the read database only: a region reading from its
+        replica can serve reads while the primary is away (when reads go to the primary,
+        that check covers it anyway).
+        """
+        pools = [self._read] if not include_primary or self._read is self._write else [self._write, self._read]
+        for pool in pools:
             try:
                 async with pool.connection(timeout=self._timeout) as conn:
                     await conn.execute("SELECT 1")
@@ -183,18 +199,37 @@ class Store:
                 raise _translate(exc) from exc
 
     async def replication_status(self) -> ReplicationStatus:
-        """Whether reads come from a replica and how far behind it is (seconds)."""
+        """Whether reads come from a replica and how far behind the primary it is (seconds).
+
+        A replica that is streaming and has replayed all the WAL it received is current: 0.
+        Otherwise the lag is the time since the last replayed transaction committed on the
+        primary (it grows while the primary is idle, so it is an upper bound) - or, when
+        smaller, the time since this process last saw the replica streaming and caught up.
+        That also covers a replica cut off from the primary: its receive and replay
+        positions are then equal but frozen, and the lag must keep growing, not read 0.
+        (Without the pg_read_all_stats role the WAL receiver's status is hidden; a
+        receiver process then counts as streaming.)
+        """
         async with self._reading() as conn:
             cur = await conn.execute(
                 """SELECT pg_is_in_recovery(),
-                          CASE WHEN pg_is_in_recovery() THEN
-                            CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-                                 ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
-                          END"""
+                          EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status IS NULL OR status = 'streaming'),
+                          pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn(),
+                          greatest(0, extract(epoch FROM now() - pg_last_xact_replay_timestamp()))::float8"""
             )
             row = await cur.fetchone()
         assert row is not None
-        return ReplicationStatus(is_replica=bool(row[0]), lag_seconds=None if row[1] is None else float(row[1]))
+        is_replica, streaming, replayed_all, since_last_replay = bool(row[0]), bool(row[1]), bool(row[2]), row[3]
+        if not is_replica:
+            return ReplicationStatus(is_replica=False)
+        now = time.monotonic()
+        if streaming and replayed_all:
+            self._caught_up_at = now
+            return ReplicationStatus(is_replica=True, lag_seconds=0.0, streaming=True)
+        bounds = [float(since_last_replay)] if since_last_replay is not None else []
+        if self._caught_up_at is not None:
+            bounds.append(now - self._caught_up_at)
+        return ReplicationStatus(is_replica=True, lag_seconds=min(bounds) if bounds else None, streaming=streaming)
 
     # --- connections -------------------------------------------------------------------
 
@@ -382,6 +417,27 @@ class Store:
         return [ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10])) for r in rows]
 
     # --- change log and index feed (read side: works on a replica) ----------------------
+
+    @asynccontextmanager
+    async def sync_lock(self) -> AsyncIterator[None]:
+        """Held while one sync pass applies changes to the region's index.
+
+        A session advisory lock on the read database (advisory locks work on a hot standby,
+        and every worker of a region reads from the same one), waited for at most
+        ``SYNC_LOCK_WAIT`` seconds.
+        """
+        async with self._reading() as conn:
+            await conn.execute(f"SET lock_timeout = '{int(SYNC_LOCK_WAIT * 1000)}ms'")
+            try:
+                await conn.execute("SELECT pg_advisory_lock(%s)", (SYNC_LOCK_KEY,))
+            except psycopg.errors.LockNotAvailable:
+                raise UnavailableError("another index sync pass has held the sync lock too long; retrying") from None
+            finally:
+                await conn.execute("RESET lock_timeout")
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (SYNC_LOCK_KEY,))
 
     async def changes_after(self, seq: int, limit: int) -> list[Change]:
         async with self._reading() as conn:
