@@ -12,6 +12,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -53,14 +55,37 @@ class RuntimeHolder:
             self.runtime.draining = True
 
 
+def _allowed(value: str, allowed: list[str]) -> bool:
+    """The MCP SDK's matching: exact, or ``name:*`` for any port."""
+    return value in allowed or any(a.endswith(":*") and value.startswith(a[:-1]) for a in allowed)
+
+
 class BearerAuth:
     """401 for every request without a valid API key, except the probes. Without configured
-    keys (local use only) every request acts as the default tenant."""
+    keys (local use only) every request acts as the default tenant.
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, default_tenant: str) -> None:
+    Without keys a request is trusted for where it comes from (loopback), which a web page can
+    borrow through DNS rebinding: then every route (not only the MCP ones, which the SDK checks)
+    needs an allowed Host and, when sent, Origin (421 / 403 as the SDK answers)."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, default_tenant: str,
+                 security: TransportSecuritySettings | None = None) -> None:
         self.app = app
         self.keys = keys
         self.default_tenant = default_tenant
+        self.security = security
+
+    def _rebinding_rejection(self, scope: Scope) -> Response | None:
+        if self.security is None:
+            return None
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not _allowed(host, self.security.allowed_hosts or []):
+            return Response("Invalid Host header", status_code=421)
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and not _allowed(origin, self.security.allowed_origins or []):
+            return Response("Invalid Origin header", status_code=403)
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -76,7 +101,16 @@ class BearerAuth:
                 )
                 await response(scope, receive, send)
                 return
+            # The SDK's transports remember the user who opened an SSE or streamable-HTTP session
+            # and refuse messages for it from anyone else; without this every key could post into
+            # any session whose id it learnt (and read answers meant for another tenant).
+            scope["user"] = AuthenticatedUser(AccessToken(token=principal.key_id, client_id=principal.key_id,
+                                                          scopes=sorted(principal.scopes), subject=principal.tenant))
         else:
+            rejection = self._rebinding_rejection(scope)
+            if rejection is not None:
+                await rejection(scope, receive, send)
+                return
             principal = local_principal(self.default_tenant)
         scope.setdefault("state", {})[SCOPE_STATE_KEY] = principal
         await self.app(scope, receive, send)
@@ -159,7 +193,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: Ru
             holder.begin_shutdown()
 
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant)
+    app.add_middleware(BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant,
+                       security=security)
     app.state.holder = holder
     app.state.mcp = mcp
     return app

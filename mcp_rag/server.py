@@ -9,21 +9,21 @@ import functools
 import inspect
 import time
 import uuid
-from contextvars import ContextVar
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from . import __version__, metrics
 from .auth import Principal, local_principal, principal_from_scope
-from .errors import AccessDeniedError, InvalidInputError, NotFoundError, RagError, UnavailableError
+from .errors import AccessDeniedError, InvalidInputError, NotFoundError, RagError, UnavailableError, printable
 from .extract import SourceDocument, extract_bytes, read_file, walk
 from .index.base import IndexError_
 from .logging import get_logger
@@ -82,17 +82,56 @@ class CallerMiddleware:
     messages without an HTTP request (stdio, in-memory) come from the trusted local user.
     """
 
-    def __init__(self, default_tenant: str) -> None:
+    def __init__(self, default_tenant: str, tools: set[str] | None = None) -> None:
         self._local = local_principal(default_tenant)
+        self._tools = tools if tools is not None else set()
 
     async def __call__(self, ctx: Any, call_next: Any) -> Any:
         request = getattr(ctx, "request", None)
         principal = self._local if request is None else principal_from_scope(getattr(request, "scope", {}))
         token = _caller.set(principal)
+        is_call = getattr(ctx, "method", None) == "tools/call"
+        name = (getattr(ctx, "params", None) or {}).get("name") if is_call else None
+        state = _ToolCallState()
+        state_token = _tool_call.set(state)
+        started = time.perf_counter()
         try:
-            return await call_next(ctx)
+            result = await call_next(ctx)
         finally:
+            _tool_call.reset(state_token)
             _caller.reset(token)
+        if isinstance(name, str) and name in self._tools and not state.reached and _is_error(result):
+            # Rejected before the tool ran (invalid arguments): still one log line and one count.
+            seconds = time.perf_counter() - started
+            metrics.TOOL_CALLS.labels(name, "invalid").inc()
+            metrics.TOOL_LATENCY.labels(name).observe(seconds)
+            log.info("tool call", tool=name, outcome="invalid", duration_ms=round(seconds * 1000, 2),
+                     request_id=getattr(ctx, "request_id", None) or "-",
+                     tenant=principal.tenant if principal is not None else "-")
+        return result
+
+
+class _ToolCallState:
+    """Set by the tool wrapper once a call reaches it (after argument validation)."""
+
+    def __init__(self) -> None:
+        self.reached = False
+
+
+_tool_call: ContextVar[_ToolCallState | None] = ContextVar("mcp_rag_tool_call", default=None)
+
+
+def _is_error(result: Any) -> bool:
+    if isinstance(result, dict):
+        return bool(result.get("isError") or result.get("is_error"))
+    return bool(getattr(result, "is_error", False))
+
+
+class InFlight:
+    """How many tool calls are running now: the HTTP server lets them finish before it stops."""
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 def current_principal() -> Principal:
@@ -103,10 +142,13 @@ def current_principal() -> Principal:
 
 
 def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False, default_tenant: str = "default",
-                 lifespan: Any = None) -> MCPServer[Any]:
-    """The MCP server. ``get_runtime`` returns the process-wide runtime (started elsewhere)."""
+                 lifespan: Any = None, in_flight: InFlight | None = None) -> MCPServer[Any]:
+    """The MCP server. ``get_runtime`` returns the process-wide runtime (started elsewhere);
+    ``in_flight`` counts the tool calls running."""
+    calls = in_flight if in_flight is not None else InFlight()
+    registered: set[str] = set()
     mcp: MCPServer[Any] = MCPServer(name="mcp-rag", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
-                                    middleware=[CallerMiddleware(default_tenant)])
+                                    middleware=[CallerMiddleware(default_tenant, registered)])
 
     def tool(annotations: ToolAnnotations, scope: Literal["read", "write"]) -> Callable[
             [Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
@@ -122,6 +164,10 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
                 outcome = "ok"
                 request_id = ctx.request_id if ctx is not None else uuid.uuid4().hex
                 tenant = "-"
+                state = _tool_call.get()
+                if state is not None:
+                    state.reached = True
+                calls.count += 1
                 try:
                     principal = current_principal()
                     tenant = principal.tenant
@@ -135,10 +181,10 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
                     raise
                 except AccessDeniedError as exc:
                     outcome = "denied"
-                    raise ToolError(str(exc)) from exc
+                    raise ToolError(printable(str(exc))) from exc
                 except RagError as exc:
                     outcome = "error"
-                    raise ToolError(str(exc)) from exc
+                    raise ToolError(printable(str(exc))) from exc
                 except IndexError_ as exc:
                     outcome = "unavailable"
                     raise ToolError(f"the search index is unavailable ({exc}); retry shortly") from exc
@@ -150,6 +196,7 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
                     log.exception("tool crashed", tool=name, request_id=request_id, tenant=tenant)
                     raise
                 finally:
+                    calls.count -= 1
                     seconds = time.perf_counter() - started
                     metrics.TOOL_CALLS.labels(name, outcome).inc()
                     metrics.TOOL_LATENCY.labels(name).observe(seconds)
@@ -158,6 +205,7 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
 
             call.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
             mcp.tool(name=name, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations)(call)
+            registered.add(name)
             return call
 
         return decorate
@@ -180,7 +228,8 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
         document_ids: Annotated[list[str] | None, Field(max_length=1000,
                                                         description="Only search these documents.")] = None,
         source_prefix: Annotated[str | None, Field(max_length=4096, description=(
-            "Only documents whose source URI starts with this, e.g. 'file:///docs/' or 'https://example.com/'."))] = None,
+            "Only documents whose source URI starts with this, e.g. 'file:///docs/' or 'https://example.com/'."
+        ))] = None,
         metadata: Annotated[MetadataFilter | None, Field(description=(
             "Only documents whose metadata matches every key: a value for equality, a list for any-of."))] = None,
     ) -> SearchOutput:
@@ -254,7 +303,10 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
                   description="The caller's collections with document and chunk counts.")
     async def collections_resource() -> str:
         runtime, tenant = caller()
-        listed = await runtime.service.list_collections(tenant)
+        try:
+            listed = await runtime.service.list_collections(tenant)
+        except RagError as exc:  # e.g. the database is down: say so (anything else reads "Error reading resource")
+            raise ResourceError(str(exc)) from exc
         return CollectionList(collections=[CollectionSummary.of(c) for c in listed]).model_dump_json(indent=2)
 
     @mcp.resource("rag://documents/{document_id}", name="document", mime_type="application/json",
@@ -265,6 +317,8 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
             info = await runtime.service.get_document(tenant, document_id)
         except NotFoundError as exc:
             raise ResourceNotFoundError(str(exc)) from exc
+        except RagError as exc:
+            raise ResourceError(str(exc)) from exc
         return DocumentOutput(**DocumentSummary.of(info).model_dump(), text=info.content,
                               truncated=False).model_dump_json(indent=2)
 
@@ -289,7 +343,12 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
     return mcp
 
 
-def register_write_tools(mcp: MCPServer[Any], tool: Any, caller: Callable[..., tuple[Runtime, str]]) -> None:
+ToolDecorator = Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]
+
+
+def register_write_tools(mcp: MCPServer[Any],
+                         tool: Callable[[ToolAnnotations, Literal["read", "write"]], ToolDecorator],
+                         caller: Callable[..., tuple[Runtime, str]]) -> None:
     Metadata = Annotated[dict[str, MetadataValue | list[MetadataValue]] | None, Field(
         description="Flat key -> value (or list of values) metadata to filter on later.")]
 
@@ -352,7 +411,7 @@ def register_write_tools(mcp: MCPServer[Any], tool: Any, caller: Callable[..., t
                 except RagError as exc:
                     if target.is_file():
                         raise
-                    yield SourceFailure(str(file), str(exc))
+                    yield SourceFailure(printable(str(file)), printable(str(exc)))
 
         if target.is_file():
             docs: list[SourceDocument | SourceFailure] = list(
@@ -424,6 +483,7 @@ def resolve_allowed_path(path: str, roots: list[Path]) -> Path:
         raise NotFoundError(f"{path}: no such file or directory") from None
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise AccessDeniedError(
-            f"{path}: outside the allowed roots ({', '.join(str(r) for r in roots)}); symlinks and '..' are resolved first"
+            f"{path}: outside the allowed roots ({', '.join(str(r) for r in roots)}); "
+            "symlinks and '..' are resolved first"
         )
     return resolved

@@ -7,8 +7,8 @@ stops accepting connections, closes the pools and exits 0.
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import os
 import signal
 import time

@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import anyio
 import httpx2
@@ -62,13 +62,18 @@ class UrlPolicy:
             raise InvalidInputError("URLs with credentials (user:password@) are not accepted")
         return parts.hostname.lower().rstrip("."), port or (443 if parts.scheme == "https" else 80)
 
-    async def check_host(self, host: str, port: int) -> None:
+    async def check_host(self, host: str, port: int) -> str | None:
+        """Resolve ``host`` and check every address; returns the address to connect to (pinned, so that
+        a second DNS answer cannot differ from the checked one), or None for an allowlisted host name."""
         if host in self._hosts:
-            return
+            return None
         try:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             raise InvalidInputError(f"cannot resolve host {host!r}") from None
+        if not infos:
+            raise InvalidInputError(f"cannot resolve host {host!r}")
+        addresses: list[IPAddress] = []
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -78,6 +83,8 @@ class UrlPolicy:
                     f"refusing to fetch {host!r}: it resolves to {address}, a non-public address "
                     "(loopback, private, link-local or reserved); an operator can allow it with MCP_RAG_URL_ALLOWLIST"
                 )
+            addresses.append(address)
+        return str(addresses[0])
 
     def _allowed(self, address: IPAddress) -> bool:
         if any(address in net for net in self._networks):
@@ -85,7 +92,7 @@ class UrlPolicy:
         return address.is_global and not address.is_multicast
 
 
-async def fetch(url: str, policy: UrlPolicy, *, max_bytes: int, timeout: float) -> Fetched:
+async def fetch(url: str, policy: UrlPolicy, *, max_bytes: int, timeout: float) -> Fetched:  # noqa: ASYNC109
     """GET ``url`` following up to MAX_REDIRECTS redirects, each hop checked against the policy."""
     try:
         with anyio.fail_after(timeout):
@@ -93,8 +100,17 @@ async def fetch(url: str, policy: UrlPolicy, *, max_bytes: int, timeout: float) 
                 current = url
                 for _ in range(MAX_REDIRECTS + 1):
                     host, port = policy.check_url(current)
-                    await policy.check_host(host, port)
-                    async with client.stream("GET", current, headers={"Accept": ", ".join(CONTENT_KINDS)}) as resp:
+                    pinned = await policy.check_host(host, port)
+                    target, headers, extensions = current, {"Accept": ", ".join(CONTENT_KINDS)}, {}
+                    if pinned is not None:
+                        # Connect to the address that was checked; the URL's host still names the site.
+                        parts = urlsplit(current)
+                        literal = f"[{pinned}]" if ":" in pinned else pinned
+                        target = urlunsplit(parts._replace(netloc=f"{literal}:{port}"))
+                        headers["Host"] = parts.netloc
+                        if parts.scheme == "https":
+                            extensions["sni_hostname"] = host
+                    async with client.stream("GET", target, headers=headers, extensions=extensions) as resp:
                         if resp.is_redirect:
                             location = resp.headers.get("location")
                             if not location:
