@@ -436,7 +436,7 @@ async def test_reopening_with_another_model_fails(index: VectorIndex, backend: B
     message = str(exc.value)
     assert f"{MODEL.name} ({DIM}-d)" in message
     assert f"{other.name} ({other.dimension}-d)" in message
-    assert "mcp-rag reindex" in message
+    assert "ingest the documents again" in message
     await stranger.close()
     again = await reopen(stranger, backend)  # the right model still opens it, data intact
     try:

@@ -102,6 +102,15 @@ class ModelMismatchError(IndexError_):
     """The index was built with another embedding model than the one configured."""
 
 
+def mismatch_message(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
+    return (
+        f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
+        f"configured with {configured.name} ({configured.dimension}-d): their vectors are not comparable. "
+        "Configure the model the index was built with; to switch models, ingest the documents again into "
+        "a new database and index (the stored vectors belong to the old model)"
+    )
+
+
 class IndexUnavailableError(IndexError_):
     """The index engine cannot be reached or used right now."""
 

@@ -67,6 +67,7 @@ from mcp_rag.index.base import (
     ModelMismatchError,
     SearchFilter,
     VectorIndex,
+    mismatch_message,
 )
 
 if TYPE_CHECKING:  # aliases that exist in the type stubs only
@@ -104,7 +105,7 @@ class EdgeIndex(VectorIndex):
         try:
             meta = self._read_meta()
             if meta is not None and meta[0] != model:
-                raise ModelMismatchError(_mismatch(str(self._dir), meta[0], model))
+                raise ModelMismatchError(mismatch_message(str(self._dir), meta[0], model))
             has_shard = self._shard_path.is_dir() and any(self._shard_path.iterdir())
             if meta is None or not has_shard:
                 # New index, or one half of it is missing: the index is derived data, so
@@ -333,14 +334,6 @@ def _create_shard(path: Path, model: ModelIdentity) -> EdgeShard:
         shard.update(UpdateOperation.create_field_index(name, params))
     shard.flush()
     return shard
-
-
-def _mismatch(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
-    return (
-        f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
-        f"configured with {configured.name} ({configured.dimension}-d): its vectors are not comparable; "
-        "run `mcp-rag reindex` or point at another index"
-    )
 
 
 def _int_id(point_id: PointId) -> int:

@@ -39,6 +39,7 @@ from mcp_rag.index.base import (
     PointPayload,
     SearchFilter,
     VectorIndex,
+    mismatch_message,
 )
 
 T = TypeVar("T")
@@ -104,13 +105,13 @@ class QdrantServerIndex(VectorIndex):
         exists = c.collection_exists(self._collection)
         meta = self._read_meta() if c.collection_exists(self._meta) else None
         if meta is not None and meta[0] != model:
-            raise ModelMismatchError(_mismatch(self._collection, meta[0], model))
+            raise ModelMismatchError(mismatch_message(self._collection, meta[0], model))
         if meta is None and exists:
             # Chunks without a model identity (meta lost): adopt them only if the sizes
             # agree, and start over from cursor 0 (upserts then overwrite every point).
             size = self._dense_size()
             if size != model.dimension:
-                raise ModelMismatchError(_mismatch(self._collection, ModelIdentity("<unknown>", size), model))
+                raise ModelMismatchError(mismatch_message(self._collection, ModelIdentity("<unknown>", size), model))
         if not exists:
             self._create_chunks(model)
         if meta is None:
@@ -289,14 +290,6 @@ class QdrantServerIndex(VectorIndex):
                     return ids
 
         return await self._call(scroll_all)
-
-
-def _mismatch(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
-    return (
-        f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
-        f"configured with {configured.name} ({configured.dimension}-d): its vectors are not comparable; "
-        "run `mcp-rag reindex` or point at another index"
-    )
 
 
 def _int_id(point_id: models.ExtendedPointId) -> int:
