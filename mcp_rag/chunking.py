@@ -19,7 +19,7 @@ _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 # A closing quote or bracket after the full stop stays with its sentence (up to two of them).
 _SENTENCE_END = re.compile(
-    r"(?:(?<=[.!?…])|(?<=[.!?…][\"')\]])|(?<=[.!?…][\"')\]]{2}))\s+(?=[\"'(\[]?[A-Z0-9À-Ý])|(?<=[。！？])"
+    r"(?:(?<=[.!?…])|(?<=[.!?…][\"')\]])|(?<=[.!?…][\"')\]]{2}))\s+(?=[\"'(\[]?[A-Z0-9À-Ý])|(?<=[\u3002\uff01\uff1f])"
 )
 _WORD = re.compile(r"\S+")
 
@@ -77,7 +77,10 @@ def chunk_text(
                 carried: list[int] = []
                 carried_tokens = 0
                 for j in reversed(current):
-                    if carried_tokens + counts[j] > overlap_tokens or carried_tokens + counts[j] + counts[i] > max_tokens:
+                    if (
+                        carried_tokens + counts[j] > overlap_tokens
+                        or carried_tokens + counts[j] + counts[i] > max_tokens
+                    ):
                         break
                     carried.insert(0, j)
                     carried_tokens += counts[j]
@@ -150,13 +153,15 @@ def _split_long(
         window_start, window_tokens = 0, 0
         for k, wc in enumerate(word_counts):
             if k > window_start and window_tokens + wc > max_tokens:
-                out_units.append(_Unit(words[window_start][0], words[k - 1][1], unit.heading_path, unit.section,
-                                       unit.paragraph))
+                out_units.append(
+                    _Unit(words[window_start][0], words[k - 1][1], unit.heading_path, unit.section, unit.paragraph)
+                )
                 out_counts.append(window_tokens)
                 window_start, window_tokens = k, 0
             window_tokens += wc
         if window_tokens and words:
-            out_units.append(_Unit(words[window_start][0], words[-1][1], unit.heading_path, unit.section,
-                                   unit.paragraph))
+            out_units.append(
+                _Unit(words[window_start][0], words[-1][1], unit.heading_path, unit.section, unit.paragraph)
+            )
             out_counts.append(min(window_tokens, max_tokens))
     return out_units, out_counts

@@ -7,6 +7,7 @@ document scores as its best chunk), and the scratch collection is deleted afterw
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -79,8 +80,16 @@ def _corpus(path: Path, max_bytes: int) -> Iterator[SourceDocument]:
             yield doc
 
 
-async def run_evaluation(service: RagService, dataset: Path, *, modes: Sequence[str], max_queries: int | None = None,
-                         keep: bool = False, progress: bool = False, tenant: str | None = None) -> list[EvalResult]:
+async def run_evaluation(
+    service: RagService,
+    dataset: Path,
+    *,
+    modes: Sequence[str],
+    max_queries: int | None = None,
+    keep: bool = False,
+    progress: bool = False,
+    tenant: str | None = None,
+) -> list[EvalResult]:
     files = {name: dataset / name for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv")}
     missing = [name for name, path in files.items() if not path.is_file()]
     if missing:
@@ -95,11 +104,17 @@ async def run_evaluation(service: RagService, dataset: Path, *, modes: Sequence[
 
     tenant = tenant or service.settings.default_tenant
     collection = f"eval-{uuid.uuid4().hex[:12]}"
-    report = await service.ingest(tenant, collection, _corpus(files["corpus.jsonl"], service.settings.max_document_bytes))
+    report = await service.ingest(
+        tenant, collection, _corpus(files["corpus.jsonl"], service.settings.max_document_bytes)
+    )
     if report.failed:
-        raise InvalidInputError(f"{dataset}: {len(report.failed)} corpus records failed, e.g. {report.failed[0].reason}")
-    uri_to_id = {doc.source_uri: doc.metadata["corpus_id"]
-                 for doc in _corpus(files["corpus.jsonl"], service.settings.max_document_bytes)}
+        raise InvalidInputError(
+            f"{dataset}: {len(report.failed)} corpus records failed, e.g. {report.failed[0].reason}"
+        )
+    uri_to_id = {
+        doc.source_uri: doc.metadata["corpus_id"]
+        for doc in _corpus(files["corpus.jsonl"], service.settings.max_document_bytes)
+    }
     results = []
     try:
         for mode in modes:
@@ -112,9 +127,13 @@ async def run_evaluation(service: RagService, dataset: Path, *, modes: Sequence[
             for qid in iterator:
                 from .service import SearchFilters
 
-                hits = await service.search_unbounded(tenant, queries[qid], mode=mode,  # type: ignore[arg-type]
-                                                      limit=RETRIEVE_CHUNKS,
-                                                      filters=SearchFilters(collection=collection))
+                hits = await service.search_unbounded(
+                    tenant,
+                    queries[qid],
+                    mode=mode,  # type: ignore[arg-type]
+                    limit=RETRIEVE_CHUNKS,
+                    filters=SearchFilters(collection=collection),
+                )
                 ranked: list[str] = []
                 for hit in hits:
                     doc_id = uri_to_id.get(hit.source_uri)
@@ -125,10 +144,8 @@ async def run_evaluation(service: RagService, dataset: Path, *, modes: Sequence[
             results.append(EvalResult(mode, ndcg / len(judged), recall / len(judged), len(judged)))
     finally:
         if not keep:
-            try:
+            with contextlib.suppress(NotFoundError):
                 await service.delete_collection(tenant, collection)
-            except NotFoundError:
-                pass
     return results
 
 

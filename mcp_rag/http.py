@@ -68,8 +68,9 @@ class BearerAuth:
     borrow through DNS rebinding: then every route (not only the MCP ones, which the SDK checks)
     needs an allowed Host and, when sent, Origin (421 / 403 as the SDK answers)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, default_tenant: str,
-                 security: TransportSecuritySettings | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: ApiKeys, default_tenant: str, security: TransportSecuritySettings | None = None
+    ) -> None:
         self.app = app
         self.keys = keys
         self.default_tenant = default_tenant
@@ -97,15 +98,22 @@ class BearerAuth:
             if principal is None:
                 response = JSONResponse(
                     {"error": "unauthorized", "message": "send Authorization: Bearer <API key>"},
-                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="mcp-rag"'},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="mcp-rag"'},
                 )
                 await response(scope, receive, send)
                 return
             # The SDK's transports remember the user who opened an SSE or streamable-HTTP session
             # and refuse messages for it from anyone else; without this every key could post into
             # any session whose id it learnt (and read answers meant for another tenant).
-            scope["user"] = AuthenticatedUser(AccessToken(token=principal.key_id, client_id=principal.key_id,
-                                                          scopes=sorted(principal.scopes), subject=principal.tenant))
+            scope["user"] = AuthenticatedUser(
+                AccessToken(
+                    token=principal.key_id,
+                    client_id=principal.key_id,
+                    scopes=sorted(principal.scopes),
+                    subject=principal.tenant,
+                )
+            )
         else:
             rejection = self._rebinding_rejection(scope)
             if rejection is not None:
@@ -120,12 +128,17 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     """DNS-rebinding protection stays on: loopback names plus the configured hosts and origins."""
     hosts = ["127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*", "[::1]", "[::1]:*", *settings.allowed_hosts]
     origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *settings.allowed_origins]
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
-                                     allowed_origins=origins)
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
-def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: RuntimeHolder | None = None,
-               sse_only: bool = False, runtime_factory: Callable[[Settings], Any] = open_runtime) -> Starlette:
+def create_app(
+    settings: Settings,
+    *,
+    runtime: Runtime | None = None,
+    holder: RuntimeHolder | None = None,
+    sse_only: bool = False,
+    runtime_factory: Callable[[Settings], Any] = open_runtime,
+) -> Starlette:
     """The HTTP app. With ``runtime`` given it is used as is; otherwise the app's lifespan starts one."""
     if not settings.api_keys and settings.host not in LOOPBACK_HOSTS:
         raise ConfigurationError(
@@ -133,18 +146,27 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: Ru
             "(or bind to 127.0.0.1 for local use)"
         )
     holder = holder or RuntimeHolder(runtime)
-    mcp = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant,
-                       in_flight=holder.calls)
+    mcp = build_server(
+        holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant, in_flight=holder.calls
+    )
     security = transport_security(settings)
     mcp_routes: list[BaseRoute] = []
     if not sse_only:
         streamable = mcp.streamable_http_app(
-            streamable_http_path="/mcp", stateless_http=settings.stateless_http, transport_security=security,
-            max_request_body_size=settings.max_request_bytes, host=settings.host,
+            streamable_http_path="/mcp",
+            stateless_http=settings.stateless_http,
+            transport_security=security,
+            max_request_body_size=settings.max_request_bytes,
+            host=settings.host,
         )
         mcp_routes += streamable.routes
-    sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security,
-                      max_request_body_size=settings.max_request_bytes, host=settings.host)
+    sse = mcp.sse_app(
+        sse_path="/sse",
+        message_path="/messages/",
+        transport_security=security,
+        max_request_body_size=settings.max_request_bytes,
+        host=settings.host,
+    )
     mcp_routes += sse.routes
 
     async def health(request: Request) -> Response:
@@ -193,8 +215,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, holder: Ru
             holder.begin_shutdown()
 
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant,
-                       security=security)
+    app.add_middleware(
+        BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant, security=security
+    )
     app.state.holder = holder
     app.state.mcp = mcp
     return app

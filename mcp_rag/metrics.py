@@ -10,7 +10,10 @@ TOOL_CALLS = Counter(
     "mcp_rag_tool_calls", "MCP tool calls by tool and outcome.", ["tool", "outcome"], registry=REGISTRY
 )
 TOOL_LATENCY = Histogram(
-    "mcp_rag_tool_duration_seconds", "MCP tool call latency.", ["tool"], registry=REGISTRY,
+    "mcp_rag_tool_duration_seconds",
+    "MCP tool call latency.",
+    ["tool"],
+    registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 CHUNKS_INGESTED = Counter("mcp_rag_chunks_ingested", "Chunks written to the store.", registry=REGISTRY)
@@ -18,7 +21,9 @@ DOCUMENTS_INGESTED = Counter(
     "mcp_rag_documents_ingested", "Documents by ingest outcome.", ["status"], registry=REGISTRY
 )
 EMBED_BATCH_SECONDS = Histogram(
-    "mcp_rag_embedding_batch_seconds", "Time to embed one batch of passages.", registry=REGISTRY,
+    "mcp_rag_embedding_batch_seconds",
+    "Time to embed one batch of passages.",
+    registry=REGISTRY,
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
 )
 INDEX_LAG = Gauge(

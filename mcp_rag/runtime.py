@@ -33,8 +33,9 @@ def build_index(settings: Settings) -> VectorIndex:
         from .index.qdrant_server import QdrantServerIndex
 
         assert settings.qdrant_url is not None
-        return QdrantServerIndex.from_url(settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_collection,
-                                          settings.qdrant_timeout)
+        return QdrantServerIndex.from_url(
+            settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_collection, settings.qdrant_timeout
+        )
     from .index.qdrant_edge import EdgeIndex
 
     return EdgeIndex(settings.embedded_index_dir)
@@ -92,12 +93,16 @@ class Runtime:
                 with anyio.fail_after(self.settings.db_timeout + 1):
                     lag, replication = await self.refresh_lag_metrics()
                 if lag > self.settings.max_index_lag_entries:
-                    reasons.append(f"index lag: {lag} change-log entries not yet applied "
-                                   f"(bound {self.settings.max_index_lag_entries})")
+                    reasons.append(
+                        f"index lag: {lag} change-log entries not yet applied "
+                        f"(bound {self.settings.max_index_lag_entries})"
+                    )
                 lag_s = replication.lag_seconds or 0.0
                 if lag_s > self.settings.max_replication_lag_seconds:
-                    reasons.append(f"replication lag: the read replica is {lag_s:.1f}s behind the primary "
-                                   f"(bound {self.settings.max_replication_lag_seconds:.0f}s)")
+                    reasons.append(
+                        f"replication lag: the read replica is {lag_s:.1f}s behind the primary "
+                        f"(bound {self.settings.max_replication_lag_seconds:.0f}s)"
+                    )
             except RagError as exc:
                 reasons.append(f"postgres: {exc}")
             except TimeoutError:
@@ -108,8 +113,14 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, *, follow_changes: bool | None = None, index: VectorIndex | None = None,
-                       embedder: Embedder | None = None, catch_up: bool = True) -> AsyncIterator[Runtime]:
+async def open_runtime(
+    settings: Settings,
+    *,
+    follow_changes: bool | None = None,
+    index: VectorIndex | None = None,
+    embedder: Embedder | None = None,
+    catch_up: bool = True,
+) -> AsyncIterator[Runtime]:
     """Start everything the service needs; stop it all on exit.
 
     ``follow_changes`` runs the index sync worker in the background (default: the
@@ -124,8 +135,13 @@ async def open_runtime(settings: Settings, *, follow_changes: bool | None = None
             write_dsn = await anyio.to_thread.run_sync(embedded.start)
             stack.callback(embedded.stop)
         await migrate(write_dsn)
-        store = Store(write_dsn, settings.database_read_url, min_size=settings.db_pool_min,
-                      max_size=settings.db_pool_max, timeout=settings.db_timeout)
+        store = Store(
+            write_dsn,
+            settings.database_read_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_timeout,
+        )
         await store.open()
         stack.push_async_callback(store.close)
 
@@ -151,8 +167,9 @@ async def open_runtime(settings: Settings, *, follow_changes: bool | None = None
         syncer = IndexSyncer(store, index)
         if unreachable is not None:
             syncer.defer_open(identity, unreachable)
-            log.warning("the index does not answer; starting without it (search fails until it does)",
-                        error=unreachable)
+            log.warning(
+                "the index does not answer; starting without it (search fails until it does)", error=unreachable
+            )
         service = RagService(settings, store, index, embedder, syncer)
         runtime = Runtime(settings, store, index, embedder, syncer, service)
         if catch_up:

@@ -26,9 +26,19 @@ class SearchHit(BaseModel):
 
     @classmethod
     def of(cls, r: SearchResult) -> SearchHit:
-        return cls(document_id=r.document_id, title=r.title, source_uri=r.source_uri, collection=r.collection,
-                   text=r.text, score=r.score, position=r.position, start_char=r.start_char, end_char=r.end_char,
-                   heading_path=r.heading_path, metadata=r.metadata)
+        return cls(
+            document_id=r.document_id,
+            title=r.title,
+            source_uri=r.source_uri,
+            collection=r.collection,
+            text=r.text,
+            score=r.score,
+            position=r.position,
+            start_char=r.start_char,
+            end_char=r.end_char,
+            heading_path=r.heading_path,
+            metadata=r.metadata,
+        )
 
 
 class SearchOutput(BaseModel):
@@ -63,9 +73,14 @@ class IngestOutput(BaseModel):
 
     @classmethod
     def of(cls, r: IngestReport) -> IngestOutput:
-        return cls(added=r.added, updated=r.updated, unchanged=r.unchanged, chunks=r.chunks,
-                   failed=[FailedSource(source=f.source, reason=f.reason) for f in r.failed],
-                   documents=[IngestedDocument.of(d) for d in r.documents])
+        return cls(
+            added=r.added,
+            updated=r.updated,
+            unchanged=r.unchanged,
+            chunks=r.chunks,
+            failed=[FailedSource(source=f.source, reason=f.reason) for f in r.failed],
+            documents=[IngestedDocument.of(d) for d in r.documents],
+        )
 
 
 class DocumentSummary(BaseModel):
@@ -81,9 +96,17 @@ class DocumentSummary(BaseModel):
 
     @classmethod
     def of(cls, d: DocumentInfo) -> DocumentSummary:
-        return cls(document_id=d.id, collection=d.collection, source_uri=d.source_uri, title=d.title,
-                   metadata=d.metadata, chunks=d.chunk_count, content_hash=d.content_hash, created_at=d.created_at,
-                   updated_at=d.updated_at)
+        return cls(
+            document_id=d.id,
+            collection=d.collection,
+            source_uri=d.source_uri,
+            title=d.title,
+            metadata=d.metadata,
+            chunks=d.chunk_count,
+            content_hash=d.content_hash,
+            created_at=d.created_at,
+            updated_at=d.updated_at,
+        )
 
 
 class DocumentOutput(DocumentSummary):

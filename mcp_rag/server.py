@@ -4,7 +4,6 @@ Domain errors become ``ToolError``s with the same message (the only kind of erro
 client sees). Every call is logged as one structured line and counted in the metrics.
 """
 
-
 import functools
 import inspect
 import time
@@ -61,15 +60,16 @@ MetadataFilter = dict[str, MetadataValue | list[MetadataValue]]
 
 Collection = Annotated[
     str | None,
-    Field(description="Collection (namespace) to use; omit for 'default'. 1-64 letters, digits, '_', '-', '.'.",
-          max_length=64),
+    Field(
+        description="Collection (namespace) to use; omit for 'default'. 1-64 letters, digits, '_', '-', '.'.",
+        max_length=64,
+    ),
 ]
 
 READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 WRITE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 WRITE_WEB = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True)
-DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-                              open_world_hint=False)
+DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
 _caller: ContextVar[Principal | None] = ContextVar("mcp_rag_caller", default=None)
@@ -105,9 +105,14 @@ class CallerMiddleware:
             seconds = time.perf_counter() - started
             metrics.TOOL_CALLS.labels(name, "invalid").inc()
             metrics.TOOL_LATENCY.labels(name).observe(seconds)
-            log.info("tool call", tool=name, outcome="invalid", duration_ms=round(seconds * 1000, 2),
-                     request_id=getattr(ctx, "request_id", None) or "-",
-                     tenant=principal.tenant if principal is not None else "-")
+            log.info(
+                "tool call",
+                tool=name,
+                outcome="invalid",
+                duration_ms=round(seconds * 1000, 2),
+                request_id=getattr(ctx, "request_id", None) or "-",
+                tenant=principal.tenant if principal is not None else "-",
+            )
         return result
 
 
@@ -141,17 +146,29 @@ def current_principal() -> Principal:
     return principal
 
 
-def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False, default_tenant: str = "default",
-                 lifespan: Any = None, in_flight: InFlight | None = None) -> MCPServer[Any]:
+def build_server(
+    get_runtime: Callable[[], Runtime],
+    *,
+    read_only: bool = False,
+    default_tenant: str = "default",
+    lifespan: Any = None,
+    in_flight: InFlight | None = None,
+) -> MCPServer[Any]:
     """The MCP server. ``get_runtime`` returns the process-wide runtime (started elsewhere);
     ``in_flight`` counts the tool calls running."""
     calls = in_flight if in_flight is not None else InFlight()
     registered: set[str] = set()
-    mcp: MCPServer[Any] = MCPServer(name="mcp-rag", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
-                                    middleware=[CallerMiddleware(default_tenant, registered)])
+    mcp: MCPServer[Any] = MCPServer(
+        name="mcp-rag",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        middleware=[CallerMiddleware(default_tenant, registered)],
+    )
 
-    def tool(annotations: ToolAnnotations, scope: Literal["read", "write"]) -> Callable[
-            [Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+    def tool(
+        annotations: ToolAnnotations, scope: Literal["read", "write"]
+    ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
         """Register a tool with error translation, scope check, metrics and one log line per call."""
 
         def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -200,8 +217,14 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
                     seconds = time.perf_counter() - started
                     metrics.TOOL_CALLS.labels(name, outcome).inc()
                     metrics.TOOL_LATENCY.labels(name).observe(seconds)
-                    log.info("tool call", tool=name, outcome=outcome, duration_ms=round(seconds * 1000, 2),
-                             request_id=request_id, tenant=tenant)
+                    log.info(
+                        "tool call",
+                        tool=name,
+                        outcome=outcome,
+                        duration_ms=round(seconds * 1000, 2),
+                        request_id=request_id,
+                        tenant=tenant,
+                    )
 
             call.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
             mcp.tool(name=name, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations)(call)
@@ -217,21 +240,39 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
 
     @tool(READ, "read")
     async def search(
-        query: Annotated[str, Field(description="What to look for: a question or keywords.", min_length=1,
-                                    max_length=4000)],
+        query: Annotated[
+            str, Field(description="What to look for: a question or keywords.", min_length=1, max_length=4000)
+        ],
         ctx: Context[Any, Any],
         collection: Collection = None,
-        mode: Annotated[Literal["hybrid", "dense", "lexical"], Field(
-            description="hybrid (default) fuses meaning and keywords; dense = meaning only; lexical = exact words "
-                        "(BM25), best for names, codes and rare terms.")] = "hybrid",
+        mode: Annotated[
+            Literal["hybrid", "dense", "lexical"],
+            Field(
+                description="hybrid (default) fuses meaning and keywords; dense = meaning only; lexical = exact words "
+                "(BM25), best for names, codes and rare terms."
+            ),
+        ] = "hybrid",
         top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K, description="How many chunks to return (1-50).")] = 5,
-        document_ids: Annotated[list[str] | None, Field(max_length=1000,
-                                                        description="Only search these documents.")] = None,
-        source_prefix: Annotated[str | None, Field(max_length=4096, description=(
-            "Only documents whose source URI starts with this, e.g. 'file:///docs/' or 'https://example.com/'."
-        ))] = None,
-        metadata: Annotated[MetadataFilter | None, Field(description=(
-            "Only documents whose metadata matches every key: a value for equality, a list for any-of."))] = None,
+        document_ids: Annotated[
+            list[str] | None, Field(max_length=1000, description="Only search these documents.")
+        ] = None,
+        source_prefix: Annotated[
+            str | None,
+            Field(
+                max_length=4096,
+                description=(
+                    "Only documents whose source URI starts with this, e.g. 'file:///docs/' or 'https://example.com/'."
+                ),
+            ),
+        ] = None,
+        metadata: Annotated[
+            MetadataFilter | None,
+            Field(
+                description=(
+                    "Only documents whose metadata matches every key: a value for equality, a list for any-of."
+                )
+            ),
+        ] = None,
     ) -> SearchOutput:
         """Search the stored documents and return the most relevant chunks with their sources.
 
@@ -239,68 +280,86 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
         Each result is a passage (chunk) of a document with its position and character offsets."""
         runtime, tenant = caller(ctx)
         results = await runtime.service.search(
-            tenant, query, mode=mode, top_k=top_k,
-            filters=SearchFilters(collection=collection, document_ids=document_ids, source_prefix=source_prefix,
-                                  metadata=metadata or {}))
+            tenant,
+            query,
+            mode=mode,
+            top_k=top_k,
+            filters=SearchFilters(
+                collection=collection, document_ids=document_ids, source_prefix=source_prefix, metadata=metadata or {}
+            ),
+        )
         return SearchOutput(query=query, mode=mode, results=[SearchHit.of(r) for r in results])
 
     @tool(READ, "read")
     async def get_document(
-        document_id: Annotated[str, Field(description="The document's id (from search or list_documents).",
-                                          max_length=64)],
+        document_id: Annotated[
+            str, Field(description="The document's id (from search or list_documents).", max_length=64)
+        ],
         ctx: Context[Any, Any],
         include_text: Annotated[bool, Field(description="Return the full text as well as the metadata.")] = True,
-        max_chars: Annotated[int, Field(ge=1, le=1_000_000, description="Cut the text after this many characters.")]
-        = 100_000,
+        max_chars: Annotated[
+            int, Field(ge=1, le=1_000_000, description="Cut the text after this many characters.")
+        ] = 100_000,
     ) -> DocumentOutput:
         """Read one stored document: its title, source, metadata and (by default) its full text."""
         runtime, tenant = caller(ctx)
         info = await runtime.service.get_document(tenant, document_id)
         text = info.content if include_text else None
         truncated = text is not None and len(text) > max_chars
-        return DocumentOutput(**DocumentSummary.of(info).model_dump(), text=text[:max_chars] if text else text,
-                              truncated=truncated)
+        return DocumentOutput(
+            **DocumentSummary.of(info).model_dump(), text=text[:max_chars] if text else text, truncated=truncated
+        )
 
     @tool(READ, "read")
     async def list_documents(
         ctx: Context[Any, Any],
         collection: Collection = None,
-        source_prefix: Annotated[str | None, Field(max_length=4096,
-                                                   description="Only documents whose source URI starts with this.")]
-        = None,
+        source_prefix: Annotated[
+            str | None, Field(max_length=4096, description="Only documents whose source URI starts with this.")
+        ] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="Page size (1-100).")] = 20,
-        cursor: Annotated[str | None, Field(max_length=8192,
-                                            description="next_cursor from the previous page.")] = None,
+        cursor: Annotated[str | None, Field(max_length=8192, description="next_cursor from the previous page.")] = None,
     ) -> DocumentList:
         """List stored documents (metadata only), ordered by source URI, a page at a time."""
         runtime, tenant = caller(ctx)
-        page = await runtime.service.list_documents(tenant, collection=collection, source_prefix=source_prefix,
-                                                    limit=limit, cursor=cursor)
+        page = await runtime.service.list_documents(
+            tenant, collection=collection, source_prefix=source_prefix, limit=limit, cursor=cursor
+        )
         return DocumentList(documents=[DocumentSummary.of(d) for d in page.documents], next_cursor=page.next_cursor)
 
     @tool(READ, "read")
     async def list_collections(ctx: Context[Any, Any]) -> CollectionList:
         """List the collections (namespaces of documents) with their document and chunk counts."""
         runtime, tenant = caller(ctx)
-        return CollectionList(collections=[CollectionSummary.of(c) for c in
-                                           await runtime.service.list_collections(tenant)])
+        return CollectionList(
+            collections=[CollectionSummary.of(c) for c in await runtime.service.list_collections(tenant)]
+        )
 
     @tool(READ, "read")
     async def stats(ctx: Context[Any, Any]) -> StatsOutput:
         """Counts of collections, documents, chunks and index points, and the index's pending changes."""
         runtime, tenant = caller(ctx)
         store_stats, points, pending = await runtime.service.stats(tenant)
-        return StatsOutput(collections=store_stats.collections, documents=store_stats.documents,
-                           chunks=store_stats.chunks, index_points=points, pending_changes=pending,
-                           region=runtime.settings.region)
+        return StatsOutput(
+            collections=store_stats.collections,
+            documents=store_stats.documents,
+            chunks=store_stats.chunks,
+            index_points=points,
+            pending_changes=pending,
+            region=runtime.settings.region,
+        )
 
     if not read_only:
         register_write_tools(mcp, tool, caller)
 
     # --- resources and prompt --------------------------------------------------------------
 
-    @mcp.resource("rag://collections", name="collections", mime_type="application/json",
-                  description="The caller's collections with document and chunk counts.")
+    @mcp.resource(
+        "rag://collections",
+        name="collections",
+        mime_type="application/json",
+        description="The caller's collections with document and chunk counts.",
+    )
     async def collections_resource() -> str:
         runtime, tenant = caller()
         try:
@@ -309,8 +368,12 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
             raise ResourceError(str(exc)) from exc
         return CollectionList(collections=[CollectionSummary.of(c) for c in listed]).model_dump_json(indent=2)
 
-    @mcp.resource("rag://documents/{document_id}", name="document", mime_type="application/json",
-                  description="One document: metadata and full text.")
+    @mcp.resource(
+        "rag://documents/{document_id}",
+        name="document",
+        mime_type="application/json",
+        description="One document: metadata and full text.",
+    )
     async def document_resource(document_id: str, ctx: Context[Any, Any]) -> str:
         runtime, tenant = caller(ctx)
         try:
@@ -319,8 +382,9 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
             raise ResourceNotFoundError(str(exc)) from exc
         except RagError as exc:
             raise ResourceError(str(exc)) from exc
-        return DocumentOutput(**DocumentSummary.of(info).model_dump(), text=info.content,
-                              truncated=False).model_dump_json(indent=2)
+        return DocumentOutput(
+            **DocumentSummary.of(info).model_dump(), text=info.content, truncated=False
+        ).model_dump_json(indent=2)
 
     @mcp.prompt(name="answer_with_citations", description="Answer a question from the stored documents, citing them.")
     def answer_with_citations(
@@ -331,7 +395,7 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
         return (
             f"Answer the question below using only the documents stored in the mcp-rag server{where}.\n\n"
             f"1. Call the `search` tool{' with collection=' + repr(collection) if collection else ''} with the "
-            "question (try `mode=\"lexical\"` too for names, codes or rare terms; rephrase and search again if the "
+            'question (try `mode="lexical"` too for names, codes or rare terms; rephrase and search again if the '
             "first results miss).\n"
             "2. Read the returned chunks; call `get_document` when you need more context around a chunk.\n"
             "3. Answer concisely. After every claim, cite its source as [title](source_uri), adding the heading path "
@@ -346,11 +410,15 @@ def build_server(get_runtime: Callable[[], Runtime], *, read_only: bool = False,
 ToolDecorator = Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]
 
 
-def register_write_tools(mcp: MCPServer[Any],
-                         tool: Callable[[ToolAnnotations, Literal["read", "write"]], ToolDecorator],
-                         caller: Callable[..., tuple[Runtime, str]]) -> None:
-    Metadata = Annotated[dict[str, MetadataValue | list[MetadataValue]] | None, Field(
-        description="Flat key -> value (or list of values) metadata to filter on later.")]
+def register_write_tools(
+    mcp: MCPServer[Any],
+    tool: Callable[[ToolAnnotations, Literal["read", "write"]], ToolDecorator],
+    caller: Callable[..., tuple[Runtime, str]],
+) -> None:
+    Metadata = Annotated[
+        dict[str, MetadataValue | list[MetadataValue]] | None,
+        Field(description="Flat key -> value (or list of values) metadata to filter on later."),
+    ]
 
     async def progress_reporter(ctx: Context[Any, Any]) -> Callable[[int, int | None, str], Awaitable[None]]:
         async def report(done: int, total: int | None, message: str) -> None:
@@ -364,32 +432,46 @@ def register_write_tools(mcp: MCPServer[Any],
         ctx: Context[Any, Any],
         title: Annotated[str, Field(max_length=1000, description="A title shown in search results.")] = "",
         collection: Collection = None,
-        source_uri: Annotated[str | None, Field(max_length=4096, description=(
-            "A stable identity for the document (e.g. a URL or path). Ingesting again with the same source_uri "
-            "replaces the document. Omit to identify the document by its content."))] = None,
+        source_uri: Annotated[
+            str | None,
+            Field(
+                max_length=4096,
+                description=(
+                    "A stable identity for the document (e.g. a URL or path). Ingesting again with the same source_uri "
+                    "replaces the document. Omit to identify the document by its content."
+                ),
+            ),
+        ] = None,
         metadata: Metadata = None,
     ) -> IngestOutput:
         """Add (or replace) one document from text you provide. Markdown headings are kept for citations."""
         runtime, tenant = caller(ctx)
-        outcome = await runtime.service.ingest_text(tenant, text, collection=collection, title=title,
-                                                    source_uri=source_uri, metadata=metadata or {})
+        outcome = await runtime.service.ingest_text(
+            tenant, text, collection=collection, title=title, source_uri=source_uri, metadata=metadata or {}
+        )
         from .service import IngestReport
 
-        report = IngestReport(documents=[outcome], chunks=outcome.chunks,
-                              **{outcome.status: 1})  # type: ignore[arg-type]
+        report = IngestReport(documents=[outcome], chunks=outcome.chunks, **{outcome.status: 1})  # type: ignore[arg-type]
         return IngestOutput.of(report)
 
     @tool(WRITE, "write")
     async def ingest_file(
-        path: Annotated[str, Field(description="A file or directory on the server, under an allowed root.",
-                                   min_length=1, max_length=4096)],
+        path: Annotated[
+            str,
+            Field(
+                description="A file or directory on the server, under an allowed root.", min_length=1, max_length=4096
+            ),
+        ],
         ctx: Context[Any, Any],
         collection: Collection = None,
-        include: Annotated[list[Annotated[str, Field(max_length=256)]] | None, Field(
-            max_length=50, description="For directories: only files matching one of these globs, e.g. ['*.md'].")]
-        = None,
-        exclude: Annotated[list[Annotated[str, Field(max_length=256)]] | None, Field(
-            max_length=50, description="For directories: skip files matching these globs.")] = None,
+        include: Annotated[
+            list[Annotated[str, Field(max_length=256)]] | None,
+            Field(max_length=50, description="For directories: only files matching one of these globs, e.g. ['*.md']."),
+        ] = None,
+        exclude: Annotated[
+            list[Annotated[str, Field(max_length=256)]] | None,
+            Field(max_length=50, description="For directories: skip files matching these globs."),
+        ] = None,
     ) -> IngestOutput:
         """Ingest a server-side file (.txt, .md, .html, .pdf, .jsonl corpus) or a whole directory.
 
@@ -414,19 +496,24 @@ def register_write_tools(mcp: MCPServer[Any],
                     yield SourceFailure(printable(str(file)), printable(str(exc)))
 
         if target.is_file():
-            docs: list[SourceDocument | SourceFailure] = list(
-                await anyio.to_thread.run_sync(lambda: list(sources())))
-            report = await runtime.service.ingest(tenant, collection, docs, total=len(docs),
-                                                  progress=await progress_reporter(ctx), raise_on_failure=True)
+            docs: list[SourceDocument | SourceFailure] = list(await anyio.to_thread.run_sync(lambda: list(sources())))
+            report = await runtime.service.ingest(
+                tenant, collection, docs, total=len(docs), progress=await progress_reporter(ctx), raise_on_failure=True
+            )
         else:
-            report = await runtime.service.ingest(tenant, collection, sources(), total=len(files),
-                                                  progress=await progress_reporter(ctx))
+            report = await runtime.service.ingest(
+                tenant, collection, sources(), total=len(files), progress=await progress_reporter(ctx)
+            )
         return IngestOutput.of(report)
 
     @tool(WRITE_WEB, "write")
     async def ingest_url(
-        url: Annotated[str, Field(description="An http(s) URL of an HTML page, text, markdown or PDF file.",
-                                  min_length=1, max_length=4096)],
+        url: Annotated[
+            str,
+            Field(
+                description="An http(s) URL of an HTML page, text, markdown or PDF file.", min_length=1, max_length=4096
+            ),
+        ],
         ctx: Context[Any, Any],
         collection: Collection = None,
         title: Annotated[str | None, Field(max_length=1000, description="Override the page's own title.")] = None,
@@ -437,12 +524,19 @@ def register_write_tools(mcp: MCPServer[Any],
         Private, loopback and link-local addresses are refused; size, time and content types are limited."""
         runtime, tenant = caller(ctx)
         settings = runtime.settings
-        fetched = await fetch(url, UrlPolicy(settings.url_allowlist), max_bytes=settings.url_max_bytes,
-                              timeout=settings.url_fetch_timeout)
-        doc = await anyio.to_thread.run_sync(lambda: extract_bytes(fetched.data, kind=fetched.kind, source_uri=url,
-                                                                   max_bytes=settings.url_max_bytes))
-        doc = SourceDocument(doc.source_uri, doc.text, title=title or doc.title,
-                             metadata={**doc.metadata, **(metadata or {})}, markdown=doc.markdown)
+        fetched = await fetch(
+            url, UrlPolicy(settings.url_allowlist), max_bytes=settings.url_max_bytes, timeout=settings.url_fetch_timeout
+        )
+        doc = await anyio.to_thread.run_sync(
+            lambda: extract_bytes(fetched.data, kind=fetched.kind, source_uri=url, max_bytes=settings.url_max_bytes)
+        )
+        doc = SourceDocument(
+            doc.source_uri,
+            doc.text,
+            title=title or doc.title,
+            metadata={**doc.metadata, **(metadata or {})},
+            markdown=doc.markdown,
+        )
         report = await runtime.service.ingest(tenant, collection, [doc], raise_on_failure=True)
         return IngestOutput.of(report)
 
@@ -458,8 +552,9 @@ def register_write_tools(mcp: MCPServer[Any],
 
     @tool(DESTRUCTIVE, "write")
     async def delete_collection(
-        collection: Annotated[str, Field(description="The collection to delete, with every document in it.",
-                                         min_length=1, max_length=64)],
+        collection: Annotated[
+            str, Field(description="The collection to delete, with every document in it.", min_length=1, max_length=64)
+        ],
         ctx: Context[Any, Any],
     ) -> DeletedCollection:
         """Delete a whole collection and every document in it. This cannot be undone."""

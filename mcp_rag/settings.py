@@ -83,7 +83,7 @@ class _UnknownEnvVars(PydanticBaseSettingsSource):
             upper = name.upper()
             if not upper.startswith(ENV_PREFIX) or upper.startswith(RESERVED_ENV_PREFIXES):
                 continue
-            if upper[len(ENV_PREFIX):].lower() not in known:
+            if upper[len(ENV_PREFIX) :].lower() not in known:
                 unknown[name.lower()] = value
         return unknown
 

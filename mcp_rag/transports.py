@@ -37,8 +37,9 @@ def run_stdio(settings: Settings) -> None:
             holder.runtime = runtime
             yield {}
 
-    server = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant,
-                          lifespan=lifespan)
+    server = build_server(
+        holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant, lifespan=lifespan
+    )
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _StopRequested
@@ -73,8 +74,11 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_deadline is None and not self.should_exit:
-            log.info("stop signal received: draining", signal=signal.Signals(sig).name,
-                     tool_calls_in_flight=self._holder.calls.count)
+            log.info(
+                "stop signal received: draining",
+                signal=signal.Signals(sig).name,
+                tool_calls_in_flight=self._holder.calls.count,
+            )
             self._holder.begin_shutdown()
             self._drain_deadline = time.monotonic() + self._grace
             return
@@ -86,8 +90,10 @@ class _DrainingServer(uvicorn.Server):
             now = time.monotonic()
             if self._holder.calls.count == 0 or now >= deadline:
                 if self._holder.calls.count:
-                    log.warning("grace period over: stopping with tool calls still running",
-                                tool_calls_in_flight=self._holder.calls.count)
+                    log.warning(
+                        "grace period over: stopping with tool calls still running",
+                        tool_calls_in_flight=self._holder.calls.count,
+                    )
                 self.config.timeout_graceful_shutdown = max(1, math.ceil(deadline - now))
                 self.should_exit = True
         return await super().on_tick(counter)
