@@ -3,6 +3,17 @@ so every message here is written for the agent (or person) who has to act on it.
 
 from __future__ import annotations
 
+import re
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD, so it can be encoded as UTF-8 (JSON, stdout).
+
+    They come from file names that are not valid UTF-8 (Python decodes them with surrogateescape)."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
 
 class RagError(Exception):
     """Base class: an error whose message is safe and useful to show to the caller."""
