@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +119,7 @@ async def run_evaluation(
     try:
         for mode in modes:
             ndcg = recall = 0.0
-            iterator = judged
+            iterator: Iterable[str] = judged
             if progress:
                 from tqdm import tqdm
 
