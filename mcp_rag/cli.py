@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
-from .errors import ConfigurationError, RagError
+from .errors import ConfigurationError, RagError, printable
 from .extract import SourceDocument, read_file, walk
 from .logging import configure_logging, get_logger
 from .service import SEARCH_MODES, SearchFilters, SourceFailure
@@ -91,8 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", choices=SEARCH_MODES, default="hybrid")
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("--collection", default=None)
-    q.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="metadata filter; repeat a key for any-of; source=PREFIX and document=ID are special")
+    q.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata filter; repeat a key for any-of; source=PREFIX and document=ID are special",
+    )
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(func=_search)
 
@@ -129,8 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False,
-         catch_up: bool = True) -> None:
+def _run(
+    settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False, catch_up: bool = True
+) -> None:
     from .runtime import open_runtime
 
     async def go() -> None:
@@ -154,13 +160,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         run_http(settings, sse_only=args.transport == "sse")
 
 
-def _sources(paths: Sequence[Path], include: Sequence[str], exclude: Sequence[str],
-             max_bytes: int) -> Iterator[SourceDocument | SourceFailure]:
+def _sources(
+    paths: Sequence[Path], include: Sequence[str], exclude: Sequence[str], max_bytes: int
+) -> Iterator[SourceDocument | SourceFailure]:
     for path in walk(paths, include, exclude):
         try:
             yield from read_file(path, max_bytes)
         except RagError as exc:
-            yield SourceFailure(str(path), str(exc))
+            yield SourceFailure(printable(str(path)), printable(str(exc)))
 
 
 def _ingest(settings: Settings, args: argparse.Namespace) -> None:
@@ -179,12 +186,17 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
 
         try:
             report = await runtime.service.ingest(
-                settings.default_tenant, args.collection,
-                _sources(files, (), (), settings.max_document_bytes), progress=progress)
+                settings.default_tenant,
+                args.collection,
+                _sources(files, (), (), settings.max_document_bytes),
+                progress=progress,
+            )
         finally:
             bar.close()
-        print(f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-              f"failed {len(report.failed)} ({report.chunks} chunks written)")
+        print(
+            f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
+            f"failed {len(report.failed)} ({report.chunks} chunks written)"
+        )
         for failure in report.failed:
             print(f"  failed: {failure.source}: {failure.reason}")
         if report.failed and not (report.added or report.updated or report.unchanged):
@@ -210,16 +222,16 @@ def parse_filters(items: Sequence[str], collection: str | None) -> SearchFilters
             metadata[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
         else:
             metadata[key] = value
-    return SearchFilters(collection=collection, document_ids=documents or None, source_prefix=source,
-                         metadata=metadata)
+    return SearchFilters(collection=collection, document_ids=documents or None, source_prefix=source, metadata=metadata)
 
 
 def _search(settings: Settings, args: argparse.Namespace) -> None:
     filters = parse_filters(args.filter, args.collection)
 
     async def body(runtime: Any) -> None:
-        results = await runtime.service.search(settings.default_tenant, args.query, mode=args.mode,
-                                               top_k=args.top_k, filters=filters)
+        results = await runtime.service.search(
+            settings.default_tenant, args.query, mode=args.mode, top_k=args.top_k, filters=filters
+        )
         if args.json:
             print(json.dumps([asdict(r) for r in results], indent=2, default=str))
             return
@@ -228,8 +240,9 @@ def _search(settings: Settings, args: argparse.Namespace) -> None:
         for rank, r in enumerate(results, start=1):
             where = " > ".join(h for h in r.heading_path if h != r.title)  # the title is printed already
             print(f"{rank}. [{r.score:.4f}] {r.title or r.source_uri}" + (f" — {where}" if where else ""))
-            print(f"   {r.source_uri} (document {r.document_id}, chunk {r.position},"
-                  f" chars {r.start_char}-{r.end_char})")
+            print(
+                f"   {r.source_uri} (document {r.document_id}, chunk {r.position}, chars {r.start_char}-{r.end_char})"
+            )
             snippet = " ".join(r.text.split())
             print(f"   {snippet[:300]}{'…' if len(snippet) > 300 else ''}")
 
@@ -260,8 +273,7 @@ def _sync(settings: Settings, args: argparse.Namespace) -> None:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_set_on_stop_signal, stop)
-                log.info("following the change log", interval=settings.sync_interval_seconds,
-                         region=settings.region)
+                log.info("following the change log", interval=settings.sync_interval_seconds, region=settings.region)
                 await runtime.syncer.follow(settings.sync_interval_seconds, stop=stop)
                 tg.cancel_scope.cancel()
             log.info("stopped following the change log", cursor=await runtime.index.get_cursor())
@@ -344,8 +356,14 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigurationError(f"unknown mode(s) {', '.join(bad)}; use {', '.join(SEARCH_MODES)}")
 
     async def body(runtime: Any) -> None:
-        results = await run_evaluation(runtime.service, args.dataset, modes=modes, max_queries=args.max_queries,
-                                       keep=args.keep, progress=sys.stderr.isatty())
+        results = await run_evaluation(
+            runtime.service,
+            args.dataset,
+            modes=modes,
+            max_queries=args.max_queries,
+            keep=args.keep,
+            progress=sys.stderr.isatty(),
+        )
         print(f"{'mode':<8}  {'nDCG@10':>8}  {'Recall@100':>10}  queries")
         for r in results:
             print(f"{r.mode:<8}  {r.ndcg_at_10:>8.4f}  {r.recall_at_100:>10.4f}  {r.queries}")

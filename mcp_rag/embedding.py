@@ -34,10 +34,10 @@ ENGLISH_STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being below
     between both but by can could did do does doing down during each few for from further had has have
     having he her here hers herself him himself his how i if in into is it its itself just me more most
-    my myself no nor not now of off on once only or other our ours ourselves out over own same she should
-    so some such than that the their theirs them themselves then there these they this those through to
-    too under until up very was we were what when where which while who whom why will with would you your
-    yours yourself yourselves""".split()
+    my myself no nor not now of off on once only or other our ours ourselves out over own same she
+    should so some such than that the their theirs them themselves then there these they this those
+    through to too under until up very was we were what when where which while who whom why will with
+    would you your yours yourself yourselves""".split()  # noqa: SIM905
 )
 
 DenseVector = npt.NDArray[np.float32]
@@ -59,8 +59,8 @@ class Embedder:
     def __init__(self, settings: Settings, on_batch: BatchObserver | None = None) -> None:
         self._settings = settings
         self._on_batch = on_batch
-        self._dense: object | None = None
-        self._sparse: object | None = None
+        self._dense: Any = None
+        self._sparse: Any = None
         self._identity: ModelIdentity | None = None
         self._tokenizer: Any = None
         self._lock = threading.Lock()
@@ -89,7 +89,7 @@ class Embedder:
             settings = self._settings
             cache_dir = settings.models_dir / "fastembed"
             model_dir = resolve_model_dir(settings)
-            kwargs: dict[str, object] = {"cache_dir": str(cache_dir)}
+            kwargs: dict[str, Any] = {"cache_dir": str(cache_dir)}
             if settings.embedding_threads:
                 kwargs["threads"] = settings.embedding_threads
             if model_dir is not None:
@@ -98,9 +98,13 @@ class Embedder:
                 dense = TextEmbedding(settings.embedding_model, **kwargs)
             except Exception as exc:
                 hint = (
-                    f"from {model_dir}" if model_dir else "(fastembed downloads it; set MCP_RAG_EMBEDDING_MODEL_DIR offline)"
+                    f"from {model_dir}"
+                    if model_dir
+                    else "(fastembed downloads it; set MCP_RAG_EMBEDDING_MODEL_DIR offline)"
                 )
-                raise ConfigurationError(f"cannot load embedding model {settings.embedding_model!r} {hint}: {exc}") from exc
+                raise ConfigurationError(
+                    f"cannot load embedding model {settings.embedding_model!r} {hint}: {exc}"
+                ) from exc
             sparse = SparseTextEmbedding(
                 BM25_MODEL,
                 specific_model_path=str(_bm25_dir(settings.models_dir)),
@@ -127,19 +131,23 @@ class Embedder:
     def embed_passages_sync(self, texts: Sequence[str]) -> list[Embedding]:
         self.load_sync()
         batch = self._settings.embedding_batch_size
-        out: list[Embedding] = []
+        # A batch is padded to its longest text: batching texts of similar length (sorted by
+        # characters, a cheap proxy for tokens) wastes far less compute on padding. The results
+        # go back in the caller's order (docs/benchmarks.md has the measurements).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Embedding | None] = [None] * len(texts)
         with self._lock:
-            for start in range(0, len(texts), batch):
-                part = list(texts[start : start + batch])
+            for start in range(0, len(order), batch):
+                positions = order[start : start + batch]
+                part = [texts[i] for i in positions]
                 began = time.perf_counter()
-                dense = list(self._dense.passage_embed(part, batch_size=batch))  # type: ignore[attr-defined]
-                sparse = list(self._sparse.passage_embed(part, batch_size=batch))  # type: ignore[attr-defined]
+                dense = list(self._dense.passage_embed(part, batch_size=batch))
+                sparse = list(self._sparse.passage_embed(part, batch_size=batch))
                 if self._on_batch is not None:
                     self._on_batch(len(part), time.perf_counter() - began)
-                out.extend(
-                    Embedding(np.asarray(d, dtype=np.float32), _sparse_of(s)) for d, s in zip(dense, sparse, strict=True)
-                )
-        return out
+                for i, d, s in zip(positions, dense, sparse, strict=True):
+                    out[i] = Embedding(np.asarray(d, dtype=np.float32), _sparse_of(s))
+        return out  # type: ignore[return-value]  # every slot is filled above
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Model tokens in each text (no special tokens, no truncation): what chunking measures."""
@@ -153,8 +161,8 @@ class Embedder:
 
     def embed_query_sync(self, text: str) -> Embedding:
         self.load_sync()
-        dense = next(iter(self._dense.query_embed(text)))  # type: ignore[attr-defined]
-        sparse = next(iter(self._sparse.query_embed(text)))  # type: ignore[attr-defined]
+        dense = next(iter(self._dense.query_embed(text)))
+        sparse = next(iter(self._sparse.query_embed(text)))
         return Embedding(np.asarray(dense, dtype=np.float32), _sparse_of(sparse))
 
 

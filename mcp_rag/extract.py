@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ byte; a few-KB "bomb" (one highly compressed form XObject drawn thousands of tim
 each costing pure-Python parsing time, so without a budget it ties up a worker for hours."""
 MIN_PDF_OPERATIONS = 250_000
 MAX_PDF_OPERATIONS = 5_000_000
+MAX_HTML_ATTRIBUTES = 256
+"""Attributes on one HTML tag. libxml2 (under trafilatura) compares each new attribute of a tag with
+the ones before it, so a single tag with 200k attributes (2 MB) takes hours to extract; real pages
+stay far below this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +124,7 @@ def iter_corpus(path: Path, max_bytes: int) -> Iterator[SourceDocument]:
                 raise InvalidInputError(
                     f"{path}:{line_no}: expected a JSON object with '_id', 'title' and 'text'"
                 ) from None
-            yield SourceDocument(f"{base}#{doc_id}", text, title=title, metadata={"corpus_id": doc_id},
-                                 markdown=False)
+            yield SourceDocument(f"{base}#{doc_id}", text, title=title, metadata={"corpus_id": doc_id}, markdown=False)
 
 
 def walk(paths: Sequence[Path], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Iterator[Path]:
@@ -156,11 +160,42 @@ def _glob(rel: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(rel, pattern) or fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern)
 
 
+class _AttributeCounter(HTMLParser):
+    """The largest number of attributes on one tag (Python's tokenizer: linear in the input)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.most = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.most = max(self.most, len(attrs))
+
+
+def _check_html(html: str, source_uri: str) -> None:
+    counter = _AttributeCounter()
+    try:
+        counter.feed(html)
+        counter.close()
+    except (AssertionError, ValueError, IndexError):
+        raise UnsupportedSourceError(f"{source_uri}: malformed HTML") from None
+    if counter.most > MAX_HTML_ATTRIBUTES:
+        raise TooLargeError(
+            f"{source_uri}: an HTML tag has {counter.most} attributes, over the limit of {MAX_HTML_ATTRIBUTES}"
+        )
+
+
 def _from_html(html: str, source_uri: str) -> SourceDocument:
     import trafilatura
 
-    text = trafilatura.extract(html, output_format="markdown", include_comments=False, include_tables=True,
-                               favor_recall=True, with_metadata=False)
+    _check_html(html, source_uri)
+    text = trafilatura.extract(
+        html,
+        output_format="markdown",
+        include_comments=False,
+        include_tables=True,
+        favor_recall=True,
+        with_metadata=False,
+    )
     if not text or not text.strip():
         raise InvalidInputError(f"{source_uri}: no readable text found in the HTML")
     meta = trafilatura.extract_metadata(html)
@@ -200,14 +235,27 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
             if chars > max_bytes:  # the document would be refused as too large anyway: stop early
                 raise TooLargeError(f"{source_uri}: the PDF's text exceeds the limit of {max_bytes} bytes")
         info_title = reader.metadata.title if reader.metadata else None
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
-            MemoryError) as exc:
+    except (
+        PyPdfError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
         raise UnsupportedSourceError(f"{source_uri}: malformed or unreadable PDF ({type(exc).__name__})") from None
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text:
         raise InvalidInputError(f"{source_uri}: the PDF has no extractable text (scanned images need OCR first)")
-    return SourceDocument(source_uri, text, title=str(info_title or _name_of(source_uri)),
-                          metadata={"content_type": "application/pdf", "pages": len(pages)}, markdown=False)
+    return SourceDocument(
+        source_uri,
+        text,
+        title=str(info_title or _name_of(source_uri)),
+        metadata={"content_type": "application/pdf", "pages": len(pages)},
+        markdown=False,
+    )
 
 
 def _first_heading(text: str) -> str | None:

