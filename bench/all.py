@@ -123,6 +123,12 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
            "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
     if info.get("failures"):
         out += ["**Failed benchmarks:** " + ", ".join(info["failures"]), ""]
+    if info.get("runs"):
+        out += ["Runs (UTC start, minutes, 1-minute load average before → after):", ""]
+        out += table(["bench", "started", "minutes", "load before", "load after", "exit"],
+                     [[name, r["started"], r["seconds"] / 60, r["load_1min"][0], r["load_1min"][1], r["exit"]]
+                      for name, r in info["runs"].items()])
+        out += [""]
     out += ["### Figures against targets", ""]
     out += table(["bench", "where", "figure", "measured", "target", "met"], target_rows(lines))
 
@@ -194,11 +200,26 @@ def main() -> None:
     p.add_argument("--only", default=",".join(BENCHES))
     p.add_argument("--output", type=Path, default=DOC)
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: rewrite docs/benchmarks.md from the last results in --work-dir")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the previous results (<work-dir>/results.jsonl) of the benchmarks not run now")
     args = p.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    names = [] if args.render_only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(BENCHES)
     if unknown:
         raise SystemExit(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    saved = args.work_dir / "info.json"
+    if args.render_only:
+        if not saved.is_file():
+            raise SystemExit(f"no results to render in {args.work_dir}")
+        info = json.loads(saved.read_text())
+        info["runs"] = json.loads((args.work_dir / "runs.json").read_text())
+        lines = [json.loads(x) for x in (args.work_dir / "results.jsonl").read_text().splitlines()]
+        write_doc(args.output, render(lines, info))
+        log(f"wrote {args.output}")
+        return
     model = model_dir(args.model_dir)
     info: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                             "machine": machine(),
@@ -206,6 +227,10 @@ def main() -> None:
                             + (" --tiny" if args.tiny else ""), "failures": []}
     pg = Postgres(args.pg_dsn)
     info["versions"] = versions(pg.admin_dsn)
+    if args.merge and saved.is_file():  # the header describes the run that produced most figures
+        previous = json.loads(saved.read_text())
+        info["date"] = f"{previous['date']} (updated {info['date']})"
+    saved.write_text(json.dumps({k: v for k, v in info.items() if k != "runs"}))
     extra = ["--dataset", str(args.dataset), "--work-dir", str(args.work_dir), "--pg-dsn", pg.admin_dsn,
              "--model-dir", str(model)]
     for key, value in args.set:
@@ -213,16 +238,27 @@ def main() -> None:
     extra += ["--quick"] if args.quick else []
     extra += ["--tiny"] if args.tiny else []
     lines: list[dict[str, Any]] = []
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     results = args.work_dir / "results.jsonl"
+    runs = args.work_dir / "runs.json"
+    info["runs"] = {}
+    if args.merge and results.is_file():
+        lines = [x for x in map(json.loads, results.read_text().splitlines()) if x["bench"] not in names]
+        if runs.is_file():
+            info["runs"] = {k: v for k, v in json.loads(runs.read_text()).items() if k not in names}
     try:
         for name in names:
+            load_before = machine()["load_avg"][0]
+            started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
             got, code, seconds = run_bench(name, extra)
             lines += got
             log(f"bench.{name}: exit {code} after {seconds:.0f}s")
+            info["runs"][name] = {"started": started, "seconds": round(seconds), "exit": code,
+                                  "load_1min": [load_before, machine()["load_avg"][0]],
+                                  "args": " ".join(a for a in extra if a in ("--quick", "--tiny"))}
             if code != 0:
                 info["failures"].append(f"{name} (exit {code})")
             results.write_text("".join(json.dumps(x) + "\n" for x in lines))
+            runs.write_text(json.dumps(info["runs"]))
     finally:
         pg.close()
     if not args.no_write:

@@ -8,6 +8,26 @@ from typing import Literal
 
 import structlog
 
+MAX_MESSAGE_CHARS = 2000
+"""Longest message kept from a third-party logger (ours log structured fields of bounded size)."""
+
+
+class _Truncate(logging.Filter):
+    """Cut over-long messages of standard-library loggers. The MCP SDK logs a failed tool call with
+    its error text, and pydantic's argument errors repeat dict keys in full: without this a 4 MB
+    request could write a 20 MB log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            try:
+                message = record.getMessage()
+            except Exception:  # a broken format string: leave it to the handler
+                return True
+            if len(message) > MAX_MESSAGE_CHARS:
+                record.msg = f"{message[:MAX_MESSAGE_CHARS]}… [{len(message) - MAX_MESSAGE_CHARS} more characters]"
+                record.args = None
+        return True
+
 
 def configure_logging(fmt: Literal["console", "json"] = "console", level: str = "INFO") -> None:
     """Route structlog and the standard library's logging to stderr with one renderer.
@@ -29,6 +49,7 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_Truncate())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

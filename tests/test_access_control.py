@@ -400,6 +400,10 @@ async def test_tokens_and_document_text_never_reach_the_log(server: ServerProc, 
         await client.call_tool("ingest_text", {"text": f"{MARKER} again " * 3, "metadata": {"k": {"nested": 1}}})
         await client.call_tool("ingest_text", {"text": f"{MARKER} with a long title", "title": "x" * 2000})
         await client.call_tool("get_document", {"document_id": acme_doc["acme"]["document_id"]})
+        # Argument errors quote dict keys in full (pydantic): a 300 KB key, logged by the SDK
+        # with the error, must not make a 1.5 MB log line.
+        huge = await client.call_tool("ingest_text", {"text": "x", "metadata": {"k" * 300_000: None}})
+        assert huge.is_error
     async with httpx.AsyncClient(base_url=server.base, timeout=30) as http:
         await http.get("/api/mobile/search", params={"q": MARKER}, headers={"Authorization": f"Bearer {TOKEN_B}"})
         await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN_A}"})
@@ -413,3 +417,5 @@ async def test_tokens_and_document_text_never_reach_the_log(server: ServerProc, 
     assert MARKER not in log, "document or query text was logged:\n" + "\n".join(
         line for line in log.splitlines() if MARKER in line)[:2000]
     assert "merger with Initech" not in log
+    longest = max(len(line) for line in log.splitlines())
+    assert longest < 10_000, f"a log line of {longest} characters"
