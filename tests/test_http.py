@@ -18,11 +18,11 @@ import anyio
 import httpx
 import psycopg
 import pytest
-from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, TextContent, TextResourceContents
+from mcp_types import CallToolResult, TextResourceContents
 
 from mcp_rag.store.migrate import migrate
+from tests.mcp_calls import call, call_error, text_of
 from tests.pgcluster import PgServer
 from tests.serverproc import MCP_RAG, ServerProcess, base_env, mcp_http, mcp_sse, scratch_database
 
@@ -81,23 +81,6 @@ def fresh_connections(server: ServerProcess) -> httpx.AsyncClient:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, text_of(result)
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def call_error(client: Client, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, f"{tool} should have failed: {result.structured_content}"
-    return text_of(result)
-
-
-def text_of(result: CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if isinstance(c, TextContent))
 
 
 # --- probes -----------------------------------------------------------------------------------

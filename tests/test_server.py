@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, TextContent, TextResourceContents
+from mcp_types import TextContent, TextResourceContents
 
 from mcp_rag import metrics
 from mcp_rag.embedding import Embedder
@@ -27,6 +27,7 @@ from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.server import build_server
 from mcp_rag.settings import Settings
 from mcp_rag.urlfetch import UrlPolicy
+from tests.mcp_calls import call, call_error, text_of
 
 READ_TOOLS = {"search", "get_document", "list_documents", "list_collections", "stats"}
 WRITE_TOOLS = {"ingest_text", "ingest_file", "ingest_url", "delete_document", "delete_collection"}
@@ -57,23 +58,6 @@ def open_rt(make_settings: Callable[..., Settings], embedder: Embedder,
             yield rt
 
     return opener
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, text_of(result)
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def call_error(client: Client, tool: str, **arguments: Any) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, f"{tool} should have failed: {result.structured_content}"
-    return text_of(result)
-
-
-def text_of(result: CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if isinstance(c, TextContent))
 
 
 # --- search ------------------------------------------------------------------------------
