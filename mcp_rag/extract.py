@@ -231,7 +231,7 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
         chars = 0
         for page in reader.pages:
             pages.append(page.extract_text(visitor_operand_before=count_operation) or "")
-            chars += len(pages[-1])
+            chars += len(pages[-1].strip())  # a lower bound of the final text's size in bytes
             if chars > max_bytes:  # the document would be refused as too large anyway: stop early
                 raise TooLargeError(f"{source_uri}: the PDF's text exceeds the limit of {max_bytes} bytes")
         info_title = reader.metadata.title if reader.metadata else None

@@ -363,6 +363,7 @@ def build_server(
     async def collections_resource() -> str:
         runtime, tenant = caller()
         try:
+            current_principal().require("read")  # resources are reads: same scope as the read tools
             listed = await runtime.service.list_collections(tenant)
         except RagError as exc:  # e.g. the database is down: say so (anything else reads "Error reading resource")
             raise ResourceError(str(exc)) from exc
@@ -377,6 +378,7 @@ def build_server(
     async def document_resource(document_id: str, ctx: Context[Any, Any]) -> str:
         runtime, tenant = caller(ctx)
         try:
+            current_principal().require("read")
             info = await runtime.service.get_document(tenant, document_id)
         except NotFoundError as exc:
             raise ResourceNotFoundError(str(exc)) from exc

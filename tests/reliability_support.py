@@ -89,24 +89,31 @@ class Proc:
         if self.alive():
             os.kill(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=30)
+        self._reaped()
+
+    def _reaped(self) -> None:
+        """The process is gone: its scratch working directory can go too (the log stays)."""
+        shutil.rmtree(self._cwd, ignore_errors=True)
 
     def terminate(self, timeout: float = 60) -> int:
         if self.alive():
             os.kill(self.pid, signal.SIGTERM)
         try:
-            return self.popen.wait(timeout=timeout)
+            return self.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill9()
             raise
 
     def wait(self, timeout: float = 180) -> int:
-        return self.popen.wait(timeout=timeout)
+        code = self.popen.wait(timeout=timeout)
+        self._reaped()
+        return code
 
     def close(self) -> None:
         if self.alive():
             self.kill9()
         self._log.close()
-        shutil.rmtree(self._cwd, ignore_errors=True)
+        self._reaped()
 
     def wait_for_log(self, needle: str, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

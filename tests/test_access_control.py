@@ -41,9 +41,11 @@ from tests.reliability_support import ServerProc, base_env, http_client, tool_te
 TOKEN_A = "acme-writer-" + uuid.uuid4().hex
 TOKEN_A_RO = "acme-reader-" + uuid.uuid4().hex
 TOKEN_B = "globex-writer-" + uuid.uuid4().hex
+TOKEN_A_WO = "acme-pipeline-" + uuid.uuid4().hex
 KEYS = [
     {"token": TOKEN_A, "tenant": "acme", "scopes": ["read", "write"]},
     {"token": TOKEN_A_RO, "tenant": "acme", "scopes": ["read"]},
+    {"token": TOKEN_A_WO, "tenant": "acme", "scopes": ["write"]},  # an ingestion pipeline's key
     {"token": TOKEN_B, "tenant": "globex", "scopes": ["read", "write"]},
 ]
 MARKER = "QUOKKA" + uuid.uuid4().hex[:10].upper()
@@ -342,6 +344,29 @@ async def test_read_scope_cannot_use_any_write_tool(server: ServerProc, acme_doc
         assert got.structured_content["updated_at"] == acme["updated_at"]
 
 
+async def test_a_key_without_read_scope_cannot_read(server: ServerProc, acme_doc: dict[str, Any]) -> None:
+    """Regression: the resources did not check the read scope, so a write-only key (an ingestion
+    pipeline's) could read every document of its tenant through rag://documents/{id}."""
+    acme_id = acme_doc["acme"]["document_id"]
+    async with http_client(server.url, TOKEN_A_WO) as client:
+        tools = (await client.list_tools()).tools
+        for name in [t.name for t in tools if t.annotations and t.annotations.read_only_hint]:
+            args = {"query": "memo"} if name == "search" else ({"document_id": acme_id} if name == "get_document" else {})
+            result = await client.call_tool(name, args)
+            assert result.is_error and "lacks the 'read' scope" in tool_text(result), (name, tool_text(result))
+        for uri in (f"rag://documents/{acme_id}", "rag://collections"):
+            with pytest.raises(MCPError, match="lacks the 'read' scope") as denied:
+                await client.read_resource(uri)
+            assert MARKER not in str(denied.value)
+        written = await client.call_tool("ingest_text", {"text": "Pipeline output.", "collection": "pipeline"})
+        assert not written.is_error, tool_text(written)
+        assert not (await client.call_tool("delete_collection", {"collection": "pipeline"})).is_error
+    async with httpx.AsyncClient(base_url=server.base, headers={"Authorization": f"Bearer {TOKEN_A_WO}"},
+                                 timeout=30) as http:
+        assert (await http.get(f"/api/mobile/documents/{acme_id}")).status_code == 403
+        assert (await http.get("/api/mobile/search", params={"q": "memo"})).status_code == 403
+
+
 # --- 5. Host and Origin ----------------------------------------------------------------------------
 
 
@@ -412,7 +437,7 @@ async def test_tokens_and_document_text_never_reach_the_log(server: ServerProc, 
     assert MARKER not in metrics.text and TOKEN_A not in metrics.text
     log = server.stderr_text()
     assert "tool call" in log and len(log) > 1000  # the log was really written (JSON lines, DEBUG)
-    for secret in (TOKEN_A, TOKEN_A_RO, TOKEN_B, TOKEN_A[-16:], TOKEN_B[-16:]):
+    for secret in (TOKEN_A, TOKEN_A_RO, TOKEN_B, TOKEN_A_WO, TOKEN_A[-16:], TOKEN_B[-16:]):
         assert secret not in log, "an API key was logged"
     assert MARKER not in log, "document or query text was logged:\n" + "\n".join(
         line for line in log.splitlines() if MARKER in line)[:2000]

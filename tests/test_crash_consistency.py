@@ -51,6 +51,7 @@ from tests.reliability_support import (
     db_state,
     http_client,
     run_cli,
+    stats_json,
     tool_text,
     wait_until,
 )
@@ -315,6 +316,11 @@ def test_cli_ingest_killed_before_during_and_after_commit(crash_env: dict[str, A
     assert state.last_seq > before.last_seq
     assert index.cursor < state.last_seq, "the kill was meant to land before the index caught up"
     assert index.point_ids < state.chunk_ids
+    # The product's own view of it (`stats` reports the index as it finds it, without catching up).
+    stats = stats_json(env)
+    assert stats["pending_changes"] == obs.scalar("SELECT count(*) FROM change_log WHERE seq > %s",
+                                                  (index.cursor,)) > 0
+    assert stats["index_points"] < stats["chunks"] == state.chunks
 
     # Restart: the same ingest repairs the index from the change log and finishes the job.
     counts = rerun_ingest(corpus, env)
