@@ -339,13 +339,13 @@ def http_server(env: dict[str, str], log_path: Path, **kwargs: Any) -> Iterator[
 
 
 def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM of a process, in MiB."""
+    """VmRSS, VmHWM, RssAnon and RssFile of a process, in MiB."""
     out: dict[str, float] = {}
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     out[key] = int(rest.split()[0]) / 1024
     except FileNotFoundError:
         pass

@@ -10,14 +10,18 @@ For each corpus size (see ``bench/corpus.py`` for how the corpus is made) and ea
   ``service.search`` call;
 * ``e2e``: ``search`` tool calls through ``mcp.Client`` over a real ``mcp-rag serve`` stdio subprocess,
   and over streamable HTTP to a ``mcp-rag serve --transport http`` subprocess (top_k 10);
-* ``breakdown``: the medians side by side, with the protocol overhead (e2e p50 - service p50).
+* ``breakdown``: the medians side by side, with the protocol overhead: per call, the client's
+  end-to-end time minus the time the server spent inside the tool (its ``tool call`` log line),
+  i.e. client library + transport + the SDK's request handling, median over the calls.
 
 Queries are the dataset's queries (SciFact-train: real claims), the modes interleaved per query.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -114,6 +118,19 @@ async def over_client(client: Any, queries: list[str], warmup: int) -> tuple[dic
     return samples, errors
 
 
+def server_tool_seconds(log_path: Path, count: int) -> list[float]:
+    """The server's own duration of the last ``count`` search calls (its "tool call" log lines)."""
+    durations = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "tool call" and record.get("tool") == "search":
+            durations.append(float(record["duration_ms"]) / 1000)
+    return durations[-count:]
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--sizes", default=None, help="corpus sizes in chunks (default 10000,100000; quick 10000)")
@@ -151,24 +168,35 @@ def main() -> None:
                      **{f"{k}_p95_ms": sorted(v)[int(0.95 * (len(v) - 1))] * 1000 for k, v in steps[mode].items()})
             env = server_env(data_dir, model, dsn)
             e2e: dict[str, dict[str, list[float]]] = {}
+            outside: dict[str, dict[str, list[float]]] = {}
             for transport in transports:
                 log(f"{size}: search over {transport}")
+                server_log = work / "latency" / f"{transport}-{size}.log"
+                server_log.unlink(missing_ok=True)
                 if transport == "stdio":
-                    client = stdio_client(env, work / "latency" / f"stdio-{size}.log", data_dir)
+                    client = stdio_client(env, server_log, data_dir)
                     samples, errors = anyio.run(over_client, client, queries, warmup)
                 else:
-                    with http_server(env, work / "latency" / f"http-{size}.log", cwd=data_dir) as server:
+                    with http_server(env, server_log, cwd=data_dir) as server:
                         samples, errors = anyio.run(over_client, http_client(server.url), queries, warmup)
                 e2e[transport] = samples
-                for mode in MODES:
+                # The server logs each call's duration inside the tool; calls alternate the modes.
+                inside = server_tool_seconds(server_log, len(queries) * len(MODES))
+                outside[transport] = {}
+                for k, mode in enumerate(MODES):
+                    tool = inside[k :: len(MODES)] if len(inside) == len(queries) * len(MODES) else []
+                    outside[transport][mode] = [a - b for a, b in zip(samples[mode], tool, strict=False)]
                     emit(BENCH, "e2e", transport=transport, mode=mode, **common, n=len(samples[mode]),
                          errors=errors[mode], **latency_fields(samples[mode]),
+                         server_tool_p50_ms=median(tool) * 1000 if tool else None,
+                         outside_tool_p50_ms=median(outside[transport][mode]) * 1000 if tool else None,
                          targets=targets_for(size, transport, mode))
             for mode in MODES:
                 row: dict[str, Any] = {f"{k}_p50_ms": median(v) * 1000 for k, v in steps[mode].items()}
                 for transport, samples in e2e.items():
                     row[f"{transport}_p50_ms"] = median(samples[mode]) * 1000
-                    row[f"{transport}_overhead_p50_ms"] = row[f"{transport}_p50_ms"] - row["service_p50_ms"]
+                    row[f"{transport}_overhead_p50_ms"] = median(outside[transport][mode]) * 1000 \
+                        if outside[transport][mode] else None
                 emit(BENCH, "breakdown", mode=mode, chunks=corpus.chunks, **row)
             pg.drop(db)
     finally:

@@ -3,8 +3,9 @@
     python -m bench.memory [--quick] [--modes embedded,server] [--docs 1000] [--size 100000]
 
 VmRSS of the ``mcp-rag serve --transport http`` process is sampled every 50 ms from
-/proc/<pid>/status (the figure a Kubernetes memory limit counts, less the page cache), and
-VmHWM (the kernel's own high-water mark since the process started) is read after each phase.
+/proc/<pid>/status, and VmHWM (the kernel's own high-water mark since the process started) is read
+after each phase, with RssAnon (heap: what an OOM kill is about) and RssFile (mapped files, e.g.
+the Edge index's memory-mapped segments: page cache the kernel can reclaim under a cgroup limit).
 
 * ``embedded``: the default, Qdrant Edge in-process;
 * ``server``: ``QdrantServerIndex`` over qdrant-client local mode (``:memory:``) in the server
@@ -13,7 +14,8 @@ VmHWM (the kernel's own high-water mark since the process started) is read after
 
 Phases, each on a fresh server: ``idle`` (a few seconds after /ready), ``ingest`` (the ``ingest_file`` tool
 on the first ``--docs`` documents of the dataset), ``search`` (8 clients searching for 10 s);
-then a server started on the ``--size``-chunk corpus: ``idle_large`` and ``search_large``. In server
+then a server started on the ``--size``-chunk corpus: ``idle_large``, ``search_large`` and
+``ingest_large`` (the same ingest on top of the large index: the worst case). In server
 mode the large corpus is at most 20,000 chunks: local mode re-indexes everything from the change log
 at every start and slows down as it grows (100k points did not finish within 10 minutes).
 Postgres is external (its memory is not the server's).
@@ -73,7 +75,8 @@ def record(mode: str, phase: str, sampler: RssSampler, pid: int, **extra: Any) -
     if phase.startswith("idle"):
         targets["rss_mib"] = ("<=", IDLE_MIB)
     emit(BENCH, "rss", mode=mode, phase=phase, rss_mib=status.get("VmRSS"), peak_mib=sampler.peak(),
-         hwm_mib=status.get("VmHWM"), targets=targets, **extra)
+         hwm_mib=status.get("VmHWM"), anon_mib=status.get("RssAnon"), file_mib=status.get("RssFile"),
+         targets=targets, **extra)
 
 
 def main() -> None:
@@ -117,7 +120,7 @@ def main() -> None:
                 sampler.reset()
                 started = time.perf_counter()
                 out = anyio.run(ingest_file, server.url, corpus_file)
-                record(mode, "ingest", sampler, server.pid, docs=n_docs, chunks=out.get("chunks"),
+                record(mode, "ingest", sampler, server.pid, docs=n_docs, ingested_chunks=out.get("chunks"),
                        seconds=time.perf_counter() - started)
                 sampler.reset()
                 res = anyio.run(level, server.url, 8, load_seconds, queries)
@@ -129,14 +132,20 @@ def main() -> None:
             db = f"bench_memory_large_{mode}"
             dsn = large.materialize(pg, db, data_dir)
             log(f"{mode}: server on the {large.chunks}-chunk corpus")
-            with http_server(server_env(data_dir, model, dsn), work / f"{mode}-large.log", command=command(mode),
-                             cwd=data_dir) as server, RssSampler(server.pid) as sampler:
+            env = server_env(data_dir, model, dsn, allowed_roots=corpus_file.parent)
+            with http_server(env, work / f"{mode}-large.log", command=command(mode), cwd=data_dir) as server, \
+                    RssSampler(server.pid) as sampler:
                 time.sleep(settle)
                 record(mode, "idle_large", sampler, server.pid, chunks=large.chunks, ready_s=server.ready_seconds)
                 sampler.reset()
                 res = anyio.run(level, server.url, 8, load_seconds, queries)
                 record(mode, "search_large", sampler, server.pid, chunks=large.chunks, clients=8,
                        searches=res["searches"], errors=res["errors"])
+                sampler.reset()
+                started = time.perf_counter()
+                out = anyio.run(ingest_file, server.url, corpus_file)
+                record(mode, "ingest_large", sampler, server.pid, chunks=large.chunks, docs=n_docs,
+                       ingested_chunks=out.get("chunks"), seconds=time.perf_counter() - started)
             pg.drop(db)
     finally:
         pg.close()

@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     embedding_model_dir: Path | None = None
     """A local folder holding the model (fastembed layout). Unset: the built-in offline build for the default model."""
-    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    embedding_batch_size: int = Field(default=8, ge=1, le=1024)
+    """Passages per model call. On CPU, 8 embeds as fast as 32 and its activations need ~370 MiB less."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)
 
     # --- ingestion -----------------------------------------------------------------

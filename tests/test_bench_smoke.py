@@ -107,12 +107,12 @@ def test_memory(bench_env: Callable[..., Lines]) -> None:
     rss = of(lines, "rss")
     assert {(x["mode"], x["phase"]) for x in rss} == {(m, p) for m in ("embedded", "server")
                                                       for p in ("idle", "ingest", "search", "idle_large",
-                                                                "search_large")}
+                                                                "search_large", "ingest_large")}
     for line in rss:
-        positive(line, "rss_mib", "peak_mib", "hwm_mib")
+        positive(line, "rss_mib", "peak_mib", "hwm_mib", "anon_mib")
         assert line["rss_mib"] <= line["hwm_mib"]
         assert line.get("errors", 0) == 0
-    assert all(x["chunks"] > 0 for x in rss if x["phase"] == "ingest")
+    assert all(x["ingested_chunks"] > 0 for x in rss if x["phase"].startswith("ingest"))
     ALL.extend(lines)
 
 
