@@ -319,6 +319,45 @@ async def test_health(store: Store) -> None:
     assert status.lag_seconds is None
 
 
+async def _kill_backends(database_url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+        cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_an_idle_connection_is_probed_and_replaced_when_dead(database_url: str) -> None:
+    store = Store(database_url, min_size=1, max_size=1, timeout=5, probe_idle_seconds=0.2)
+    await store.open()
+    try:
+        await store.list_collections(T)
+        assert await _kill_backends(database_url) == 1
+        await anyio.sleep(0.3)
+        # Idle past the window: the checkout probe finds the connection dead and the pool
+        # replaces it before the query runs.
+        assert await store.list_collections(T) == []
+    finally:
+        await store.close()
+
+
+async def test_a_just_used_connection_is_not_probed(database_url: str) -> None:
+    store = Store(database_url, min_size=1, max_size=1, timeout=5, probe_idle_seconds=60)
+    await store.open()
+    try:
+        await store.list_collections(T)
+        assert await _kill_backends(database_url) == 1
+        # Used a moment ago, so taken as alive: the query itself fails, as a clear
+        # UnavailableError, and the pool drops the broken connection...
+        with pytest.raises(UnavailableError):
+            await store.list_collections(T)
+        # ... so the next call gets a fresh one.
+        assert await store.list_collections(T) == []
+    finally:
+        await store.close()
+
+
 async def test_unreachable_database_is_unavailable() -> None:
     dead = Store(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing", min_size=0, max_size=1, timeout=0.5)
     await dead.open()
