@@ -161,10 +161,11 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
                        x.get("http_p50_ms"), x.get("http_overhead_p50_ms")] for x in breakdown])
     if levels := by("concurrency", "level"):
         out += ["", "### Concurrency over streamable HTTP (3)", ""]
-        out += table(["clients", "chunks", "searches/s", "p50 ms", "p95 ms", "p99 ms", "errors", "server CPU s",
-                      "client CPU s", "seconds"],
-                     [[x["clients"], x["chunks"], x["searches_per_s"], x["p50_ms"], x["p95_ms"], x["p99_ms"],
-                       x["errors"], x["server_cpu_s"], x["client_cpu_s"], x["seconds"]] for x in levels])
+        out += table(["server", "clients", "chunks", "searches/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+                      "server CPU ms per search", "server CPU s", "client CPU s", "seconds"],
+                     [[x.get("setup"), x["clients"], x["chunks"], x["searches_per_s"], x["p50_ms"], x["p95_ms"],
+                       x["p99_ms"], x["errors"], x.get("server_cpu_ms_per_search"), x["server_cpu_s"],
+                       x["client_cpu_s"], x["seconds"]] for x in levels])
     if rss := by("memory", "rss"):
         out += ["", "### Memory of the server process (4)", ""]
         out += table(["mode", "phase", "index chunks", "VmRSS at end (MiB)", "of which RssAnon", "of which RssFile",

@@ -95,10 +95,11 @@ def test_latency(bench_env: Callable[..., Lines]) -> None:
 def test_concurrency(bench_env: Callable[..., Lines]) -> None:
     lines = bench_env("concurrency", "--clients", "1,4", "--seconds", "1")
     levels = of(lines, "level")
-    assert [x["clients"] for x in levels] == [1, 4]
+    assert [(x["setup"], x["clients"]) for x in levels] == [("ONNX threads default", 1), ("ONNX threads default", 4),
+                                                            ("ONNX threads 1", 1), ("ONNX threads 1", 4)]
     for line in levels:
         assert line["errors"] == 0, line["error_samples"]
-        positive(line, "searches", "searches_per_s", "p50_ms", "p95_ms", "server_cpu_s")
+        positive(line, "searches", "searches_per_s", "p50_ms", "p95_ms", "server_cpu_s", "server_cpu_ms_per_search")
     ALL.extend(lines)
 
 
