@@ -116,10 +116,11 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     by = lambda bench, measurement: [x for x in lines if x["bench"] == bench and x["measurement"] == measurement]  # noqa: E731
     m, v = info["machine"], info["versions"]
     out = [BEGIN, "",
-           f"Measured {info['date']} with `{info['command']}` on a **shared** machine: {m['nproc']} cores "
+           f"Measured {info['date']} with `{info['command']}` on {m['nproc']} cores "
            f"({m['cpu']}), {m['ram_gib']} GiB RAM, kernel {m['kernel']}; load average at the start "
-           f"{', '.join(str(x) for x in m['load_avg'])} (other engineers' test suites were running: absolute "
-           "figures are noisy, ratios are measured side by side in one run and medians are quoted).", "",
+           f"{', '.join(str(x) for x in m['load_avg'])}, and per benchmark below (other work may share the "
+           "machine: absolute figures are noisy, ratios are measured side by side in one run and medians are "
+           "quoted).", "",
            "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
     if info.get("failures"):
         out += ["**Failed benchmarks:** " + ", ".join(info["failures"]), ""]
