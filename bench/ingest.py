@@ -41,17 +41,22 @@ BENCH = "ingest"
 TARGET = 0.90
 
 
-def chunk_texts(dsn: str) -> list[str]:
-    """The texts the ingest embedded, in chunk order (see ``service.embed_text``)."""
+def chunk_texts(dsn: str, model: Path, scratch: Path) -> list[str]:
+    """The texts the ingest embedded, in chunk order (see ``service.passage_texts``)."""
     import psycopg
 
+    from mcp_rag.embedding import Embedder
     from mcp_rag.extract import SourceDocument
-    from mcp_rag.service import embed_text
+    from mcp_rag.service import passage_texts
+    from mcp_rag.settings import Settings
 
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT d.title, c.heading_path, c.text FROM chunks c"
                             " JOIN documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
-    return [embed_text(SourceDocument("x", "x", title=r[0]), r[1], r[2]) for r in rows]
+    settings = Settings(data_dir=scratch, embedding_model_dir=model, _env_file=None,  # type: ignore[call-arg]
+                        **{k: v for k, v in EXTRA_SETTINGS.items() if k.startswith("chunk_")})
+    items = [(SourceDocument("x", "x", title=r[0]), r[1], r[2]) for r in rows]
+    return passage_texts(Embedder(settings), settings.chunk_tokens, items)
 
 
 def run_cli_ingest(env: dict[str, str], corpus: Path, cwd: Path) -> tuple[float, int, str]:
@@ -124,7 +129,7 @@ def main() -> None:
                     if "unchanged" not in summary_again:
                         raise RuntimeError(f"second ingest did not report unchanged documents: {summary_again}")
                     if not texts:
-                        texts = chunk_texts(dsn)
+                        texts = chunk_texts(dsn, model, work / "texts-data")
                     if chunks != len(texts):
                         raise RuntimeError(f"ingest wrote {chunks} chunks but the database holds {len(texts)}")
                     pg.drop(db)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 TokenCounter = Callable[[Sequence[str]], list[int]]
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 # A closing quote or bracket after the full stop stays with its sentence (up to two of them).
 _SENTENCE_END = re.compile(
@@ -98,7 +99,10 @@ def _units(text: str, markdown: bool) -> list[_Unit]:
     path: list[tuple[int, str]] = []
     cursor = 0
     if markdown:
+        fenced = _fenced_blocks(text)
         for match in _HEADING.finditer(text):
+            if any(start <= match.start() < end for start, end in fenced):
+                continue  # a "# comment" line in a code block is not a heading
             sections.append((cursor, match.start(), tuple(title for _, title in path)))
             level = len(match.group(1))
             path = [(lvl, title) for lvl, title in path if lvl < level]
@@ -114,6 +118,23 @@ def _units(text: str, markdown: bool) -> list[_Unit]:
             for s_start, s_end in _spans(text, p_start, p_end, _SENTENCE_END):
                 units.append(_Unit(s_start, s_end, headings, section_no, paragraph))
     return units
+
+
+def _fenced_blocks(text: str) -> list[tuple[int, int]]:
+    """Spans of fenced code blocks: from an opening ``` or ~~~ line to the line closing it (a fence of
+    the same character, at least as long, nothing after it) or, unclosed, to the end of the text."""
+    blocks: list[tuple[int, int]] = []
+    opening: re.Match[str] | None = None
+    for match in _FENCE.finditer(text):
+        fence = match.group(1)
+        if opening is None:
+            opening = match
+        elif fence[0] == opening.group(1)[0] and len(fence) >= len(opening.group(1)) and not match.group(2).strip():
+            blocks.append((opening.start(), match.end()))
+            opening = None
+    if opening is not None:
+        blocks.append((opening.start(), len(text)))
+    return blocks
 
 
 def _spans(text: str, start: int, end: int, separator: re.Pattern[str]) -> list[tuple[int, int]]:

@@ -63,6 +63,7 @@ class Embedder:
         self._sparse: Any = None
         self._identity: ModelIdentity | None = None
         self._tokenizer: Any = None
+        self._window = 0
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
 
@@ -113,6 +114,7 @@ class Embedder:
             )
             probe = np.asarray(next(iter(dense.query_embed("dimension probe"))), dtype=np.float32)
             self._tokenizer = _untruncated_tokenizer(dense)
+            self._window = _window_of(dense)
             self._dense, self._sparse = dense, sparse
             self._identity = ModelIdentity(name=settings.embedding_model, dimension=int(probe.shape[0]))
             log.info(
@@ -156,6 +158,27 @@ class Embedder:
             return []
         return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
+    @property
+    def window_tokens(self) -> int:
+        """Tokens of text the dense model reads per passage (its window less the special tokens)."""
+        self.load_sync()
+        return self._window
+
+    def clip_tokens(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut at a token boundary to its first ``max_tokens`` model tokens."""
+        self.load_sync()
+        if not texts:
+            return []
+        out = []
+        for text, encoding in zip(
+            texts, self._tokenizer.encode_batch(list(texts), add_special_tokens=False), strict=True
+        ):
+            if len(encoding.ids) <= max_tokens:
+                out.append(text)
+            else:
+                out.append(text[: encoding.offsets[max_tokens - 1][1]] if max_tokens > 0 else "")
+        return out
+
     async def embed_query(self, text: str) -> Embedding:
         return await anyio.to_thread.run_sync(self.embed_query_sync, text)
 
@@ -174,6 +197,12 @@ def _untruncated_tokenizer(dense: Any) -> Any:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def _window_of(dense: Any) -> int:
+    """The model's window in text tokens: its tokenizer's max_length less [CLS] and [SEP]."""
+    truncation = dense.model.tokenizer.truncation or {}
+    return int(truncation.get("max_length", 512)) - 2
 
 
 def _sparse_of(embedding: object) -> SparseVector:

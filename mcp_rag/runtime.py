@@ -16,7 +16,7 @@ import anyio
 from . import metrics
 from .embedding import Embedder
 from .errors import ConfigurationError, RagError
-from .index.base import IndexError_, IndexUnavailableError, VectorIndex
+from .index.base import IndexError_, IndexUnavailableError, VectorIndex, model_mismatch_message
 from .logging import get_logger
 from .service import RagService
 from .settings import Settings
@@ -147,6 +147,9 @@ async def open_runtime(
 
         embedder = embedder or Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
         identity = await embedder.load()
+        stored_model = await store.claim_model(identity)
+        if stored_model != identity:
+            raise ConfigurationError(model_mismatch_message(stored_model, identity))
         index = index or build_index(settings)
         follow = settings.sync_in_server if follow_changes is None else follow_changes
         unreachable: str | None = None

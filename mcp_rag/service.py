@@ -259,11 +259,12 @@ class RagService:
         if not todo:
             return _Prepared([], unchanged, failures, seen)
         chunked = await anyio.to_thread.run_sync(self._chunk_all, [doc for doc, _ in todo])
-        texts = [
-            embed_text(doc, chunk.heading_path, chunk.text)
+        items = [
+            (doc, chunk.heading_path, chunk.text)
             for doc, chunks in zip([d for d, _ in todo], chunked, strict=True)
             for chunk in chunks
         ]
+        texts = await anyio.to_thread.run_sync(passage_texts, self.embedder, self.settings.chunk_tokens, items)
         embeddings = await self.embedder.embed_passages(texts)
         writes: list[DocumentWrite] = []
         k = 0
@@ -539,11 +540,29 @@ def content_hash(doc: SourceDocument) -> str:
     return digest.hexdigest()
 
 
-def embed_text(doc: SourceDocument, heading_path: Sequence[str], text: str) -> str:
-    """What the models see for a chunk: the title and section path give a chunk its context."""
+def passage_texts(
+    embedder: Embedder, chunk_tokens: int, items: Sequence[tuple[SourceDocument, Sequence[str], str]]
+) -> list[str]:
+    """What the models embed for each (document, heading path, chunk text): the chunk behind its
+    context line, the context clipped so that the whole fits the model's window. A chunk has at
+    most ``chunk_tokens`` tokens and the context gets the rest, so the model never truncates the
+    chunk itself (a long title or heading path would otherwise push its end out of the window)."""
+    budget = embedder.window_tokens - chunk_tokens
+    contexts = sorted({context_line(doc, path) for doc, path, _ in items} - {""})
+    clipped = dict(zip(contexts, embedder.clip_tokens(contexts, budget), strict=True))
+    clipped[""] = ""
+    texts = []
+    for doc, path, text in items:
+        context = clipped[context_line(doc, path)]
+        texts.append(f"{context}\n{text}" if context else text)
+    return texts
+
+
+def context_line(doc: SourceDocument, heading_path: Sequence[str]) -> str:
+    """What the models see before a chunk's text: its title and section path."""
     context = [doc.title] if doc.title else []
     context += [h for h in heading_path if h != doc.title]
-    return (" > ".join(context) + "\n" + text) if context else text
+    return " > ".join(context)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -189,6 +189,17 @@ def test_heading_variants() -> None:
     assert paths == [("Closed heading",), ("Closed heading", "Deep")]
 
 
+def test_hash_lines_in_fenced_code_are_not_headings() -> None:
+    text = ("# Setup\n\nRun this:\n\n````bash\n# install the package\npip install x\n```\n# still code\n```py\n"
+            "# and this\n````\n\n"
+            "After the code.\n\n~~~\n## tilde fenced\n~~~\n\n## Next\n\nMore.\n\n```\n# unclosed fence runs to the end")
+    chunks = chunks_of(text)
+    assert_well_formed(text, chunks, 200)
+    assert [c.heading_path for c in chunks] == [("Setup",), ("Setup", "Next")]
+    assert all(line in chunks[0].text for line in ("# still code", "# and this", "## tilde fenced"))
+    assert chunks[1].text.endswith("# unclosed fence runs to the end")
+
+
 def test_skipped_levels_keep_the_parent() -> None:
     text = "# Top\n\nA.\n\n### Deep\n\nB.\n\n## Middle\n\nC."
     assert [c.heading_path for c in chunks_of(text)] == [("Top",), ("Top", "Deep"), ("Top", "Middle")]

@@ -113,9 +113,9 @@ def test_migrate(cli: Cli, pg_server: PgServer) -> None:
     dsn = pg_server.create_database("cli_migrate_fresh")
     try:
         first = cli("migrate", MCP_RAG_DATABASE_URL=dsn)
-        assert first.stdout == "applied 1 migration(s); schema version 1\n"
+        assert first.stdout == "applied 2 migration(s); schema version 2\n"
         again = cli("migrate", MCP_RAG_DATABASE_URL=dsn)
-        assert again.stdout == "applied 0 migration(s); schema version 1\n"
+        assert again.stdout == "applied 0 migration(s); schema version 2\n"
     finally:
         pg_server.drop_database("cli_migrate_fresh")
 

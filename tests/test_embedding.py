@@ -18,6 +18,7 @@ from mcp_rag.index.qdrant_edge import EdgeIndex
 from mcp_rag.index.qdrant_server import QdrantServerIndex
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.settings import Settings
+from mcp_rag.store.postgres import Store
 
 
 def two_handles(kind: str, directory: Path) -> tuple[VectorIndex, VectorIndex]:
@@ -205,4 +206,26 @@ async def test_runtime_over_an_index_of_another_model_is_a_configuration_error(
         async with open_runtime(make_settings(), index=reopened, embedder=embedder):
             pass
     assert "other/model" in str(info.value)
+    assert "sentence-transformers/all-MiniLM-L6-v2" in str(info.value)
+
+
+async def test_runtime_over_a_database_of_another_model_is_a_configuration_error(
+    make_settings: Callable[..., Settings], embedder: Embedder, database_url: str
+) -> None:
+    """Postgres records the model its vectors belong to: a fresh index (where a reindex would
+    copy those vectors) cannot hide a model switch."""
+    async with open_runtime(make_settings(), embedder=embedder):
+        pass  # the first runtime claims the database for the configured model
+    store = Store(database_url, min_size=0, max_size=1)
+    await store.open()
+    try:
+        assert await store.claim_model(ModelIdentity("other/model", 384)) == embedder.identity
+        async with store._writing() as conn:  # as if the database had been filled by another model
+            await conn.execute("UPDATE embedding_model SET name = 'other/model'")
+    finally:
+        await store.close()
+    with pytest.raises(ConfigurationError) as info:
+        async with open_runtime(make_settings(data_dir=make_settings().data_dir / "fresh"), embedder=embedder):
+            pass
+    assert "the database holds vectors of model other/model" in str(info.value)
     assert "sentence-transformers/all-MiniLM-L6-v2" in str(info.value)

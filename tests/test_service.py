@@ -17,7 +17,7 @@ from mcp_rag.errors import InvalidInputError, NotFoundError, RagError, TooLargeE
 from mcp_rag.extract import SourceDocument, read_file, walk
 from mcp_rag.index.base import IndexUnavailableError, SearchFilter
 from mcp_rag.runtime import Runtime, open_runtime
-from mcp_rag.service import RagService, SearchFilters, SourceFailure
+from mcp_rag.service import RagService, SearchFilters, SourceFailure, passage_texts
 from mcp_rag.settings import Settings
 from mcp_rag.store.postgres import DocumentWrite, NewChunk
 from tests.conftest import make_index
@@ -568,3 +568,28 @@ async def test_ingest_commits_in_bounded_batches(runtime: Runtime, monkeypatch: 
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
     assert progress[-1] == (40, 40)
     await assert_index_matches_store(runtime, T)
+
+
+def test_passage_texts_keep_every_chunk_token_in_the_model_window(embedder: Embedder) -> None:
+    chunk = "alpha beta gamma " * 60  # 180 tokens: within chunk_tokens=200
+    long_title = " ".join(f"term{i}" for i in range(300))  # far more than the window
+    items = [
+        (SourceDocument("a", "x", title=long_title), ("Methods",), chunk),
+        (SourceDocument("b", "x", title="Short title"), ("Methods", "Dosage"), "The dose was 5 mg."),
+        (SourceDocument("c", "x"), (), "No context at all."),
+    ]
+    texts = passage_texts(embedder, 200, items)
+    assert texts[0].startswith("term0 term1 term2") and texts[0].endswith("\n" + chunk)
+    # the context clipped to the window less chunk_tokens: the chunk is whole and inside the window
+    context_tokens, chunk_tokens = embedder.count_tokens([texts[0].removesuffix("\n" + chunk), chunk])
+    assert context_tokens == embedder.window_tokens - 200
+    assert embedder.count_tokens([texts[0]])[0] == context_tokens + chunk_tokens <= embedder.window_tokens
+    assert texts[1] == "Short title > Methods > Dosage\nThe dose was 5 mg."
+    assert texts[2] == "No context at all."
+
+
+def test_clip_tokens_cuts_at_token_boundaries(embedder: Embedder) -> None:
+    assert embedder.clip_tokens(["Hello wonderful world", "hi"], 2) == ["Hello wonderful", "hi"]
+    assert embedder.clip_tokens(["unbelievably"], 1) == ["un"]  # word pieces: un ##bel ##ie ##va ##bly
+    assert embedder.clip_tokens(["anything"], 0) == [""]
+    assert embedder.window_tokens == 254

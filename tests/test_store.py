@@ -21,6 +21,7 @@ import pytest
 
 from mcp_rag.embedding import Embedder
 from mcp_rag.errors import InvalidInputError, NotFoundError, UnavailableError
+from mcp_rag.index.base import ModelIdentity
 from mcp_rag.store.embedded import EmbeddedPostgres
 from mcp_rag.store.migrate import available_migrations, current_version, migrate
 from mcp_rag.store.postgres import DocumentWrite, NewChunk, Store
@@ -317,6 +318,31 @@ async def test_health(store: Store) -> None:
     status = await store.replication_status()
     assert status.is_replica is False
     assert status.lag_seconds is None
+
+
+async def test_the_first_model_claims_the_database(database_url: str) -> None:
+    a, b = ModelIdentity("org/model-a", 384), ModelIdentity("org/model-b", 768)
+    stores = [Store(database_url, min_size=0, max_size=2) for _ in range(4)]
+    for s in stores:
+        await s.open()
+    try:
+        async with anyio.create_task_group() as tg:  # concurrent first claims: exactly one wins
+            results: list[ModelIdentity] = []
+
+            async def claim(s: Store, model: ModelIdentity) -> None:
+                results.append(await s.claim_model(model))
+
+            for i, s in enumerate(stores):
+                tg.start_soon(claim, s, a if i % 2 == 0 else b)
+        assert len(set(results)) == 1
+        winner = results[0]
+        assert winner in (a, b)
+        assert await stores[0].claim_model(a) == winner  # later claims see the recorded model
+        assert await stores[1].claim_model(ModelIdentity("org/other", 384)) == winner
+        assert await count_rows(database_url, "embedding_model") == 1
+    finally:
+        for s in stores:
+            await s.close()
 
 
 async def _kill_backends(database_url: str) -> int:

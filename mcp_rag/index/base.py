@@ -111,6 +111,15 @@ def mismatch_message(index: str, built: ModelIdentity, configured: ModelIdentity
     )
 
 
+def model_mismatch_message(stored: ModelIdentity, configured: ModelIdentity) -> str:
+    return (
+        f"the database holds vectors of model {stored.name} ({stored.dimension}-d) but the server is "
+        f"configured with {configured.name} ({configured.dimension}-d): their vectors are not comparable, "
+        "and a reindex would copy the old model's vectors. Configure the model the database was built with; "
+        "to switch models, ingest the documents again into a new database and index"
+    )
+
+
 class IndexUnavailableError(IndexError_):
     """The index engine cannot be reached or used right now."""
 

@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import InvalidInputError, NotFoundError, UnavailableError
-from ..index.base import SparseVector
+from ..index.base import ModelIdentity, SparseVector
 
 CHANGE_LOG_LOCK_KEY = 0x6D63_7072_6167_0002
 """Writers serialise on this lock just before logging a change, so seq order is commit order."""
@@ -259,6 +259,21 @@ class Store:
 
     def _reading(self) -> Any:
         return _guarded(self._read, self._timeout, self._probe)
+
+    # --- the embedding model of the stored vectors ------------------------------------
+
+    async def claim_model(self, model: ModelIdentity) -> ModelIdentity:
+        """Record ``model`` as the one the stored vectors belong to unless one already is;
+        returns the recorded one (``model`` itself on first use, whatever concurrent callers do)."""
+        async with self._writing() as conn:
+            await conn.execute(
+                "INSERT INTO embedding_model (name, dimension) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (model.name, model.dimension),
+            )
+            cur = await conn.execute("SELECT name, dimension FROM embedding_model")
+            row = await cur.fetchone()
+        assert row is not None
+        return ModelIdentity(row[0], row[1])
 
     # --- writes ------------------------------------------------------------------------
 
