@@ -113,11 +113,13 @@ def target_rows(lines: Sequence[dict[str, Any]]) -> list[list[Any]]:
 
 
 def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
+    order = {name: i for i, name in enumerate(BENCHES)}
+    lines = sorted(lines, key=lambda x: order.get(x["bench"], len(order)))  # stable: a merged run keeps its place
     by = lambda bench, measurement: [x for x in lines if x["bench"] == bench and x["measurement"] == measurement]  # noqa: E731
     m, v = info["machine"], info["versions"]
     out = [BEGIN, "",
            f"Measured {info['date']} with `{info['command']}` on {m['nproc']} cores "
-           f"({m['cpu']}), {m['ram_gib']} GiB RAM, kernel {m['kernel']}; load average at the start "
+           f"({m['cpu']}), {m['ram_gib']} GiB RAM, kernel {m['kernel']}; load average when the last run began "
            f"{', '.join(str(x) for x in m['load_avg'])}, and per benchmark below (other work may share the "
            "machine: absolute figures are noisy, ratios are measured side by side in one run and medians are "
            "quoted).", "",
@@ -128,7 +130,7 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
         out += ["Runs (UTC start, minutes, 1-minute load average before → after):", ""]
         out += table(["bench", "started", "minutes", "load before", "load after", "exit"],
                      [[name, r["started"], r["seconds"] / 60, r["load_1min"][0], r["load_1min"][1], r["exit"]]
-                      for name, r in info["runs"].items()])
+                      for name, r in sorted(info["runs"].items(), key=lambda item: order.get(item[0], len(order)))])
         out += [""]
     out += ["### Figures against targets", ""]
     out += table(["bench", "where", "figure", "measured", "target", "met"], target_rows(lines))
@@ -184,8 +186,8 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     if evals := by("retrieval", "eval"):
         out += ["", "### Retrieval quality, `mcp-rag eval` (6)", ""]
         out += table(["dataset", "mode", "nDCG@10", "Recall@100", "queries", "subset", "eval wall time s"],
-                     [[x["dataset"], x["mode"], x["ndcg_at_10"], x["recall_at_100"], x["queries"], x["subset"],
-                       x["total_seconds"]] for x in evals])
+                     [[x["dataset"], x["mode"], f"{x['ndcg_at_10']:.4f}", f"{x['recall_at_100']:.4f}", x["queries"],
+                       x["subset"], x["total_seconds"]] for x in evals])
     out += ["", END]
     return "\n".join(out)
 
@@ -236,7 +238,7 @@ def main() -> None:
     info["versions"] = versions(pg.admin_dsn)
     if args.merge and saved.is_file():  # the header describes the run that produced most figures
         previous = json.loads(saved.read_text())
-        info["date"] = f"{previous['date']} (updated {info['date']})"
+        info["date"] = f"{previous['date'].split(' (updated')[0]} (updated {info['date']})"
     saved.write_text(json.dumps({k: v for k, v in info.items() if k != "runs"}))
     extra = ["--dataset", str(args.dataset), "--work-dir", str(args.work_dir), "--pg-dsn", pg.admin_dsn,
              "--model-dir", str(model)]
