@@ -30,7 +30,17 @@ from typing import Any
 
 import anyio
 
-from bench.common import Postgres, emit, http_client, http_server, log, model_dir, server_env, tool_error
+from bench.common import (
+    Postgres,
+    emit,
+    http_client,
+    http_server,
+    log,
+    model_dir,
+    proc_status,
+    server_env,
+    tool_error,
+)
 
 BENCH = "soak"
 FD_SLACK = 8
@@ -95,12 +105,7 @@ class SoakResult:
 
 def proc_sample(pid: int) -> tuple[int, int]:
     """(VmRSS in kB, open file descriptors) of a live process."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return round(proc_status(pid)["VmRSS"] * 1024), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _text(rng: random.Random, n: int) -> str:

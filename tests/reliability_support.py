@@ -218,16 +218,6 @@ def wait_until(predicate: Any, what: str, timeout: float = 60, interval: float =
         time.sleep(interval)
 
 
-def proc_status(pid: int) -> tuple[int, int]:
-    """(VmRSS in kB, open file descriptors) of a live process."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
 # --- a TCP proxy that can stop forwarding, to freeze one connection path deterministically ----
 
 
