@@ -329,6 +329,9 @@ async def test_sigterm_drains_a_running_call_then_exits_0(server: ServerProcess)
 
     async def long_call() -> None:
         async with mcp_http(server.base_url + "/mcp", TOKEN_A) as client:
+            # The client checks a result against the tool's output schema and lists the tools to learn it
+            # if it has not yet: list them now, since the server is gone once the drained call returns.
+            await client.list_tools()
             outcome["result"] = await client.call_tool("ingest_file", {"path": str(corpus), "collection": "drain"},
                                                        progress_callback=on_progress)
 
