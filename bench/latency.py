@@ -6,8 +6,8 @@ For each corpus size (see ``bench/corpus.py`` for how the corpus is made) and ea
 (hybrid, dense, lexical):
 
 * ``inprocess``: the steps of ``RagService.search`` timed separately in this process on the same
-  data: query embedding (dense + BM25), index query (Edge), Postgres hydration, and the whole
-  ``service.search`` call;
+  data: query embedding (BM25, plus the dense model unless the mode is lexical), index query (Edge),
+  Postgres hydration, and the whole ``service.search`` call;
 * ``e2e``: ``search`` tool calls through ``mcp.Client`` over a real ``mcp-rag serve`` stdio subprocess,
   and over streamable HTTP to a ``mcp-rag serve --transport http`` subprocess (top_k 10);
 * ``breakdown``: the medians side by side, with the protocol overhead: per call, the client's
@@ -79,11 +79,11 @@ async def in_process(settings: Any, queries: list[str], warmup: int) -> dict[str
         for i, query in enumerate(queries[:warmup] + queries):
             for mode in MODES:
                 t0 = time.perf_counter()
-                e = await rt.embedder.embed_query(query)
+                e = await rt.embedder.embed_query(query, dense=mode != "lexical")
                 t1 = time.perf_counter()
                 hits = await rt.index.query(IndexQuery(
                     filter=search_filter, limit=TOP_K, fusion=fusion,
-                    dense=e.dense.tolist() if mode in ("hybrid", "dense") else None,
+                    dense=e.dense.tolist() if e.dense is not None else None,
                     sparse=e.sparse if mode in ("hybrid", "lexical") else None))
                 t2 = time.perf_counter()
                 await rt.store.hydrate(TENANT, [h.id for h in hits])

@@ -49,6 +49,15 @@ class Embedding:
     sparse: SparseVector
 
 
+@dataclass(frozen=True, slots=True)
+class QueryEmbedding:
+    """A query's vectors; ``dense`` is None when it was not asked for (a lexical search needs
+    only the BM25 terms, and the dense model is most of a query's cost)."""
+
+    dense: DenseVector | None
+    sparse: SparseVector
+
+
 BatchObserver = Callable[[int, float], None]
 """Called after each embedded batch with (number of texts, seconds)."""
 
@@ -179,14 +188,14 @@ class Embedder:
                 out.append(text[: encoding.offsets[max_tokens - 1][1]] if max_tokens > 0 else "")
         return out
 
-    async def embed_query(self, text: str) -> Embedding:
-        return await anyio.to_thread.run_sync(self.embed_query_sync, text)
+    async def embed_query(self, text: str, *, dense: bool = True) -> QueryEmbedding:
+        return await anyio.to_thread.run_sync(lambda: self.embed_query_sync(text, dense=dense))
 
-    def embed_query_sync(self, text: str) -> Embedding:
+    def embed_query_sync(self, text: str, *, dense: bool = True) -> QueryEmbedding:
         self.load_sync()
-        dense = next(iter(self._dense.query_embed(text)))
+        vector = np.asarray(next(iter(self._dense.query_embed(text))), dtype=np.float32) if dense else None
         sparse = next(iter(self._sparse.query_embed(text)))
-        return Embedding(np.asarray(dense, dtype=np.float32), _sparse_of(sparse))
+        return QueryEmbedding(vector, _sparse_of(sparse))
 
 
 def _untruncated_tokenizer(dense: Any) -> Any:

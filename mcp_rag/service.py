@@ -316,7 +316,7 @@ class RagService:
         """Search without the tool's top_k bound (evaluation needs the top 100)."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
         self.syncer.require_open()
-        embedding = await self.embedder.embed_query(query.replace("\x00", " "))
+        embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")
         s = self.settings
         fusion = FusionParams(
             method=s.fusion,
@@ -328,7 +328,7 @@ class RagService:
             IndexQuery(
                 filter=search_filter,
                 limit=limit,
-                dense=embedding.dense.tolist() if mode in ("hybrid", "dense") else None,
+                dense=embedding.dense.tolist() if embedding.dense is not None else None,
                 sparse=embedding.sparse if mode in ("hybrid", "lexical") else None,
                 fusion=fusion,
             )

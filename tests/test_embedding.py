@@ -116,6 +116,14 @@ def test_sparse_query_vector(embedder: Embedder) -> None:
 # --- tokens --------------------------------------------------------------------------------------
 
 
+def test_query_without_the_dense_vector_has_the_same_terms(embedder: Embedder) -> None:
+    full = embedder.embed_query_sync("the cat chased the cat up a tree")
+    lexical = embedder.embed_query_sync("the cat chased the cat up a tree", dense=False)
+    assert lexical.dense is None
+    assert full.dense is not None
+    assert lexical.sparse == full.sparse
+
+
 def test_count_tokens(embedder: Embedder) -> None:
     assert embedder.count_tokens([]) == []
     short, punctuated, pieces, long = embedder.count_tokens(

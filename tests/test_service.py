@@ -363,6 +363,25 @@ async def test_each_mode_ranks_the_right_document_first(corpus: Corpus, mode: st
     assert scores == sorted(scores, reverse=True)
 
 
+async def test_only_the_modes_that_rank_by_meaning_run_the_dense_model(corpus: Corpus,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    rt, ids = corpus
+    dense_model = rt.embedder._dense
+    queries: list[str] = []
+    real_query_embed = dense_model.query_embed
+
+    def counting_query_embed(text: str, **kwargs: Any) -> Any:
+        queries.append(text)
+        return real_query_embed(text, **kwargs)
+
+    monkeypatch.setattr(dense_model, "query_embed", counting_query_embed)
+    assert (await rt.service.search(T, "honeycomb", mode="lexical"))[0].document_id == ids["bees"]
+    assert queries == []
+    for mode in ("dense", "hybrid"):
+        assert (await rt.service.search(T, "honeycomb", mode=mode))[0].document_id == ids["bees"]
+    assert queries == ["honeycomb", "honeycomb"]
+
+
 async def test_lexical_needs_shared_words_dense_does_not(corpus: Corpus) -> None:
     rt, ids = corpus
     assert await rt.service.search(T, "insects that make something sweet", mode="lexical") == []
