@@ -113,15 +113,15 @@ def test_sparse_query_vector(embedder: Embedder) -> None:
     assert set(sparse.indices) == set(passage)
 
 
-# --- tokens --------------------------------------------------------------------------------------
-
-
 def test_query_without_the_dense_vector_has_the_same_terms(embedder: Embedder) -> None:
     full = embedder.embed_query_sync("the cat chased the cat up a tree")
     lexical = embedder.embed_query_sync("the cat chased the cat up a tree", dense=False)
     assert lexical.dense is None
     assert full.dense is not None
     assert lexical.sparse == full.sparse
+
+
+# --- tokens --------------------------------------------------------------------------------------
 
 
 def test_count_tokens(embedder: Embedder) -> None:
