@@ -176,7 +176,7 @@ def model_dir(arg: Path | None) -> Path:
     env = os.environ.get("MCP_RAG_EMBEDDING_MODEL_DIR")
     if env:
         return Path(env)
-    from mcp_rag.model_build import provision_default_model
+    from mcp_rag.embedding.model_build import provision_default_model
 
     return provision_default_model(DEFAULT_MODEL_PARENT)
 

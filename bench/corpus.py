@@ -157,12 +157,12 @@ def build_corpus(seed: Seed, chunks: int, pg: Postgres, work: Path) -> Corpus:
 
 async def _build(seed: Seed, target: int, dsn: str, index_dir: Path) -> dict[str, int]:
     from mcp_rag.extract import SourceDocument
-    from mcp_rag.index.base import ModelIdentity, SparseVector
     from mcp_rag.index.qdrant_edge import EdgeIndex
     from mcp_rag.service import content_hash
     from mcp_rag.store.migrate import migrate
     from mcp_rag.store.postgres import DocumentWrite, NewChunk, Store
     from mcp_rag.sync import IndexSyncer
+    from mcp_rag.types import ModelIdentity, SparseVector
 
     await migrate(dsn)
     store = Store(dsn, max_size=2)

@@ -10,7 +10,7 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ from typing import Any
 import anyio
 from pydantic import ValidationError
 
-from .errors import ConfigurationError, RagError, printable
-from .extract import SourceDocument, read_file, walk
+from .errors import ConfigurationError, RagError, describe
 from .logging import configure_logging, get_logger
-from .service import SEARCH_MODES, SearchFilters, SourceFailure
+from .service import SearchFilters
 from .settings import Settings
+from .sources import collect_files
+from .types import SEARCH_MODES
 
 log = get_logger(__name__)
 
@@ -58,12 +59,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_settings()
         configure_logging(settings.log_format, settings.log_level)
         args.func(settings, args)
-    except ConfigurationError as exc:
-        print(f"mcp-rag: {exc}", file=sys.stderr)
-        sys.exit(2)
     except RagError as exc:
-        print(f"mcp-rag: {exc}", file=sys.stderr)
-        sys.exit(1)
+        failure = describe(exc)
+        print(f"mcp-rag: {failure.message}", file=sys.stderr)
+        sys.exit(failure.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -160,20 +159,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         run_http(settings, sse_only=args.transport == "sse")
 
 
-def _sources(
-    paths: Sequence[Path], include: Sequence[str], exclude: Sequence[str], max_bytes: int
-) -> Iterator[SourceDocument | SourceFailure]:
-    for path in walk(paths, include, exclude):
-        try:
-            yield from read_file(path, max_bytes)
-        except RagError as exc:
-            yield SourceFailure(printable(str(path)), printable(str(exc)))
-
-
 def _ingest(settings: Settings, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    files = list(walk(args.paths, args.include, args.exclude))
+    files = collect_files(args.paths, args.include, args.exclude)
     if not files:
         raise ConfigurationError("no ingestible files found under the given paths (check --include/--exclude)")
 
@@ -185,11 +174,8 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
             bar.set_postfix_str(message)
 
         try:
-            report = await runtime.service.ingest(
-                settings.default_tenant,
-                args.collection,
-                _sources(files, (), (), settings.max_document_bytes),
-                progress=progress,
+            report = await runtime.service.ingest_files(
+                settings.default_tenant, files, collection=args.collection, progress=progress
             )
         finally:
             bar.close()
@@ -372,7 +358,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _model_build(settings: Settings, args: argparse.Namespace) -> None:
-    from .model_build import provision_default_model
+    from .embedding.model_build import provision_default_model
 
     folder = provision_default_model(args.output or settings.models_dir)
     print(folder)

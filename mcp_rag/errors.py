@@ -1,9 +1,16 @@
-"""Domain errors. The MCP layer turns each into a ``ToolError`` with the same message,
-so every message here is written for the agent (or person) who has to act on it."""
+"""The one error tree, and the one translation of it for every surface.
+
+Every error the system expects derives from ``RagError``; its message is written for the agent
+(or person) who has to act on it. ``describe`` turns any of them into what a surface shows:
+the MCP tools and resources, the mobile API and the CLI each map the same ``Failure`` (its
+message, HTTP status or exit status) instead of deciding on their own.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -45,3 +52,52 @@ class UnavailableError(RagError):
 
 class ConfigurationError(RagError):
     """The configuration cannot work (reported at start-up)."""
+
+
+class IndexError_(RagError):  # the underscore: the builtin IndexError is something else
+    """The vector index failed."""
+
+
+class IndexUnavailableError(IndexError_, UnavailableError):
+    """The index engine cannot be reached or used right now."""
+
+
+class ModelMismatchError(IndexError_, ConfigurationError):
+    """The index was built with another embedding model than the one configured."""
+
+
+Kind = Literal["invalid_input", "not_found", "forbidden", "unavailable", "configuration"]
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How one error reads on every surface."""
+
+    kind: Kind
+    message: str
+    http_status: int
+    exit_status: int
+    outcome: str
+    """The ``outcome`` label of the tool-call log line and metric."""
+
+
+# Most specific first: the first class an error is an instance of decides.
+_TABLE: tuple[tuple[type[RagError], Kind, int, int, str], ...] = (
+    (IndexError_, "unavailable", 503, 1, "unavailable"),
+    (NotFoundError, "not_found", 404, 1, "error"),
+    (AccessDeniedError, "forbidden", 403, 1, "denied"),
+    (UnavailableError, "unavailable", 503, 1, "error"),
+    (ConfigurationError, "configuration", 500, 2, "error"),
+    (RagError, "invalid_input", 400, 1, "error"),
+)
+
+
+def describe(exc: RagError) -> Failure:
+    """The one translation of a domain error for the MCP tools, resources, mobile API and CLI."""
+    message = printable(str(exc))
+    for cls, kind, http_status, exit_status, outcome in _TABLE:
+        if isinstance(exc, cls):
+            if cls is IndexError_:
+                message = f"the search index is unavailable ({message}); retry shortly"
+            return Failure(kind, message, http_status, exit_status, outcome)
+    raise AssertionError("unreachable: RagError is the last row")  # pragma: no cover

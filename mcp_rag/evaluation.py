@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import InvalidInputError, NotFoundError
 from .extract import SourceDocument, iter_corpus
-from .service import RagService, SearchMode
+from .service import RagService
 
 RETRIEVE_CHUNKS = 200
 """Chunks retrieved per query: enough to fill the top 100 documents after folding chunks."""
@@ -147,6 +147,3 @@ async def run_evaluation(
             with contextlib.suppress(NotFoundError):
                 await service.delete_collection(tenant, collection)
     return results
-
-
-__all__ = ["EvalResult", "SearchMode", "ndcg_at_k", "recall_at_k", "run_evaluation"]

@@ -6,7 +6,6 @@ left in the ASGI scope for the tools and routes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -27,8 +26,9 @@ from .auth import SCOPE_STATE_KEY, ApiKeys, local_principal
 from .errors import ConfigurationError, RagError
 from .logging import get_logger
 from .runtime import Runtime, open_runtime
-from .server import InFlight, build_server
+from .server import build_server
 from .settings import Settings
+from .tools import InFlight
 
 log = get_logger(__name__)
 
@@ -221,10 +221,3 @@ def create_app(
     app.state.holder = holder
     app.state.mcp = mcp
     return app
-
-
-def json_error(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": error, "message": message}, status_code=status)
-
-
-__all__ = ["BearerAuth", "RuntimeHolder", "create_app", "json", "json_error", "transport_security"]

@@ -16,13 +16,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import principal_from_scope
-from .errors import AccessDeniedError, InvalidInputError, NotFoundError, RagError, UnavailableError
-from .index.base import IndexError_
+from .errors import InvalidInputError, Kind, RagError, describe
 from .runtime import Runtime
 from .service import SearchFilters
 
 MAX_RESULTS = 10
 MAX_QUERY_CHARS = 256
+"""Shorter than the service's bound: a phone's search box, and the edge worker checks the same."""
+ERROR_CODES: dict[Kind, str] = {
+    "invalid_input": "bad_request",
+    "not_found": "not_found",
+    "forbidden": "forbidden",
+    "unavailable": "unavailable",
+    "configuration": "unavailable",
+}
 SNIPPET_CHARS = 160
 EXCERPT_CHARS = 600
 
@@ -60,16 +67,9 @@ def mobile_routes(get_runtime: Callable[[], Runtime]) -> list[BaseRoute]:
             return JSONResponse(
                 await body(get_runtime(), principal.tenant), headers={"Cache-Control": "private, max-age=30"}
             )
-        except NotFoundError as exc:
-            return _error(404, "not_found", str(exc))
-        except AccessDeniedError as exc:
-            return _error(403, "forbidden", str(exc))
-        except UnavailableError as exc:
-            return _error(503, "unavailable", str(exc))
-        except IndexError_ as exc:
-            return _error(503, "unavailable", f"the search index is unavailable ({exc}); retry shortly")
         except RagError as exc:
-            return _error(400, "bad_request", str(exc))
+            failure = describe(exc)
+            return _error(failure.http_status, ERROR_CODES[failure.kind], failure.message)
 
     async def search(request: Request) -> Response:
         params = request.query_params

@@ -15,8 +15,8 @@ import anyio
 
 from . import metrics
 from .embedding import Embedder
-from .errors import ConfigurationError, RagError
-from .index.base import IndexError_, IndexUnavailableError, VectorIndex, model_mismatch_message
+from .errors import ConfigurationError, IndexError_, IndexUnavailableError, RagError
+from .index.base import VectorIndex, model_mismatch_message
 from .logging import get_logger
 from .service import RagService
 from .settings import Settings
@@ -103,12 +103,12 @@ class Runtime:
                         f"replication lag: the read replica is {lag_s:.1f}s behind the primary "
                         f"(bound {self.settings.max_replication_lag_seconds:.0f}s)"
                     )
+            except IndexError_ as exc:
+                reasons.append(f"index: {exc}")
             except RagError as exc:
                 reasons.append(f"postgres: {exc}")
             except TimeoutError:
                 reasons.append(f"postgres: no answer within {self.settings.db_timeout + 1:.0f}s")
-            except IndexError_ as exc:
-                reasons.append(f"index: {exc}")
         return reasons
 
 
@@ -180,7 +180,7 @@ async def open_runtime(
                 applied = await syncer.catch_up()
                 if applied:
                     log.info("index caught up from the change log at start", applied=applied)
-            except (RagError, IndexError_) as exc:
+            except RagError as exc:
                 log.warning("could not catch the index up at start; the sync worker will retry", error=str(exc))
 
         if not follow:

@@ -7,8 +7,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -16,20 +17,19 @@ import anyio
 from . import metrics
 from .chunking import chunk_text
 from .embedding import Embedder
-from .errors import InvalidInputError, RagError, TooLargeError, UnavailableError
-from .extract import SourceDocument
-from .index.base import FusionParams, IndexError_, IndexQuery, SearchFilter, VectorIndex
+from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, UnavailableError
+from .extract import SourceDocument, read_file
+from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
 from .settings import Settings
+from .sources import Source, SourceFailure, confined_files, fetch_document, read_sources
 from .store.postgres import DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
 from .sync import IndexSyncer
+from .types import MAX_QUERY_CHARS, MAX_TOP_K, SEARCH_MODES, SearchMode
+from .urlfetch import UrlPolicy
 
 log = get_logger(__name__)
 
-SearchMode = Literal["hybrid", "dense", "lexical"]
-SEARCH_MODES: tuple[SearchMode, ...] = ("hybrid", "dense", "lexical")
-MAX_TOP_K = 50
-MAX_QUERY_CHARS = 4000
 MAX_TITLE_CHARS = 1000
 MAX_SOURCE_CHARS = 4096
 MAX_METADATA_KEYS = 64
@@ -68,12 +68,6 @@ class SearchResult:
 
 
 @dataclass(frozen=True, slots=True)
-class SourceFailure:
-    source: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class DocumentOutcome:
     source_uri: str
     status: Literal["added", "updated", "unchanged"]
@@ -90,12 +84,15 @@ class IngestReport:
     failed: list[SourceFailure] = field(default_factory=list)
     documents: list[DocumentOutcome] = field(default_factory=list)
 
+    @classmethod
+    def of_one(cls, outcome: DocumentOutcome) -> IngestReport:
+        report = cls(documents=[outcome], chunks=outcome.chunks)
+        setattr(report, outcome.status, 1)
+        return report
+
     @property
     def processed(self) -> int:
         return self.added + self.updated + self.unchanged + len(self.failed)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +142,72 @@ class RagService:
         report = await self.ingest(tenant, collection, [doc], raise_on_failure=True)
         return report.documents[0]
 
+    async def ingest_path(
+        self,
+        tenant: str,
+        path: str,
+        *,
+        collection: str | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        progress: ProgressCallback | None = None,
+    ) -> IngestReport:
+        """Ingest a file or directory on this machine for a caller confined to the allowed roots.
+
+        A single file that cannot be read fails the call; in a directory it is reported and skipped."""
+        max_bytes = self.settings.max_document_bytes
+        target, files = await anyio.to_thread.run_sync(
+            confined_files, path, self.settings.allowed_roots, include, exclude
+        )
+        if target.is_file():
+            docs: list[Source] = list(await anyio.to_thread.run_sync(read_file, target, max_bytes))
+            return await self.ingest(
+                tenant, collection, docs, total=len(docs), progress=progress, raise_on_failure=True
+            )
+        return await self.ingest(
+            tenant, collection, read_sources(files, max_bytes), total=len(files), progress=progress
+        )
+
+    async def ingest_files(
+        self,
+        tenant: str,
+        files: Sequence[Path],
+        *,
+        collection: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> IngestReport:
+        """Ingest files named by a trusted caller (the CLI): no allowed-roots check; every file that
+        cannot be read is reported and skipped."""
+        return await self.ingest(
+            tenant, collection, read_sources(files, self.settings.max_document_bytes), progress=progress
+        )
+
+    async def ingest_url(
+        self,
+        tenant: str,
+        url: str,
+        *,
+        collection: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> IngestReport:
+        """Fetch a web page or file (under the URL policy) and ingest it; the URL is its identity."""
+        s = self.settings
+        doc = await fetch_document(
+            url,
+            UrlPolicy(s.url_allowlist),
+            max_bytes=s.url_max_bytes,
+            timeout=s.url_fetch_timeout,
+            title=title,
+            metadata=metadata,
+        )
+        return await self.ingest(tenant, collection, [doc], raise_on_failure=True)
+
     async def ingest(
         self,
         tenant: str,
         collection: str | None,
-        sources: Iterable[SourceDocument | SourceFailure],
+        sources: Iterable[Source],
         *,
         total: int | None = None,
         progress: ProgressCallback | None = None,
@@ -212,7 +270,7 @@ class RagService:
             )
 
     async def _prepare(
-        self, tenant: str, collection: str, sources: Iterable[SourceDocument | SourceFailure], raise_on_failure: bool
+        self, tenant: str, collection: str, sources: Iterable[Source], raise_on_failure: bool
     ) -> AsyncIterator[_Prepared]:
         budget = self.settings.ingest_batch_chunks
         pending: dict[str, tuple[SourceDocument, str]] = {}
@@ -577,7 +635,7 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _iterate_in_thread(
-    items: Iterable[SourceDocument | SourceFailure],
+    items: Iterable[Source],
 ) -> AsyncIterator[SourceDocument | SourceFailure]:
     """Iterate a (possibly blocking: file reads, PDF parsing) iterable without blocking the event loop."""
     if isinstance(items, list | tuple):

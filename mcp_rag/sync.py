@@ -17,9 +17,11 @@ from collections.abc import Sequence
 import anyio
 
 from . import metrics
-from .index.base import IndexError_, IndexPoint, IndexUnavailableError, ModelIdentity, PointPayload, VectorIndex
+from .errors import IndexError_, IndexUnavailableError
+from .index.base import IndexPoint, PointPayload, VectorIndex
 from .logging import get_logger
 from .store.postgres import Change, IndexableChunk, Store
+from .types import ModelIdentity
 
 log = get_logger(__name__)
 

@@ -14,10 +14,10 @@ import pytest
 from qdrant_client import QdrantClient
 
 from mcp_rag.embedding import Embedder
+from mcp_rag.embedding.model_build import provision_default_model
 from mcp_rag.index.base import VectorIndex
 from mcp_rag.index.qdrant_edge import EdgeIndex
 from mcp_rag.index.qdrant_server import QdrantServerIndex
-from mcp_rag.model_build import provision_default_model
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.settings import Settings
 from mcp_rag.store.migrate import migrate

@@ -2,7 +2,8 @@
 
 Asserts only that each benchmark runs and prints well-formed JSON lines with the expected keys
 and sane values (positive figures, zero errors) — never timings. The benchmarks share one
-work directory so the seed embedding and the corpus template are built once.
+work directory so the seed embedding and the corpus template are built once, and each benchmark
+runs once per module whichever test asks for it first (so any test can run alone, in any order).
 """
 
 from __future__ import annotations
@@ -26,14 +27,29 @@ REPO = Path(__file__).resolve().parents[1]
 Lines = list[dict[str, Any]]
 
 
+pytestmark = pytest.mark.slow
+
+EXTRA_ARGS = {
+    "ingest": (),
+    "latency": (),
+    "concurrency": ("--clients", "1,4", "--seconds", "1"),
+    "memory": ("--load-seconds", "1"),
+    "coldstart": ("--setups", "external"),
+    "retrieval": (),
+}
+
+
 @pytest.fixture(scope="module")
-def bench_env(pg_server: PgServer, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Lines]:
+def bench_env(pg_server: PgServer, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Lines]:
     root = tmp_path_factory.mktemp("bench")
     dataset = write_tiny_dataset(root / "dataset")
+    done: dict[str, Lines] = {}
 
-    def run(name: str, *extra: str) -> Lines:
+    def run(name: str) -> Lines:
+        if name in done:
+            return done[name]
         cmd = [sys.executable, "-m", f"bench.{name}", "--tiny", "--dataset", str(dataset), "--work-dir",
-               str(root / "work"), "--pg-dsn", pg_server.dsn(), "--model-dir", str(model_dir), *extra]
+               str(root / "work"), "--pg-dsn", pg_server.dsn(), "--model-dir", str(model_dir), *EXTRA_ARGS[name]]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, f"bench.{name} failed:\n{out.stdout}\n{out.stderr[-4000:]}"
         lines = [json.loads(line) for line in out.stdout.splitlines()]  # every stdout line is JSON
@@ -43,6 +59,7 @@ def bench_env(pg_server: PgServer, model_dir: Path, tmp_path_factory: pytest.Tem
             assert isinstance(line["measurement"], str)
             if "targets" in line:
                 assert set(line["met"]) <= set(line["targets"])
+        done[name] = lines
         return lines
 
     return run
@@ -63,20 +80,16 @@ def of(lines: Lines, measurement: str) -> Lines:
     return found
 
 
-ALL: Lines = []
-
-
-def test_ingest(bench_env: Callable[..., Lines]) -> None:
+def test_ingest(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("ingest")
     for line in of(lines, "round") + of(lines, "summary"):
         positive(line, "docs", "chunks", "ingest_seconds", "raw_seconds", "fixed_seconds", "ingest_chunks_per_s",
                  "ingest_docs_per_s", "raw_chunks_per_s", "efficiency")
     summary = of(lines, "summary")[0]
     assert summary["targets"] == {"efficiency": [">=", 0.9]}
-    ALL.extend(lines)
 
 
-def test_latency(bench_env: Callable[..., Lines]) -> None:
+def test_latency(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("latency")
     e2e = of(lines, "e2e")
     assert {(x["transport"], x["mode"]) for x in e2e} == {(t, m) for t in ("stdio", "http")
@@ -89,22 +102,20 @@ def test_latency(bench_env: Callable[..., Lines]) -> None:
         positive(line, "embed_p50_ms", "index_p50_ms", "hydrate_p50_ms", "service_p50_ms")
     for line in of(lines, "breakdown"):
         assert {"stdio_overhead_p50_ms", "http_overhead_p50_ms"} <= set(line)
-    ALL.extend(lines)
 
 
-def test_concurrency(bench_env: Callable[..., Lines]) -> None:
-    lines = bench_env("concurrency", "--clients", "1,4", "--seconds", "1")
+def test_concurrency(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("concurrency")
     levels = of(lines, "level")
     assert [(x["setup"], x["clients"]) for x in levels] == [("ONNX threads default", 1), ("ONNX threads default", 4),
                                                             ("ONNX threads 1", 1), ("ONNX threads 1", 4)]
     for line in levels:
         assert line["errors"] == 0, line["error_samples"]
         positive(line, "searches", "searches_per_s", "p50_ms", "p95_ms", "server_cpu_s", "server_cpu_ms_per_search")
-    ALL.extend(lines)
 
 
-def test_memory(bench_env: Callable[..., Lines]) -> None:
-    lines = bench_env("memory", "--load-seconds", "1")
+def test_memory(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("memory")
     rss = of(lines, "rss")
     assert {(x["mode"], x["phase"]) for x in rss} == {(m, p) for m in ("embedded", "server")
                                                       for p in ("idle", "ingest", "search", "idle_large",
@@ -114,19 +125,17 @@ def test_memory(bench_env: Callable[..., Lines]) -> None:
         assert line["rss_mib"] <= line["hwm_mib"]
         assert line.get("errors", 0) == 0
     assert all(x["ingested_chunks"] > 0 for x in rss if x["phase"].startswith("ingest"))
-    ALL.extend(lines)
 
 
-def test_coldstart(bench_env: Callable[..., Lines]) -> None:
-    lines = bench_env("coldstart", "--setups", "external")
+def test_coldstart(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("coldstart")
     ready = of(lines, "ready")
     assert [x["setup"] for x in ready] == ["external"]
     positive(ready[0], "median_s", "min_s", "max_s")
     positive(of(lines, "imports")[0], "median_s")
-    ALL.extend(lines)
 
 
-def test_retrieval(bench_env: Callable[..., Lines]) -> None:
+def test_retrieval(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("retrieval")
     evals = of(lines, "eval")
     assert sorted(x["mode"] for x in evals) == ["dense", "hybrid", "lexical"]
@@ -134,17 +143,15 @@ def test_retrieval(bench_env: Callable[..., Lines]) -> None:
         assert 0 < line["ndcg_at_10"] <= 1
         assert 0 < line["recall_at_100"] <= 1
         positive(line, "queries")
-    ALL.extend(lines)
 
 
-def test_report_keeps_the_rest_of_the_page(tmp_path: Path) -> None:
+def test_report_keeps_the_rest_of_the_page(bench_env: Callable[[str], Lines], tmp_path: Path) -> None:
     """bench.all replaces only its generated section: the hand-written text around it survives."""
-    if not ALL:
-        pytest.skip("needs the lines of the benchmark smoke tests above (run the whole module)")
+    lines = [line for name in EXTRA_ARGS for line in bench_env(name)]
     page = tmp_path / "benchmarks.md"
     page.write_text(f"# Benchmarks\n\nintro\n\n{BEGIN}\nSTALE-GENERATED-TEXT\n{END}\n\n## Retrieval quality\n\nkept\n")
     info = {"date": "today", "machine": machine(), "versions": versions(), "command": "python -m bench.all --tiny"}
-    write_doc(page, render(ALL, info))
+    write_doc(page, render(lines, info))
     text = page.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n\n")
     assert text.endswith("## Retrieval quality\n\nkept\n")

@@ -38,9 +38,9 @@ import anyio
 import psycopg
 import pytest
 
-from mcp_rag.index.base import ModelIdentity
 from mcp_rag.index.qdrant_edge import EdgeIndex
 from mcp_rag.store.postgres import CHANGE_LOG_LOCK_KEY
+from mcp_rag.types import ModelIdentity
 from tests.pgcluster import PgServer
 from tests.reliability_support import (
     MCP_RAG,

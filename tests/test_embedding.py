@@ -12,13 +12,14 @@ import pytest
 from qdrant_client import QdrantClient
 
 from mcp_rag.embedding import Embedder
-from mcp_rag.errors import ConfigurationError
-from mcp_rag.index.base import ModelIdentity, ModelMismatchError, VectorIndex
+from mcp_rag.errors import ConfigurationError, ModelMismatchError
+from mcp_rag.index.base import VectorIndex
 from mcp_rag.index.qdrant_edge import EdgeIndex
 from mcp_rag.index.qdrant_server import QdrantServerIndex
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.settings import Settings
 from mcp_rag.store.postgres import Store
+from mcp_rag.types import ModelIdentity
 
 
 def two_handles(kind: str, directory: Path) -> tuple[VectorIndex, VectorIndex]:

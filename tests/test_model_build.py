@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from mcp_rag import model_build
+from mcp_rag.embedding import model_build
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")

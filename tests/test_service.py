@@ -13,12 +13,13 @@ import pytest
 from fpdf import FPDF
 
 from mcp_rag.embedding import Embedder
-from mcp_rag.errors import InvalidInputError, NotFoundError, RagError, TooLargeError
+from mcp_rag.errors import IndexUnavailableError, InvalidInputError, NotFoundError, RagError, TooLargeError
 from mcp_rag.extract import SourceDocument, read_file, walk
-from mcp_rag.index.base import IndexUnavailableError, SearchFilter
+from mcp_rag.index.base import SearchFilter
 from mcp_rag.runtime import Runtime, open_runtime
-from mcp_rag.service import RagService, SearchFilters, SourceFailure, passage_texts
+from mcp_rag.service import RagService, SearchFilters, passage_texts
 from mcp_rag.settings import Settings
+from mcp_rag.sources import SourceFailure
 from mcp_rag.store.postgres import DocumentWrite, NewChunk
 from tests.conftest import make_index
 from tests.pgcluster import PgServer
@@ -366,15 +367,15 @@ async def test_each_mode_ranks_the_right_document_first(corpus: Corpus, mode: st
 async def test_only_the_modes_that_rank_by_meaning_run_the_dense_model(corpus: Corpus,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     rt, ids = corpus
-    dense_model = rt.embedder._dense
+    provider = rt.embedder.provider
     queries: list[str] = []
-    real_query_embed = dense_model.query_embed
+    real_embed_query = provider.embed_query
 
-    def counting_query_embed(text: str, **kwargs: Any) -> Any:
+    def counting_embed_query(text: str) -> Any:
         queries.append(text)
-        return real_query_embed(text, **kwargs)
+        return real_embed_query(text)
 
-    monkeypatch.setattr(dense_model, "query_embed", counting_query_embed)
+    monkeypatch.setattr(provider, "embed_query", counting_embed_query)
     assert (await rt.service.search(T, "honeycomb", mode="lexical"))[0].document_id == ids["bees"]
     assert queries == []
     for mode in ("dense", "hybrid"):

@@ -21,10 +21,10 @@ import pytest
 
 from mcp_rag.embedding import Embedder
 from mcp_rag.errors import InvalidInputError, NotFoundError, UnavailableError
-from mcp_rag.index.base import ModelIdentity
 from mcp_rag.store.embedded import EmbeddedPostgres
 from mcp_rag.store.migrate import available_migrations, current_version, migrate
 from mcp_rag.store.postgres import DocumentWrite, NewChunk, Store
+from mcp_rag.types import ModelIdentity
 from tests.pgcluster import PgServer, free_port
 
 T = "acme"

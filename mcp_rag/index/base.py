@@ -11,29 +11,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-MetadataValue = str | int | float | bool
-"""A filterable metadata value (lists of these are allowed in payloads and filters)."""
+from ..errors import IndexError_ as IndexError_
+from ..errors import IndexUnavailableError as IndexUnavailableError
+from ..errors import ModelMismatchError as ModelMismatchError
+from ..types import Fusion, MetadataValue, ModelIdentity, SparseVector
 
 DENSE_VECTOR = "dense"
 SPARSE_VECTOR = "bm25"
-
-Fusion = Literal["rrf", "dbsf"]
-
-
-@dataclass(frozen=True, slots=True)
-class SparseVector:
-    indices: Sequence[int]
-    values: Sequence[float]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelIdentity:
-    """The embedding model an index was built with; a mismatch makes vectors meaningless."""
-
-    name: str
-    dimension: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +79,6 @@ class Hit:
     score: float
 
 
-class IndexError_(Exception):
-    """Base class for index failures (kept distinct from the builtin IndexError)."""
-
-
-class ModelMismatchError(IndexError_):
-    """The index was built with another embedding model than the one configured."""
-
-
 def mismatch_message(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
     return (
         f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
@@ -118,10 +95,6 @@ def model_mismatch_message(stored: ModelIdentity, configured: ModelIdentity) -> 
         "and a reindex would copy the old model's vectors. Configure the model the database was built with; "
         "to switch models, ingest the documents again into a new database and index"
     )
-
-
-class IndexUnavailableError(IndexError_):
-    """The index engine cannot be reached or used right now."""
 
 
 class VectorIndex(abc.ABC):

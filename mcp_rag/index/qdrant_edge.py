@@ -55,20 +55,18 @@ from qdrant_edge import (
     UpdateOperation,
 )
 
+from mcp_rag.errors import IndexUnavailableError, ModelMismatchError
 from mcp_rag.index.base import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
     Hit,
     IndexPoint,
     IndexQuery,
-    IndexUnavailableError,
-    MetadataValue,
-    ModelIdentity,
-    ModelMismatchError,
     SearchFilter,
     VectorIndex,
     mismatch_message,
 )
+from mcp_rag.types import MetadataValue, ModelIdentity
 
 if TYPE_CHECKING:  # aliases that exist in the type stubs only
     from qdrant_edge import ConditionType, NamedVector, PointId

@@ -26,21 +26,19 @@ import anyio.to_thread
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from mcp_rag.errors import IndexUnavailableError, ModelMismatchError
 from mcp_rag.index.base import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
     Hit,
     IndexPoint,
     IndexQuery,
-    IndexUnavailableError,
-    MetadataValue,
-    ModelIdentity,
-    ModelMismatchError,
     PointPayload,
     SearchFilter,
     VectorIndex,
     mismatch_message,
 )
+from mcp_rag.types import MetadataValue, ModelIdentity
 
 T = TypeVar("T")
 

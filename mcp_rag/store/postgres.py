@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import InvalidInputError, NotFoundError, UnavailableError
-from ..index.base import ModelIdentity, SparseVector
+from ..types import ModelIdentity, SparseVector
 
 CHANGE_LOG_LOCK_KEY = 0x6D63_7072_6167_0002
 """Writers serialise on this lock just before logging a change, so seq order is commit order."""

@@ -1,0 +1,107 @@
+"""Reading, listing and deleting documents and collections, and the store's counts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context
+from pydantic import Field
+
+from ..schemas import (
+    CollectionList,
+    CollectionSummary,
+    DeletedCollection,
+    DeletedDocument,
+    DocumentList,
+    DocumentOutput,
+    DocumentSummary,
+    StatsOutput,
+)
+from .base import DESTRUCTIVE, READ, Collection, current, tool
+
+DocumentId = Annotated[str, Field(description="The document's id (from search or list_documents).", max_length=64)]
+
+
+@tool("read", READ)
+async def get_document(
+    document_id: DocumentId,
+    ctx: Context[Any, Any],
+    include_text: Annotated[bool, Field(description="Return the full text as well as the metadata.")] = True,
+    max_chars: Annotated[
+        int, Field(ge=1, le=1_000_000, description="Cut the text after this many characters.")
+    ] = 100_000,
+) -> DocumentOutput:
+    """Read one stored document: its title, source, metadata and (by default) its full text."""
+    call = current()
+    info = await call.service.get_document(call.tenant, document_id)
+    text = info.content if include_text else None
+    truncated = text is not None and len(text) > max_chars
+    return DocumentOutput(
+        **DocumentSummary.of(info).model_dump(), text=text[:max_chars] if text else text, truncated=truncated
+    )
+
+
+@tool("read", READ)
+async def list_documents(
+    ctx: Context[Any, Any],
+    collection: Collection = None,
+    source_prefix: Annotated[
+        str | None, Field(max_length=4096, description="Only documents whose source URI starts with this.")
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=100, description="Page size (1-100).")] = 20,
+    cursor: Annotated[str | None, Field(max_length=8192, description="next_cursor from the previous page.")] = None,
+) -> DocumentList:
+    """List stored documents (metadata only), ordered by source URI, a page at a time."""
+    call = current()
+    page = await call.service.list_documents(
+        call.tenant, collection=collection, source_prefix=source_prefix, limit=limit, cursor=cursor
+    )
+    return DocumentList(documents=[DocumentSummary.of(d) for d in page.documents], next_cursor=page.next_cursor)
+
+
+@tool("read", READ)
+async def list_collections(ctx: Context[Any, Any]) -> CollectionList:
+    """List the collections (namespaces of documents) with their document and chunk counts."""
+    call = current()
+    return CollectionList(
+        collections=[CollectionSummary.of(c) for c in await call.service.list_collections(call.tenant)]
+    )
+
+
+@tool("read", READ)
+async def stats(ctx: Context[Any, Any]) -> StatsOutput:
+    """Counts of collections, documents, chunks and index points, and the index's pending changes."""
+    call = current()
+    store_stats, points, pending = await call.service.stats(call.tenant)
+    return StatsOutput(
+        collections=store_stats.collections,
+        documents=store_stats.documents,
+        chunks=store_stats.chunks,
+        index_points=points,
+        pending_changes=pending,
+        region=call.runtime.settings.region,
+    )
+
+
+@tool("write", DESTRUCTIVE)
+async def delete_document(
+    document_id: Annotated[str, Field(description="The id of the document to delete.", max_length=64)],
+    ctx: Context[Any, Any],
+) -> DeletedDocument:
+    """Delete one document with all its chunks; it disappears from search at once."""
+    call = current()
+    info = await call.service.delete_document(call.tenant, document_id)
+    return DeletedDocument(deleted=info.id, source_uri=info.source_uri, collection=info.collection)
+
+
+@tool("write", DESTRUCTIVE)
+async def delete_collection(
+    collection: Annotated[
+        str, Field(description="The collection to delete, with every document in it.", min_length=1, max_length=64)
+    ],
+    ctx: Context[Any, Any],
+) -> DeletedCollection:
+    """Delete a whole collection and every document in it. This cannot be undone."""
+    call = current()
+    count = await call.service.delete_collection(call.tenant, collection)
+    return DeletedCollection(deleted=collection, documents=count)
