@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .service import DocumentOutcome, IngestReport, SearchResult
+from .service import IngestReport, SearchResult
 from .store.postgres import CollectionInfo, DocumentInfo
 
 
@@ -26,19 +26,7 @@ class SearchHit(BaseModel):
 
     @classmethod
     def of(cls, r: SearchResult) -> SearchHit:
-        return cls(
-            document_id=r.document_id,
-            title=r.title,
-            source_uri=r.source_uri,
-            collection=r.collection,
-            text=r.text,
-            score=r.score,
-            position=r.position,
-            start_char=r.start_char,
-            end_char=r.end_char,
-            heading_path=r.heading_path,
-            metadata=r.metadata,
-        )
+        return cls.model_validate(r, from_attributes=True)
 
 
 class SearchOutput(BaseModel):
@@ -52,10 +40,6 @@ class IngestedDocument(BaseModel):
     status: Literal["added", "updated", "unchanged"]
     document_id: str | None = Field(description="Null when unchanged (the document already had this content).")
     chunks: int
-
-    @classmethod
-    def of(cls, d: DocumentOutcome) -> IngestedDocument:
-        return cls(source_uri=d.source_uri, status=d.status, document_id=d.document_id, chunks=d.chunks)
 
 
 class FailedSource(BaseModel):
@@ -73,14 +57,7 @@ class IngestOutput(BaseModel):
 
     @classmethod
     def of(cls, r: IngestReport) -> IngestOutput:
-        return cls(
-            added=r.added,
-            updated=r.updated,
-            unchanged=r.unchanged,
-            chunks=r.chunks,
-            failed=[FailedSource(source=f.source, reason=f.reason) for f in r.failed],
-            documents=[IngestedDocument.of(d) for d in r.documents],
-        )
+        return cls.model_validate(r, from_attributes=True)
 
 
 class DocumentSummary(BaseModel):

@@ -8,7 +8,7 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
 from .settings import Settings
 from .sources import Source, SourceFailure, confined_files, fetch_document, read_sources
-from .store.postgres import DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
+from .store.postgres import ChunkHit, DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
 from .sync import IndexSyncer
 from .types import MAX_QUERY_CHARS, MAX_TOP_K, SEARCH_MODES, SearchMode
 from .urlfetch import UrlPolicy
@@ -52,19 +52,10 @@ class SearchFilters:
 
 
 @dataclass(frozen=True, slots=True)
-class SearchResult:
-    chunk_id: int
-    score: float
-    text: str
-    document_id: str
-    title: str
-    source_uri: str
-    collection: str
-    position: int
-    start_char: int
-    end_char: int
-    heading_path: list[str]
-    metadata: dict[str, Any]
+class SearchResult(ChunkHit):
+    """A chunk as a search found it, with its score (comparable only within one result list)."""
+
+    score: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,22 +388,7 @@ class RagService:
             row = rows.get(hit.id)
             if row is None:
                 continue  # the index is ahead of (or behind) this region's Postgres: never show it
-            results.append(
-                SearchResult(
-                    chunk_id=hit.id,
-                    score=float(hit.score),
-                    text=row.text,
-                    document_id=row.document_id,
-                    title=row.title,
-                    source_uri=row.source_uri,
-                    collection=row.collection,
-                    position=row.position,
-                    start_char=row.start_char,
-                    end_char=row.end_char,
-                    heading_path=list(row.heading_path),
-                    metadata=row.metadata,
-                )
-            )
+            results.append(SearchResult(**{f.name: getattr(row, f.name) for f in fields(row)}, score=float(hit.score)))
         return results
 
     def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:

@@ -166,7 +166,7 @@ async def test_inline_text_and_markdown(runtime: Runtime) -> None:
     assert outcome.chunks == 3
     [hit] = await service.search(T, "bowline loop", mode="lexical", top_k=1)
     assert hit.document_id == outcome.document_id
-    assert hit.heading_path == ["Knots", "Bowline"]
+    assert list(hit.heading_path) == ["Knots", "Bowline"]
     assert (hit.title, hit.collection, hit.source_uri, hit.metadata) == ("Knots", "sea", "notes://knots",
                                                                          {"kind": "howto"})
     doc = await service.get_document(T, outcome.document_id)
