@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 from pydantic import ValidationError
@@ -45,8 +45,8 @@ def load_settings(**overrides: Any) -> Settings:
                 else:  # a .env key without the prefix (or an unknown keyword argument)
                     name = key
                     message = "unknown setting (.env may only hold MCP_RAG_* variables; see .env.example)"
-            lines.append(f"  {name}: {message}")
-        raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None
+            lines.append(f"{name}: {message}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(lines)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -60,11 +60,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         configure_logging(settings.log_format, settings.log_level)
         args.func(settings, args)
     except RagError as exc:
-        failure = describe(exc)
-        print(f"mcp-rag: {failure.message}", file=sys.stderr)
-        sys.exit(failure.exit_status)
+        exit_with(exc)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def exit_with(exc: RagError) -> NoReturn:
+    """End the command on an expected condition: one line on stderr (the cause at DEBUG), its exit status."""
+    failure = describe(exc)
+    if exc.__cause__ is not None:
+        log.debug("underlying error", exc_info=exc.__cause__)
+    print(f"mcp-rag: {failure.message}", file=sys.stderr)
+    sys.exit(failure.exit_status)
 
 
 def _parser() -> argparse.ArgumentParser:

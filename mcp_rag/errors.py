@@ -54,6 +54,10 @@ class ConfigurationError(RagError):
     """The configuration cannot work (reported at start-up)."""
 
 
+class ConflictError(RagError):
+    """Something else holds what this process needs (a port, the data directory's index)."""
+
+
 class IndexError_(RagError):  # the underscore: the builtin IndexError is something else
     """The vector index failed."""
 
@@ -62,11 +66,15 @@ class IndexUnavailableError(IndexError_, UnavailableError):
     """The index engine cannot be reached or used right now."""
 
 
+class IndexInUseError(IndexUnavailableError, ConflictError):
+    """Another process holds the embedded index directory."""
+
+
 class ModelMismatchError(IndexError_, ConfigurationError):
     """The index was built with another embedding model than the one configured."""
 
 
-Kind = Literal["invalid_input", "not_found", "forbidden", "unavailable", "configuration"]
+Kind = Literal["invalid_input", "not_found", "forbidden", "unavailable", "configuration", "conflict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +85,18 @@ class Failure:
     message: str
     http_status: int
     exit_status: int
+    """1: the request failed; 2: configuration; 3: conflict; 4: a dependency is unavailable."""
     outcome: str
     """The ``outcome`` label of the tool-call log line and metric."""
 
 
 # Most specific first: the first class an error is an instance of decides.
 _TABLE: tuple[tuple[type[RagError], Kind, int, int, str], ...] = (
-    (IndexError_, "unavailable", 503, 1, "unavailable"),
+    (IndexError_, "unavailable", 503, 4, "unavailable"),
     (NotFoundError, "not_found", 404, 1, "error"),
     (AccessDeniedError, "forbidden", 403, 1, "denied"),
-    (UnavailableError, "unavailable", 503, 1, "error"),
+    (ConflictError, "conflict", 409, 3, "error"),
+    (UnavailableError, "unavailable", 503, 4, "error"),
     (ConfigurationError, "configuration", 500, 2, "error"),
     (RagError, "invalid_input", 400, 1, "error"),
 )

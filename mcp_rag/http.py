@@ -210,7 +210,6 @@ def create_app(
                 holder.runtime = await stack.enter_async_context(runtime_factory(settings))
             if not sse_only:
                 await stack.enter_async_context(mcp.session_manager.run())
-            log.info("http app ready", host=settings.host, port=settings.port, region=settings.region)
             yield
             holder.begin_shutdown()
 

@@ -29,6 +29,7 @@ ERROR_CODES: dict[Kind, str] = {
     "forbidden": "forbidden",
     "unavailable": "unavailable",
     "configuration": "unavailable",
+    "conflict": "unavailable",
 }
 SNIPPET_CHARS = 160
 EXCERPT_CHARS = 600

@@ -6,16 +6,28 @@ a server lifespan once per SSE connection, so nothing here may live in that life
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
 from . import metrics
 from .embedding import Embedder
-from .errors import ConfigurationError, IndexError_, IndexUnavailableError, RagError
+from .errors import (
+    ConfigurationError,
+    ConflictError,
+    IndexError_,
+    IndexInUseError,
+    IndexUnavailableError,
+    RagError,
+    UnavailableError,
+)
 from .index.base import VectorIndex, model_mismatch_message
 from .logging import get_logger
 from .service import RagService
@@ -26,6 +38,35 @@ from .store.postgres import ReplicationStatus, Store
 from .sync import IndexSyncer
 
 log = get_logger(__name__)
+
+
+MIN_FREE_BYTES = 64 * 1024 * 1024
+"""Free space the data directory needs at start: the embedded engines map their files into memory,
+and a write to a mapped file on a full disk kills the process (SIGBUS) instead of raising."""
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data directory if needed and make sure this process can write in it, with room to spare."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        free = shutil.disk_usage(path).free
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            free = 0
+        else:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigurationError(
+                f"MCP_RAG_DATA_DIR={path} cannot be created or written ({reason}): "
+                "set MCP_RAG_DATA_DIR to a folder this user can write"
+            ) from exc
+    if free < MIN_FREE_BYTES:
+        raise UnavailableError(
+            f"the disk of MCP_RAG_DATA_DIR={path} is full ({free // (1024 * 1024)} MiB free, "
+            f"{MIN_FREE_BYTES // (1024 * 1024)} MiB needed): free some space or move the data directory"
+        )
 
 
 def build_index(settings: Settings) -> VectorIndex:
@@ -128,6 +169,7 @@ async def open_runtime(
     describe (tests, benchmarks). ``catch_up=False`` leaves the index as it is at start
     (``mcp-rag stats`` must report the lag it finds, not hide it).
     """
+    prepare_data_dir(settings.data_dir)
     async with AsyncExitStack() as stack:
         write_dsn = settings.database_url
         if write_dsn is None:
@@ -155,13 +197,14 @@ async def open_runtime(
         unreachable: str | None = None
         try:
             await index.open(identity)
+        except IndexInUseError as exc:
+            raise ConflictError(str(exc)) from exc
         except IndexUnavailableError as exc:
             # A Qdrant server that does not answer may come back by itself: a server process
             # (which runs the sync worker) starts without it, reports not-ready, keeps taking
-            # writes into Postgres and opens the index once it answers. An embedded index that
-            # cannot be opened (another process holds it) and one-shot commands stay fatal.
+            # writes into Postgres and opens the index once it answers. One-shot commands stop.
             if not (follow and settings.resolved_index_backend == "qdrant"):
-                raise ConfigurationError(str(exc)) from exc
+                raise UnavailableError(str(exc)) from exc
             unreachable = str(exc)
         except IndexError_ as exc:
             raise ConfigurationError(str(exc)) from exc

@@ -7,18 +7,22 @@ stops accepting connections, closes the pools and exits 0.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import math
 import os
+import select
 import signal
+import socket
+import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
 
+import anyio
 import uvicorn
 
+from .errors import ConfigurationError, ConflictError, RagError, describe
 from .http import RuntimeHolder, create_app
 from .logging import get_logger
 from .runtime import open_runtime
@@ -29,17 +33,17 @@ log = get_logger(__name__)
 
 
 def run_stdio(settings: Settings) -> None:
+    """Serve one MCP session on stdin/stdout. The runtime opens before the session starts: if it cannot,
+    the client's ``initialize`` is answered with the same one-line error (instead of a closed pipe) and
+    the error goes on to the command line's one line on stderr and its exit status."""
     holder = RuntimeHolder()
+    server = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant)
 
-    @asynccontextmanager
-    async def lifespan(server: Any) -> AsyncIterator[dict[str, Any]]:
+    async def serve() -> None:
         async with open_runtime(settings) as runtime:
             holder.runtime = runtime
-            yield {}
-
-    server = build_server(
-        holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant, lifespan=lifespan
-    )
+            log.info("stdio server ready", region=settings.region)
+            await server.run_stdio_async()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _StopRequested
@@ -47,17 +51,50 @@ def run_stdio(settings: Settings) -> None:
     # SIGTERM unwinds like Ctrl-C, so pools close and the embedded Postgres is left cleanly.
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.run("stdio")
+        anyio.run(serve)
     except _StopRequested:
         # Everything is closed by now; only the thread blocked reading stdin remains, and it
         # would keep the process alive until the parent closes the pipe.
         log.info("stopped by signal")
         logging.shutdown()
         os._exit(0)
+    except RagError as exc:
+        refuse_initialize(describe(exc).message)
+        raise
+
+
+def refuse_initialize(message: str, wait_seconds: float = 5.0) -> None:
+    """Answer the client's opening requests (``initialize``, or ``server/discover`` first for newer
+    clients) with ``message`` as a JSON-RPC error, so the client shows why the server cannot start
+    rather than "server disconnected". Returns after ``initialize`` is answered, when stdin closes, or
+    after ``wait_seconds``."""
+    deadline = time.monotonic() + wait_seconds
+    stdin = sys.stdin.buffer
+    pending = b""
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([stdin], [], [], left)
+        if not readable:
+            return
+        chunk = os.read(stdin.fileno(), 65536)
+        if not chunk:
+            return
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            try:
+                request = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(request, dict) and "id" in request and "method" in request:
+                error = {"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32000, "message": message}}
+                sys.stdout.write(json.dumps(error) + "\n")
+                sys.stdout.flush()
+                if request["method"] == "initialize":
+                    return
 
 
 class _StopRequested(KeyboardInterrupt):
-    """Raised by the SIGTERM handler of the stdio server."""
+    """Raised by the SIGTERM handler of the stdio server (and of the HTTP server while it starts)."""
 
 
 class _DrainingServer(uvicorn.Server):
@@ -66,11 +103,18 @@ class _DrainingServer(uvicorn.Server):
     uvicorn's own graceful shutdown closes the connections. Both phases share the grace period.
     A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, holder: RuntimeHolder, grace_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, holder: RuntimeHolder, grace_seconds: float, settings: Settings) -> None:
         super().__init__(config)
         self._holder = holder
         self._grace = grace_seconds
+        self._settings = settings
         self._drain_deadline: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            s = self._settings
+            log.info("http app ready", host=s.host, port=s.port, region=s.region)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_deadline is None and not self.should_exit:
@@ -100,6 +144,9 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_http(settings: Settings, *, sse_only: bool = False) -> None:
+    """Bind the port first (a port in use is a one-line conflict, before any start-up work), open the
+    runtime (its failures are one line too), then serve; "http app ready" is logged once it really is."""
+    listener = bind(settings.host, settings.port)
     holder = RuntimeHolder()
     app = create_app(settings, holder=holder, sse_only=sse_only)
     config = uvicorn.Config(
@@ -112,9 +159,56 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
         lifespan="on",
         server_header=False,
     )
-    # uvicorn re-raises the stop signal after a graceful shutdown, with the handler that was
-    # installed before it ran: make that one a no-op so a drained server exits 0.
+    server = _DrainingServer(config, holder, settings.shutdown_grace_seconds, settings)
+    starting = True
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # While starting: stop. After serving: uvicorn re-raises the stop signal it handled, with
+        # this handler back in place; ignoring it then lets a drained server exit 0.
+        if starting:
+            raise _StopRequested
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: None)
-    _DrainingServer(config, holder, settings.shutdown_grace_seconds).run()
+        signal.signal(sig, on_signal)
+
+    async def serve() -> None:
+        nonlocal starting
+        async with open_runtime(settings) as runtime:
+            holder.runtime = runtime
+            starting = False
+            await server.serve(sockets=[listener])
+
+    try:
+        anyio.run(serve)
+    except _StopRequested:
+        log.info("stopped by signal while starting")
+        return
+    finally:
+        listener.close()
     log.info("server stopped")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, or a ConflictError saying the port is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"MCP_RAG_HOST={host} cannot be resolved ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConflictError(
+                f"port {port} on {host} is already in use (another server is listening there): "
+                "stop it or set MCP_RAG_PORT (or --port) to a free port"
+            ) from exc
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): check MCP_RAG_HOST/MCP_RAG_PORT"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock

@@ -7,6 +7,7 @@ import pytest
 from mcp_rag.errors import (
     AccessDeniedError,
     ConfigurationError,
+    ConflictError,
     IndexError_,
     IndexUnavailableError,
     InvalidInputError,
@@ -36,7 +37,8 @@ def test_every_expected_error_shares_one_root() -> None:
         (TooLargeError("too big"), "invalid_input", 400, 1, "error"),
         (NotFoundError("no such document"), "not_found", 404, 1, "error"),
         (AccessDeniedError("lacks the 'write' scope"), "forbidden", 403, 1, "denied"),
-        (UnavailableError("the database is unavailable"), "unavailable", 503, 1, "error"),
+        (UnavailableError("the database is unavailable"), "unavailable", 503, 4, "error"),
+        (ConflictError("port 8000 is in use"), "conflict", 409, 3, "error"),
         (ConfigurationError("invalid configuration"), "configuration", 500, 2, "error"),
         (RagError("something the caller did"), "invalid_input", 400, 1, "error"),
     ],

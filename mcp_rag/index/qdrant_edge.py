@@ -55,7 +55,7 @@ from qdrant_edge import (
     UpdateOperation,
 )
 
-from mcp_rag.errors import IndexUnavailableError, ModelMismatchError
+from mcp_rag.errors import IndexInUseError, IndexUnavailableError, ModelMismatchError
 from mcp_rag.index.base import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
@@ -128,7 +128,7 @@ class EdgeIndex(VectorIndex):
         except BlockingIOError:
             owner = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise IndexUnavailableError(self._in_use(int(owner) if owner.isdigit() else None)) from None
+            raise IndexInUseError(self._in_use(int(owner) if owner.isdigit() else None)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
@@ -144,7 +144,7 @@ class EdgeIndex(VectorIndex):
             return EdgeShard.load(str(self._shard_path))
         except Exception as e:
             if "WouldBlock" in str(e):  # the engine's own WAL lock
-                raise IndexUnavailableError(self._in_use(None)) from e
+                raise IndexInUseError(self._in_use(None)) from e
             raise IndexUnavailableError(f"cannot open edge index {self._shard_path}: {e}") from e
 
     def _release_owner(self) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
 from ..logging import get_logger
+from .connect import connect_failure
 
 log = get_logger(__name__)
 
@@ -34,6 +36,14 @@ def available_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+async def connect(dsn: str) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+    """A connection for start-up work; a failure reads as one line naming the database (never its password)."""
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+    except (psycopg.OperationalError, OSError) as exc:
+        raise connect_failure(exc, dsn) from exc
+
+
 async def migrate(dsn: str) -> list[int]:
     """Apply every pending migration; returns the versions applied by this call.
 
@@ -41,7 +51,7 @@ async def migrate(dsn: str) -> list[int]:
     find nothing to do. Each migration runs in its own transaction.
     """
     applied: list[int] = []
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+    async with await connect(dsn) as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             await conn.execute(
@@ -69,7 +79,7 @@ async def migrate(dsn: str) -> list[int]:
 
 
 async def current_version(dsn: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+    async with await connect(dsn) as conn:
         cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
         row = await cur.fetchone()
         if not row or not row[0]:

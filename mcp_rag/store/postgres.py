@@ -154,6 +154,8 @@ class ReplicationStatus:
 
 
 def _translate(exc: Exception) -> UnavailableError:
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return UnavailableError("the database's disk is full: writes fail until its operator frees space")
     return UnavailableError(
         f"the database is unavailable ({type(exc).__name__}: {str(exc).strip()[:200]}); retry shortly"
     )
