@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 import anyio
@@ -26,6 +25,7 @@ from .errors import AccessDeniedError, InvalidInputError, NotFoundError, RagErro
 from .extract import SourceDocument, extract_bytes, read_file, walk
 from .index.base import IndexError_
 from .logging import get_logger
+from .paths import resolve_allowed_path, roots_for
 from .runtime import Runtime
 from .schemas import (
     CollectionList,
@@ -480,13 +480,14 @@ def register_write_tools(
         Only paths under the server's configured allowed roots are accepted. Sends progress
         notifications per batch; unchanged files are skipped cheaply."""
         runtime, tenant = caller(ctx)
-        target = resolve_allowed_path(path, runtime.settings.allowed_roots)
+        roots = roots_for(runtime.settings, tenant)
+        target = resolve_allowed_path(path, roots)
         max_bytes = runtime.settings.max_document_bytes
         files = await anyio.to_thread.run_sync(lambda: list(walk([target], include or (), exclude or ())))
         if not files:
             raise InvalidInputError(f"{path}: no ingestible files found (check include/exclude)")
         for file in files:
-            resolve_allowed_path(str(file), runtime.settings.allowed_roots)
+            resolve_allowed_path(str(file), roots)
 
         def sources() -> Any:
             for file in files:
@@ -563,24 +564,3 @@ def register_write_tools(
         runtime, tenant = caller(ctx)
         count = await runtime.service.delete_collection(tenant, collection)
         return DeletedCollection(deleted=collection, documents=count)
-
-
-def resolve_allowed_path(path: str, roots: list[Path]) -> Path:
-    """The real path of ``path`` if it lies under an allowed root (after resolving symlinks and ``..``)."""
-    if not roots:
-        raise AccessDeniedError("ingest_file is disabled: the server has no allowed roots (MCP_RAG_ALLOWED_ROOTS)")
-    if "\x00" in path:
-        raise InvalidInputError("the path contains a NUL character")
-    candidate = Path(path)
-    if not candidate.is_absolute():
-        candidate = roots[0] / candidate
-    try:
-        resolved = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise NotFoundError(f"{path}: no such file or directory") from None
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        raise AccessDeniedError(
-            f"{path}: outside the allowed roots ({', '.join(str(r) for r in roots)}); "
-            "symlinks and '..' are resolved first"
-        )
-    return resolved
