@@ -687,7 +687,7 @@ async def test_nat64_of_a_public_address_is_allowed_and_connected_as_is() -> Non
     with NetworkWatch() as watch:
         assert await UrlPolicy().check_host("64:ff9b::808:808", 80) == "64:ff9b::808:808"
         # An allowlisted loopback does not extend to its NAT64 spelling (a different host).
-        with pytest.raises(AccessDeniedError, match="NAT64 address of 127.0.0.1"):
+        with pytest.raises(AccessDeniedError, match=r"NAT64 address of 127\.0\.0\.1"):
             await UrlPolicy(["127.0.0.1"]).check_host("64:ff9b::7f00:1", 80)
     assert watch.seen["connect"] == []
 

@@ -321,7 +321,7 @@ async def test_one_structured_log_line_per_tool_call_without_secrets(server: Ser
 # --- draining on SIGTERM (stops the module's server: keep it the last test that uses it) -----------------
 
 async def test_sigterm_drains_a_running_call_then_exits_0(server: ServerProcess) -> None:
-    corpus = Path(server.env["MCP_RAG_ALLOWED_ROOTS"])
+    corpus = Path(json.loads(server.env["MCP_RAG_TENANT_ROOTS"])["acme"][0])
     started = anyio.Event()
     updates: list[float] = []
     outcome: dict[str, CallToolResult] = {}
