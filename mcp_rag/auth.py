@@ -32,7 +32,7 @@ class Principal:
 
 
 def local_principal(tenant: str) -> Principal:
-    return Principal(tenant=tenant, scopes=frozenset({"read", "write"}), key_id="local")
+    return Principal(tenant=tenant, scopes=frozenset({"read", "write", "metrics"}), key_id="local")
 
 
 class ApiKeys:

@@ -22,8 +22,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics
-from .auth import SCOPE_STATE_KEY, ApiKeys, local_principal
+from .auth import SCOPE_STATE_KEY, ApiKeys, local_principal, principal_from_scope
 from .errors import ConfigurationError, RagError
+from .guards import MetricsToken, SessionLimits, SingleSecurityHeaders, metrics_refusal, session_owners
 from .logging import get_logger
 from .runtime import Runtime, open_runtime
 from .server import build_server
@@ -157,6 +158,8 @@ def create_app(
             stateless_http=settings.stateless_http,
             transport_security=security,
             max_request_body_size=settings.max_request_bytes,
+            session_idle_timeout=settings.session_idle_seconds,
+            max_sessions=settings.max_sessions,
             host=settings.host,
         )
         mcp_routes += streamable.routes
@@ -183,6 +186,9 @@ def create_app(
         return JSONResponse({"status": "ready", "region": settings.region})
 
     async def metrics_endpoint(request: Request) -> Response:
+        refusal = metrics_refusal(principal_from_scope(request.scope))
+        if refusal is not None:
+            return refusal
         if holder.runtime is not None:
             # Both lag gauges are measured now, on the scrape; if the read database does not
             # answer in time they keep their last value and the scrape still answers.
@@ -214,9 +220,14 @@ def create_app(
             holder.begin_shutdown()
 
     app = Starlette(routes=routes, lifespan=lifespan)
+    owners = None if sse_only or settings.stateless_http else session_owners(mcp.session_manager)
+    app.add_middleware(SessionLimits, limit=settings.max_sessions_per_principal, owners=owners)
     app.add_middleware(
         BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant, security=security
     )
+    metrics_route = Route("/metrics", metrics_endpoint, methods=["GET"])
+    app.add_middleware(MetricsToken, token=settings.metrics_token, endpoint=metrics_route.handle)
+    app.add_middleware(SingleSecurityHeaders)
     app.state.holder = holder
     app.state.mcp = mcp
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sys
 from typing import Literal
 
@@ -29,6 +31,36 @@ class _Truncate(logging.Filter):
         return True
 
 
+SESSION_ID = re.compile(
+    r"(?<![0-9A-Fa-f-])(?:[0-9A-Fa-f]{32}|[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12})(?![0-9A-Fa-f-])"
+)
+"""A session id as the MCP SDK makes them (a UUID, with or without dashes)."""
+
+
+def _redacted(match: re.Match[str]) -> str:
+    digest = hashlib.sha256(match.group(0).lower().replace("-", "").encode()).hexdigest()
+    return f"<id sha256:{digest[:8]}>"
+
+
+class _RedactIds(logging.Filter):
+    """Replace UUID-shaped ids in messages of standard-library loggers with a short digest. The MCP
+    SDK logs session ids (which let their owner's key use the session) at INFO ("Created new
+    transport with session ID: ...") and, at DEBUG, through the root logger; the digest still
+    lets one follow a session through the log. Our own structured lines carry no session ids."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            try:
+                message = record.getMessage()
+            except Exception:  # a broken format string: leave it to the handler
+                return True
+            redacted = SESSION_ID.sub(_redacted, message)
+            if redacted != message:
+                record.msg = redacted
+                record.args = None
+        return True
+
+
 def configure_logging(fmt: Literal["console", "json"] = "console", level: str = "INFO") -> None:
     """Route structlog and the standard library's logging to stderr with one renderer.
 
@@ -49,6 +81,7 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_RedactIds())
     handler.addFilter(_Truncate())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -21,6 +21,7 @@ from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, Una
 from .extract import SourceDocument, read_file
 from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
+from .paths import roots_for
 from .settings import Settings
 from .sources import Source, SourceFailure, confined_files, fetch_document, read_sources
 from .store.postgres import ChunkHit, DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
@@ -147,9 +148,8 @@ class RagService:
 
         A single file that cannot be read fails the call; in a directory it is reported and skipped."""
         max_bytes = self.settings.max_document_bytes
-        target, files = await anyio.to_thread.run_sync(
-            confined_files, path, self.settings.allowed_roots, include, exclude
-        )
+        roots = roots_for(self.settings, tenant)
+        target, files = await anyio.to_thread.run_sync(confined_files, path, roots, include, exclude)
         if target.is_file():
             docs: list[Source] = list(await anyio.to_thread.run_sync(read_file, target, max_bytes))
             return await self.ingest(

@@ -20,7 +20,7 @@ from pydantic_settings import (
 )
 
 IndexBackend = Literal["embedded", "qdrant"]
-Scope = Literal["read", "write"]
+Scope = Literal["read", "write", "metrics"]
 
 
 def default_data_dir() -> Path:
@@ -57,6 +57,15 @@ def _split_csv(value: object) -> object:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def _directories(value: list[Path]) -> list[Path]:
+    roots = []
+    for root in value:
+        if not root.is_dir():
+            raise ValueError(f"allowed root {str(root)!r} does not exist or is not a directory")
+        roots.append(root.resolve())
+    return roots
 
 
 ENV_PREFIX = "MCP_RAG_"
@@ -132,7 +141,12 @@ class Settings(BaseSettings):
     ingest_batch_chunks: int = Field(default=256, ge=1, le=10_000)
     """Chunks embedded and committed per batch: bounds ingest memory."""
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    """Directories ``ingest_file`` may read from (comma-separated). Empty: the tool refuses every path."""
+    """Directories ``ingest_file`` may read from (comma-separated), shared by every tenant without its own
+    roots. Empty: the tool refuses every path. With API keys of several tenants it needs MCP_RAG_SHARED_ROOTS."""
+    tenant_roots: Annotated[dict[str, list[Path]], NoDecode] = Field(default_factory=dict)
+    """JSON object: tenant → the directories only its keys may ingest from, e.g. ``{"acme": ["/srv/acme"]}``."""
+    shared_roots: bool = False
+    """Let the API keys of several tenants share MCP_RAG_ALLOWED_ROOTS (each can ingest every file there)."""
     url_fetch_timeout: float = Field(default=15.0, gt=0)
     url_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
     url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -161,6 +175,14 @@ class Settings(BaseSettings):
     """The tenant of stdio sessions and of the CLI."""
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_sessions: int = Field(default=1000, ge=1)
+    """Open stateful streamable-HTTP sessions of the whole process; beyond it new sessions get 503."""
+    max_sessions_per_principal: int = Field(default=16, ge=1)
+    """Open stateful streamable-HTTP sessions plus SSE streams of one API key; beyond it new ones get 429."""
+    session_idle_seconds: float = Field(default=300.0, gt=0)
+    """A stateful streamable-HTTP session with no request in flight for this long is closed."""
+    metrics_token: str | None = Field(default=None, min_length=16)
+    """A bearer token that may read only ``/metrics`` (for Prometheus); API keys need the ``metrics`` scope."""
 
     # --- regions -------------------------------------------------------------------
     region: str = "local"
@@ -189,6 +211,20 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("tenant_roots", mode="before")
+    @classmethod
+    def _json_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f'MCP_RAG_TENANT_ROOTS must be a JSON object like {{"acme": ["/srv/acme"]}}: {exc}'
+                ) from None
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -220,6 +256,11 @@ class Settings(BaseSettings):
             ) from None
         return value
 
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _optional_token(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("qdrant_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -241,12 +282,12 @@ class Settings(BaseSettings):
     @field_validator("allowed_roots")
     @classmethod
     def _roots(cls, value: list[Path]) -> list[Path]:
-        roots = []
-        for root in value:
-            if not root.is_dir():
-                raise ValueError(f"allowed root {str(root)!r} does not exist or is not a directory")
-            roots.append(root.resolve())
-        return roots
+        return _directories(value)
+
+    @field_validator("tenant_roots")
+    @classmethod
+    def _tenants_roots(cls, value: dict[str, list[Path]]) -> dict[str, list[Path]]:
+        return {tenant: _directories(roots) for tenant, roots in value.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -261,6 +302,14 @@ class Settings(BaseSettings):
         tokens = [key.token for key in self.api_keys]
         if len(set(tokens)) != len(tokens):
             raise ValueError("MCP_RAG_API_KEYS lists the same token twice")
+        sharing = sorted({key.tenant for key in self.api_keys} - set(self.tenant_roots))
+        if self.allowed_roots and len(sharing) > 1 and not self.shared_roots:
+            raise ValueError(
+                f"the tenants {', '.join(sharing)} would share MCP_RAG_ALLOWED_ROOTS (each could ingest every file "
+                "there): give each its own roots with MCP_RAG_TENANT_ROOTS, or set MCP_RAG_SHARED_ROOTS=true"
+            )
+        if self.metrics_token is not None and self.metrics_token in tokens:
+            raise ValueError("MCP_RAG_METRICS_TOKEN must differ from every API key")
         return self
 
     @property

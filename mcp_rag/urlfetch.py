@@ -49,6 +49,8 @@ class UrlPolicy:
                 self._hosts.add(entry.lower().rstrip("."))
 
     def check_url(self, url: str) -> tuple[str, int]:
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in url):
+            raise InvalidInputError(f"the URL contains a control character: {url[:200]!r}")
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -77,19 +79,48 @@ class UrlPolicy:
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            if not self._allowed(address):
+                address = address.ipv4_mapped  # the same socket destination as the IPv4 address
+            refusal = self._refusal(address)
+            if refusal is not None:
                 raise AccessDeniedError(
-                    f"refusing to fetch {host!r}: it resolves to {address}, a non-public address "
-                    "(loopback, private, link-local or reserved); an operator can allow it with MCP_RAG_URL_ALLOWLIST"
+                    f"refusing to fetch {host!r}: it resolves to {address}, {refusal}; an operator can allow it "
+                    "with MCP_RAG_URL_ALLOWLIST"
                 )
             addresses.append(address)
         return str(addresses[0])
 
-    def _allowed(self, address: IPAddress) -> bool:
+    def _refusal(self, address: IPAddress) -> str | None:
+        """Why ``address`` may not be connected to, or None. The allowlist matches the address that is
+        connected to; an IPv6 address that embeds an IPv4 one is judged by the embedded address too."""
         if any(address in net for net in self._networks):
-            return True
-        return address.is_global and not address.is_multicast
+            return None
+        if isinstance(address, ipaddress.IPv6Address):
+            if address in IPV4_COMPATIBLE or address in SIX_TO_FOUR or address in LOCAL_NAT64:
+                return (
+                    "a deprecated or local-use IPv6 form that embeds an IPv4 address (IPv4-compatible ::/96, "
+                    "6to4 2002::/16, local NAT64 64:ff9b:1::/48) and may reach a non-public address"
+                )
+            if address in NAT64:
+                embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+                if not _public(embedded):
+                    return f"a NAT64 address of {embedded}, a non-public address (loopback, private, link-local or reserved)"
+        if not _public(address):
+            return "a non-public address (loopback, private, link-local or reserved)"
+        return None
+
+
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+"""Deprecated (RFC 4291): ``::a.b.c.d``. ``::`` and ``::1`` lie here too and are refused either way."""
+SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+"""6to4 (deprecated by RFC 7526): ``2002:AABB:CCDD::`` reaches a.b.c.d through a relay."""
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""The well-known NAT64 prefix (RFC 6052): the last 32 bits are the IPv4 address reached."""
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+"""Local-use NAT64 (RFC 8215): where the IPv4 address sits depends on the network's configuration."""
+
+
+def _public(address: IPAddress) -> bool:
+    return address.is_global and not address.is_multicast
 
 
 async def fetch(url: str, policy: UrlPolicy, *, max_bytes: int, timeout: float) -> Fetched:  # noqa: ASYNC109
@@ -132,7 +163,7 @@ async def fetch(url: str, policy: UrlPolicy, *, max_bytes: int, timeout: float) 
                 raise InvalidInputError(f"{url}: more than {MAX_REDIRECTS} redirects")
     except TimeoutError:
         raise InvalidInputError(f"{url}: no complete answer within {timeout:.0f} seconds") from None
-    except httpx2.HTTPError as exc:
+    except (httpx2.HTTPError, httpx2.InvalidURL) as exc:
         raise InvalidInputError(f"{url}: could not fetch ({type(exc).__name__}: {exc})") from None
 
 

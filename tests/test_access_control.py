@@ -66,7 +66,8 @@ def server(pg_server: PgServer, template_db: str, model_dir: Path,
     root = work / "files"
     root.mkdir()
     (root / "memo.md").write_text(f"# Memo\n\n{ACME_TEXT}\n")
-    env = base_env(model_dir, work / "data", dsn, api_keys=json.dumps(KEYS), allowed_roots=str(root),
+    env = base_env(model_dir, work / "data", dsn, api_keys=json.dumps(KEYS),
+                   tenant_roots=json.dumps({"acme": [str(root)]}),
                    log_format="json", log_level="DEBUG")
     proc = ServerProc(env, work / "server.log")
     try:

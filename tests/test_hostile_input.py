@@ -670,10 +670,25 @@ async def test_redirects_to_private_and_metadata_addresses_are_refused_without_c
     "http://10.0.0.1/", "http://172.16.5.4/", "http://192.168.1.1/", "http://169.254.169.254/latest/meta-data",
     "http://[fe80::1]/", "http://[fd00:ec2::254]/", "http://100.64.0.1/", "http://0x7f000001/", "http://2130706433/",
     "http://127.1/", "http://[::ffff:a9fe:a9fe]/", "http://224.0.0.1/", "http://255.255.255.255/",
+    # IPv6 forms that embed an IPv4 address: NAT64, IPv4-compatible, 6to4, local-use NAT64.
+    "http://[64:ff9b::7f00:1]/", "http://[64:ff9b::a9fe:a9fe]/", "http://[::127.0.0.1]/", "http://[::8.8.8.8]/",
+    "http://[2002:7f00:1::]/", "http://[2002:808:808::1]/", "http://[64:ff9b:1::a9fe:a9fe]/",
 ])
 async def test_direct_non_public_urls_are_refused_without_connecting(url: str) -> None:
     with NetworkWatch() as watch, pytest.raises(AccessDeniedError, match="non-public address"):
         await fetch(url, UrlPolicy(), max_bytes=10_000, timeout=10)
+    assert watch.seen["connect"] == []
+
+
+async def test_nat64_of_a_public_address_is_allowed_and_connected_as_is() -> None:
+    """A NAT64 address is judged by the IPv4 address it embeds; when that one is public the fetch
+    connects to the IPv6 address itself (only the NAT64 gateway reaches the IPv4 one). Nothing is
+    connected to here: ``check_host`` only resolves the literal."""
+    with NetworkWatch() as watch:
+        assert await UrlPolicy().check_host("64:ff9b::808:808", 80) == "64:ff9b::808:808"
+        # An allowlisted loopback does not extend to its NAT64 spelling (a different host).
+        with pytest.raises(AccessDeniedError, match=r"NAT64 address of 127\.0\.0\.1"):
+            await UrlPolicy(["127.0.0.1"]).check_host("64:ff9b::7f00:1", 80)
     assert watch.seen["connect"] == []
 
 

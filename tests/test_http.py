@@ -31,6 +31,7 @@ TOKEN_A_READ = "acme-ro-" + "r" * 24
 TOKEN_B = "globex-rw-" + "b" * 22
 TOKEN_LOG = "logtest-rw-" + "l" * 21
 WRONG_TOKEN = "not-a-key-" + "x" * 22
+METRICS_TOKEN = "prometheus-" + "m" * 21
 API_KEYS = [
     {"token": TOKEN_A, "tenant": "acme", "scopes": ["read", "write"]},
     {"token": TOKEN_A_READ, "tenant": "acme", "scopes": ["read"]},
@@ -62,7 +63,8 @@ def server(pg_server: PgServer, template_db: str, model_dir: Path,
         sentences = " ".join(f"Sentence {j} of file {i} is about topic {i % 7}." for j in range(12))
         (corpus / f"file-{i:02d}.txt").write_text(sentences)
     env = base_env(database_url=dsn, model_dir=model_dir, data_dir=work / "data", api_keys=API_KEYS,
-                   allowed_hosts=ALLOWED_HOST, log_format="json", region="test-region", allowed_roots=str(corpus),
+                   allowed_hosts=ALLOWED_HOST, log_format="json", region="test-region", tenant_roots={"acme": [str(corpus)]},
+                   metrics_token=METRICS_TOKEN,
                    ingest_batch_chunks=4, shutdown_grace_seconds=300)
     proc = ServerProcess(env, work).start()
     try:
@@ -153,7 +155,8 @@ async def test_metrics_after_ingest_and_search(server: ServerProcess) -> None:
         await call_error(client, "get_document", document_id=str(uuid.uuid4()))
     async with httpx.AsyncClient(base_url=server.base_url) as http:
         assert (await http.get("/metrics")).status_code == 401
-        response = await http.get("/metrics", headers=bearer(TOKEN_A_READ))
+        assert (await http.get("/metrics", headers=bearer(TOKEN_A_READ))).status_code == 403
+        response = await http.get("/metrics", headers=bearer(METRICS_TOKEN))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -318,7 +321,7 @@ async def test_one_structured_log_line_per_tool_call_without_secrets(server: Ser
 # --- draining on SIGTERM (stops the module's server: keep it the last test that uses it) -----------------
 
 async def test_sigterm_drains_a_running_call_then_exits_0(server: ServerProcess) -> None:
-    corpus = Path(server.env["MCP_RAG_ALLOWED_ROOTS"])
+    corpus = Path(json.loads(server.env["MCP_RAG_TENANT_ROOTS"])["acme"][0])
     started = anyio.Event()
     updates: list[float] = []
     outcome: dict[str, CallToolResult] = {}

@@ -338,7 +338,7 @@ async def test_ingest_file_refuses_paths_outside_the_allowed_roots(open_rt: Call
         for path in attempts:
             message = await call_error(client, "ingest_file", path=path)
             assert "outside the allowed roots" in message, (path, message)
-            assert str(root) in message
+            assert str(root) not in message.replace(path, "<path>"), "the answer names the server's roots"
             assert "symlinks and '..' are resolved" in message
         assert "no such file or directory" in await call_error(client, "ingest_file", path=str(root / "nope.md"))
         message = await call_error(client, "ingest_file", path=str(file_tree["docs"]), include=["*.rst"])
