@@ -1,4 +1,8 @@
-"""The structured outputs of the MCP tools (their JSON schemas are what clients see)."""
+"""What the MCP tools return: structured outputs (their JSON schemas are what programs see) and, for
+each, the compact text a model reads (``as_text``): numbered, citable, with little beyond the passages.
+
+``structuredContent`` carries the full model; the text block is written for an agent's context window.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,26 @@ from pydantic import BaseModel, Field
 
 from .service import IngestReport, SearchResult
 from .store.postgres import CollectionInfo, DocumentInfo
+
+
+def document_uri(document_id: str) -> str:
+    """The resource that reads a document in full."""
+    return f"rag://documents/{document_id}"
+
+
+def _heading(title: str, heading_path: list[str]) -> str:
+    return " > ".join([title, *(h for h in heading_path if h != title)] if title else heading_path)
+
+
+class Passage(BaseModel):
+    """Another chunk of the same document that matched."""
+
+    text: str
+    score: float
+    position: int
+    start_char: int
+    end_char: int
+    heading_path: list[str]
 
 
 class SearchHit(BaseModel):
@@ -23,16 +47,41 @@ class SearchHit(BaseModel):
     end_char: int = Field(description="Offset just past the chunk's last character.")
     heading_path: list[str] = Field(description="Markdown headings enclosing the chunk, outermost first.")
     metadata: dict[str, Any]
+    passages: list[Passage] = Field(
+        default_factory=list, description="More matching chunks of this document (passages_per_document > 1)."
+    )
 
     @classmethod
     def of(cls, r: SearchResult) -> SearchHit:
         return cls.model_validate(r, from_attributes=True)
+
+    def as_text(self, rank: int) -> str:
+        lines = [
+            f"[{rank}] {_heading(self.title or self.source_uri, self.heading_path)}",
+            f"{self.source_uri} · document {self.document_id} · chunk {self.position}",
+            self.text,
+        ]
+        for p in self.passages:
+            lines += [f"  … chunk {p.position}:", p.text]
+        return "\n".join(lines)
 
 
 class SearchOutput(BaseModel):
     query: str
     mode: str
     results: list[SearchHit]
+
+    def links(self) -> list[tuple[str, str]]:
+        """(resource URI, name) of each document in the results, in rank order."""
+        seen: dict[str, str] = {}
+        for hit in self.results:
+            seen.setdefault(document_uri(hit.document_id), hit.title or hit.source_uri)
+        return list(seen.items())
+
+    def as_text(self) -> str:
+        if not self.results:
+            return f"No results for {self.query!r}."
+        return "\n\n".join(hit.as_text(rank) for rank, hit in enumerate(self.results, start=1))
 
 
 class IngestedDocument(BaseModel):
@@ -58,6 +107,25 @@ class IngestOutput(BaseModel):
     @classmethod
     def of(cls, r: IngestReport) -> IngestOutput:
         return cls.model_validate(r, from_attributes=True)
+
+    def as_text(self) -> str:
+        lines = [
+            f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, failed {len(self.failed)}"
+            f" ({self.chunks} chunks written)"
+        ]
+        lines += [
+            f"{d.status}: {d.source_uri}"
+            + (f" · document {d.document_id} · {d.chunks} chunks" if d.document_id else "")
+            for d in self.documents[:MAX_LISTED]
+        ]
+        if len(self.documents) > MAX_LISTED:
+            lines.append(f"… and {len(self.documents) - MAX_LISTED} more documents (structured content lists all)")
+        lines += [f"failed: {f.source}: {f.reason}" for f in self.failed]
+        return "\n".join(lines)
+
+
+MAX_LISTED = 50
+"""Documents an ingest report names in its text (the structured content has them all)."""
 
 
 class DocumentSummary(BaseModel):
@@ -85,21 +153,66 @@ class DocumentSummary(BaseModel):
             updated_at=d.updated_at,
         )
 
+    def as_text(self) -> str:
+        return (
+            f"{self.title or self.source_uri} ({self.source_uri}) · document {self.document_id} · "
+            f"collection {self.collection} · {self.chunks} chunks · updated {self.updated_at:%Y-%m-%d}"
+        )
+
 
 class DocumentOutput(DocumentSummary):
     text: str | None = Field(description="The document's text (null when include_text is false).")
     truncated: bool = Field(description="True when text was cut at max_chars.")
+
+    def as_text(self) -> str:
+        head = super().as_text()
+        if self.text is None:
+            return head
+        return f"{head}\n\n{self.text}" + ("\n[… cut at max_chars]" if self.truncated else "")
 
 
 class DocumentList(BaseModel):
     documents: list[DocumentSummary]
     next_cursor: str | None = Field(description="Pass as cursor to get the next page; null on the last page.")
 
+    def as_text(self) -> str:
+        if not self.documents:
+            return "No documents."
+        lines = [f"- {d.as_text()}" for d in self.documents]
+        if self.next_cursor:
+            lines.append(f"next_cursor: {self.next_cursor}")
+        return "\n".join(lines)
+
+
+class ChunkOutput(BaseModel):
+    position: int
+    text: str
+    start_char: int
+    end_char: int
+    heading_path: list[str]
+
+
+class ChunksOutput(BaseModel):
+    document_id: str
+    title: str
+    source_uri: str
+    chunks: int = Field(description="How many chunks the document has in all.")
+    returned: list[ChunkOutput]
+
+    def as_text(self) -> str:
+        lines = [f"{self.title or self.source_uri} ({self.source_uri}) · document {self.document_id}"]
+        for c in self.returned:
+            lines += ["", f"chunk {c.position} of {self.chunks} · {_heading('', c.heading_path)}".rstrip(" ·"), c.text]
+        return "\n".join(lines)
+
 
 class DeletedDocument(BaseModel):
     deleted: str
     source_uri: str
     collection: str
+
+    def as_text(self) -> str:
+        return f"deleted document {self.deleted} ({self.source_uri}) from {self.collection}"
 
 
 class CollectionSummary(BaseModel):
@@ -116,10 +229,18 @@ class CollectionSummary(BaseModel):
 class CollectionList(BaseModel):
     collections: list[CollectionSummary]
 
+    def as_text(self) -> str:
+        if not self.collections:
+            return "No collections."
+        return "\n".join(f"- {c.name}: {c.documents} documents, {c.chunks} chunks" for c in self.collections)
+
 
 class DeletedCollection(BaseModel):
     deleted: str
     documents: int
+
+    def as_text(self) -> str:
+        return f"deleted collection {self.deleted} ({self.documents} documents)"
 
 
 class StatsOutput(BaseModel):
@@ -129,3 +250,6 @@ class StatsOutput(BaseModel):
     index_points: int
     pending_changes: int = Field(description="Change-log entries (all tenants) not yet applied to the index.")
     region: str
+
+    def as_text(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.model_dump().items())

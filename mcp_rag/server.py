@@ -45,5 +45,5 @@ def build_server(
     )
     registered |= tools.register(mcp, get_runtime, in_flight or InFlight(), read_only=read_only)
     resources.register(mcp, get_runtime)
-    prompts.register(mcp)
+    prompts.register(mcp, get_runtime)
     return mcp

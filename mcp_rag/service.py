@@ -8,7 +8,7 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +16,7 @@ import anyio
 
 from . import metrics
 from .chunking import chunk_text
-from .embedding import Embedder
+from .embedding import Embedder, QueryEmbedding
 from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, UnavailableError
 from .extract import SourceDocument, read_file
 from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
@@ -31,6 +31,12 @@ from .urlfetch import UrlPolicy
 
 log = get_logger(__name__)
 
+MAX_PASSAGES_PER_DOCUMENT = 5
+MAX_NEIGHBOURS = 10
+"""Chunks before or after a position that one get_chunks call returns."""
+DOCUMENT_OVERFETCH = 4
+"""Chunks fetched per document asked for when results are grouped by document (more when that is not enough)."""
+MAX_CHUNKS_FETCHED = 1000
 MAX_TITLE_CHARS = 1000
 MAX_SOURCE_CHARS = 4096
 MAX_METADATA_KEYS = 64
@@ -54,9 +60,11 @@ class SearchFilters:
 
 @dataclass(frozen=True, slots=True)
 class SearchResult(ChunkHit):
-    """A chunk as a search found it, with its score (comparable only within one result list)."""
+    """A chunk as a search found it, with its score (comparable only within one result list), and
+    when results are grouped by document, that document's next-best chunks as ``passages``."""
 
     score: float = 0.0
+    passages: tuple[SearchResult, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,8 +354,18 @@ class RagService:
     # --- search ----------------------------------------------------------------------
 
     async def search(
-        self, tenant: str, query: str, *, mode: str = "hybrid", top_k: int = 10, filters: SearchFilters | None = None
+        self,
+        tenant: str,
+        query: str,
+        *,
+        mode: str = "hybrid",
+        top_k: int = 10,
+        filters: SearchFilters | None = None,
+        per_document: int | None = 1,
     ) -> list[SearchResult]:
+        """The ``top_k`` best documents, each as its best chunk with up to ``per_document - 1`` more of its
+        chunks as passages; ``per_document=None`` returns the ``top_k`` best chunks as they rank (a
+        document may then fill several places)."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("query is empty: pass the words or question to search for")
         if len(query) > MAX_QUERY_CHARS:
@@ -357,15 +375,48 @@ class RagService:
             raise InvalidInputError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
-        return await self.search_unbounded(tenant, query, mode=mode, limit=top_k, filters=filters)
+        if per_document is not None and (
+            isinstance(per_document, bool)
+            or not isinstance(per_document, int)
+            or not 1 <= per_document <= MAX_PASSAGES_PER_DOCUMENT
+        ):
+            raise InvalidInputError(
+                f"passages per document must be an integer from 1 to {MAX_PASSAGES_PER_DOCUMENT}, got {per_document!r}"
+            )
+        return await self.search_unbounded(
+            tenant, query, mode=mode, limit=top_k, filters=filters, per_document=per_document
+        )
 
     async def search_unbounded(
-        self, tenant: str, query: str, *, mode: SearchMode, limit: int, filters: SearchFilters | None = None
+        self,
+        tenant: str,
+        query: str,
+        *,
+        mode: SearchMode,
+        limit: int,
+        filters: SearchFilters | None = None,
+        per_document: int | None = None,
     ) -> list[SearchResult]:
-        """Search without the tool's top_k bound (evaluation needs the top 100)."""
+        """Search without the tool's top_k bound (evaluation needs the top 100); ``per_document`` as in
+        ``search``. Grouping by document fetches more chunks than it returns, and more again (up to
+        MAX_CHUNKS_FETCHED) while a few documents hold all the best chunks."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")
+        fetch = limit if per_document is None else min(limit * DOCUMENT_OVERFETCH, MAX_CHUNKS_FETCHED)
+        while True:
+            chunks, exhausted = await self._ranked_chunks(tenant, search_filter, embedding, mode, fetch)
+            if per_document is None:
+                return chunks
+            documents = group_by_document(chunks, limit, per_document)
+            if len(documents) >= limit or exhausted or fetch >= MAX_CHUNKS_FETCHED:
+                return documents
+            fetch = min(fetch * 4, MAX_CHUNKS_FETCHED)
+
+    async def _ranked_chunks(
+        self, tenant: str, search_filter: SearchFilter, embedding: QueryEmbedding, mode: SearchMode, limit: int
+    ) -> tuple[list[SearchResult], bool]:
+        """The best ``limit`` chunks, hydrated from Postgres; and whether the index had no more."""
         s = self.settings
         fusion = FusionParams(
             method=s.fusion,
@@ -389,7 +440,7 @@ class RagService:
             if row is None:
                 continue  # the index is ahead of (or behind) this region's Postgres: never show it
             results.append(SearchResult(**{f.name: getattr(row, f.name) for f in fields(row)}, score=float(hit.score)))
-        return results
+        return results, len(hits) < limit
 
     def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:
         collection = validate_collection(filters.collection) if filters.collection is not None else None
@@ -415,6 +466,27 @@ class RagService:
 
     async def get_document(self, tenant: str, document_id: str) -> DocumentInfo:
         return await self.store.get_document(tenant, document_id)
+
+    async def get_chunks(
+        self, tenant: str, document_id: str, *, around: int, before: int = 1, after: int = 1
+    ) -> tuple[DocumentInfo, list[ChunkHit]]:
+        """A document's chunk at position ``around`` with up to ``before`` chunks before it and ``after``
+        after it: the context of a search hit without reading the whole document."""
+        for name, value, top in (
+            ("around", around, 2**31 - 1),
+            ("before", before, MAX_NEIGHBOURS),
+            ("after", after, MAX_NEIGHBOURS),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+                raise InvalidInputError(f"{name} must be an integer from 0 to {top}, got {value!r}")
+        info = await self.store.get_document(tenant, document_id)
+        if around >= info.chunk_count:
+            raise InvalidInputError(
+                f"document {document_id} has {info.chunk_count} chunks (positions 0-{info.chunk_count - 1}); "
+                f"around={around} is past its end"
+            )
+        chunks = await self.store.document_chunks(tenant, document_id, around - before, around + after)
+        return info, chunks
 
     async def list_documents(
         self,
@@ -457,6 +529,21 @@ class RagService:
 
 
 # --- validation and helpers ----------------------------------------------------------------
+
+
+def group_by_document(chunks: Sequence[SearchResult], limit: int, per_document: int) -> list[SearchResult]:
+    """The first ``limit`` documents in ranking order, each as its best chunk carrying up to
+    ``per_document - 1`` of its next-best chunks as passages."""
+    best: dict[str, SearchResult] = {}
+    more: dict[str, list[SearchResult]] = {}
+    for chunk in chunks:
+        if chunk.document_id not in best:
+            if len(best) < limit:
+                best[chunk.document_id] = chunk
+                more[chunk.document_id] = []
+        elif len(more[chunk.document_id]) < per_document - 1:
+            more[chunk.document_id].append(chunk)
+    return [replace(first, passages=tuple(more[doc_id])) for doc_id, first in best.items()]
 
 
 def validate_collection(name: str | None) -> str:

@@ -467,15 +467,18 @@ class Store:
             r[0]: ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10])) for r in rows
         }
 
-    async def document_chunks(self, tenant: str, document_id: str) -> list[ChunkHit]:
+    async def document_chunks(
+        self, tenant: str, document_id: str, first: int = 0, last: int = 2**31 - 1
+    ) -> list[ChunkHit]:
+        """The document's chunks at positions ``first`` to ``last`` (all by default), in order."""
         doc_uuid = _parse_uuid(document_id)
         async with self._reading() as conn:
             cur = await conn.execute(
                 """SELECT c.id, d.id, d.collection, d.source_uri, d.title, d.metadata, c.position, c.text,
                           c.start_char, c.end_char, c.heading_path
                    FROM chunks c JOIN documents d ON d.id = c.document_id
-                   WHERE d.id = %s AND d.tenant = %s ORDER BY c.position""",
-                (doc_uuid, tenant),
+                   WHERE d.id = %s AND d.tenant = %s AND c.position BETWEEN %s AND %s ORDER BY c.position""",
+                (doc_uuid, tenant, first, last),
             )
             rows = await cur.fetchall()
         return [ChunkHit(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], tuple(r[10])) for r in rows]

@@ -1,6 +1,6 @@
 """The MCP surface: tools (one module per group, each a decorated function), resources and the prompt.
 
-Adding a tool: write an ``@tool(scope, annotations)`` function in the module of its group (or a new
+Adding a tool: write an ``@tool(scope, annotations, title)`` function in the module of its group (or a new
 module imported below) and its test; ``register`` picks it up.
 """
 

@@ -1,6 +1,6 @@
 """How a tool is declared and what every call goes through.
 
-A tool is a module-level async function decorated with ``@tool(scope, annotations)``; ``register``
+A tool is a module-level async function decorated with ``@tool(scope, annotations, title)``; ``register``
 adds the declared tools to a server, wrapping each in ``instrument``: one log line and one metric per
 call, the caller's scope checked, refusal while the server drains, and the one error translation
 (``errors.describe``) into the ``ToolError`` a client reads. Inside a tool, ``current()`` is the call:
@@ -22,8 +22,8 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ToolAnnotations
-from pydantic import Field
+from mcp_types import CallToolResult, ContentBlock, ResourceLink, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
 
 from .. import metrics
 from ..auth import Principal, local_principal, principal_from_scope
@@ -39,9 +39,10 @@ Scope = Literal["read", "write"]
 ToolFn = Callable[..., Awaitable[Any]]
 
 READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
-WRITE = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
-WRITE_WEB = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True)
-DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+REPLACE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+"""Adds, or replaces what was stored under the same identity (so destructive in the spec's sense)."""
+REPLACE_WEB = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True)
+DELETE = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 
 Collection = Annotated[
     str | None,
@@ -57,6 +58,7 @@ class ToolSpec:
     fn: ToolFn
     scope: Scope
     annotations: ToolAnnotations
+    title: str
 
     @property
     def name(self) -> str:
@@ -68,12 +70,13 @@ TOOLS: list[ToolSpec] = []
 
 
 def tool(
-    scope: Scope, annotations: ToolAnnotations
+    scope: Scope, annotations: ToolAnnotations, title: str
 ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
-    """Declare a tool: its name is the function's, its description the docstring, its schema the signature."""
+    """Declare a tool: its name is the function's, its description the docstring, its schema the signature,
+    ``title`` what a client shows people."""
 
     def declare(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-        TOOLS.append(ToolSpec(fn, scope, annotations))
+        TOOLS.append(ToolSpec(fn, scope, annotations, title))
         return fn
 
     return declare
@@ -210,7 +213,7 @@ def instrument(spec: ToolSpec, get_runtime: Callable[[], Runtime], calls: InFlig
                 raise UnavailableError("the server is shutting down; retry (another replica will answer)")
             token = _call.set(Call(runtime, principal))
             try:
-                return await fn(*args, **kwargs)
+                return for_agents(await fn(*args, **kwargs))
             finally:
                 _call.reset(token)
         except ToolError:
@@ -232,8 +235,27 @@ def instrument(spec: ToolSpec, get_runtime: Callable[[], Runtime], calls: InFlig
             log_call(name, outcome, time.perf_counter() - started, request_id, tenant)
 
     # Resolved here, in the tool module's namespace: the SDK reads the wrapper's signature for the schema.
-    wrapper.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    signature = inspect.signature(fn, eval_str=True)
+    if isinstance(signature.return_annotation, type) and issubclass(signature.return_annotation, BaseModel):
+        # The tool returns its model; the wrapper hands the SDK a result with the compact text, whose
+        # structured content the SDK still validates against the model's schema.
+        signature = signature.replace(return_annotation=Annotated[CallToolResult, signature.return_annotation])
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
+
+
+def for_agents(result: Any) -> Any:
+    """A tool's model as what a client receives: the compact text an agent's model reads (``as_text``),
+    a link to each document it names (``links``), and the full model as structured content."""
+    if not isinstance(result, BaseModel):
+        return result
+    as_text = getattr(result, "as_text", None)
+    text = as_text() if callable(as_text) else result.model_dump_json()
+    content: list[ContentBlock] = [TextContent(type="text", text=text)]
+    links = getattr(result, "links", None)
+    if callable(links):
+        content += [ResourceLink(type="resource_link", uri=uri, name=name) for uri, name in links()]
+    return CallToolResult(content=content, structured_content=result.model_dump(mode="json"))
 
 
 def register(mcp: MCPServer[Any], get_runtime: Callable[[], Runtime], calls: InFlight, *, read_only: bool) -> set[str]:
@@ -242,8 +264,11 @@ def register(mcp: MCPServer[Any], get_runtime: Callable[[], Runtime], calls: InF
     for spec in TOOLS:
         if read_only and spec.scope == "write":
             continue
-        mcp.tool(name=spec.name, description=inspect.cleandoc(spec.fn.__doc__ or ""), annotations=spec.annotations)(
-            instrument(spec, get_runtime, calls)
-        )
+        mcp.tool(
+            name=spec.name,
+            title=spec.title,
+            description=inspect.cleandoc(spec.fn.__doc__ or ""),
+            annotations=spec.annotations,
+        )(instrument(spec, get_runtime, calls))
         names.add(spec.name)
     return names

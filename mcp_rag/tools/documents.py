@@ -8,6 +8,8 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from ..schemas import (
+    ChunkOutput,
+    ChunksOutput,
     CollectionList,
     CollectionSummary,
     DeletedCollection,
@@ -17,12 +19,13 @@ from ..schemas import (
     DocumentSummary,
     StatsOutput,
 )
-from .base import DESTRUCTIVE, READ, Collection, current, tool
+from ..service import MAX_NEIGHBOURS
+from .base import DELETE, READ, Collection, current, tool
 
 DocumentId = Annotated[str, Field(description="The document's id (from search or list_documents).", max_length=64)]
 
 
-@tool("read", READ)
+@tool("read", READ, "Read a document")
 async def get_document(
     document_id: DocumentId,
     ctx: Context[Any, Any],
@@ -41,7 +44,27 @@ async def get_document(
     )
 
 
-@tool("read", READ)
+@tool("read", READ, "Read chunks around a passage")
+async def get_chunks(
+    document_id: DocumentId,
+    around: Annotated[int, Field(ge=0, description="The chunk position to read around (a search result's chunk).")],
+    ctx: Context[Any, Any],
+    before: Annotated[int, Field(ge=0, le=MAX_NEIGHBOURS, description="Chunks before it (0-10).")] = 1,
+    after: Annotated[int, Field(ge=0, le=MAX_NEIGHBOURS, description="Chunks after it (0-10).")] = 1,
+) -> ChunksOutput:
+    """Read the chunks around one chunk of a document: the context of a search result, in document order."""
+    call = current()
+    info, chunks = await call.service.get_chunks(call.tenant, document_id, around=around, before=before, after=after)
+    return ChunksOutput(
+        document_id=info.id,
+        title=info.title,
+        source_uri=info.source_uri,
+        chunks=info.chunk_count,
+        returned=[ChunkOutput.model_validate(c, from_attributes=True) for c in chunks],
+    )
+
+
+@tool("read", READ, "List documents")
 async def list_documents(
     ctx: Context[Any, Any],
     collection: Collection = None,
@@ -59,7 +82,7 @@ async def list_documents(
     return DocumentList(documents=[DocumentSummary.of(d) for d in page.documents], next_cursor=page.next_cursor)
 
 
-@tool("read", READ)
+@tool("read", READ, "List collections")
 async def list_collections(ctx: Context[Any, Any]) -> CollectionList:
     """List the collections (namespaces of documents) with their document and chunk counts."""
     call = current()
@@ -68,7 +91,7 @@ async def list_collections(ctx: Context[Any, Any]) -> CollectionList:
     )
 
 
-@tool("read", READ)
+@tool("read", READ, "Store statistics")
 async def stats(ctx: Context[Any, Any]) -> StatsOutput:
     """Counts of collections, documents, chunks and index points, and the index's pending changes."""
     call = current()
@@ -83,7 +106,7 @@ async def stats(ctx: Context[Any, Any]) -> StatsOutput:
     )
 
 
-@tool("write", DESTRUCTIVE)
+@tool("write", DELETE, "Delete a document")
 async def delete_document(
     document_id: Annotated[str, Field(description="The id of the document to delete.", max_length=64)],
     ctx: Context[Any, Any],
@@ -94,7 +117,7 @@ async def delete_document(
     return DeletedDocument(deleted=info.id, source_uri=info.source_uri, collection=info.collection)
 
 
-@tool("write", DESTRUCTIVE)
+@tool("write", DELETE, "Delete a collection")
 async def delete_collection(
     collection: Annotated[
         str, Field(description="The collection to delete, with every document in it.", min_length=1, max_length=64)

@@ -10,7 +10,7 @@ from pydantic import Field
 from ..schemas import IngestOutput
 from ..service import IngestReport, ProgressCallback
 from ..types import MetadataFilter
-from .base import WRITE, WRITE_WEB, Collection, current, tool
+from .base import REPLACE, REPLACE_WEB, Collection, current, tool
 
 Metadata = Annotated[
     MetadataFilter | None, Field(description="Flat key -> value (or list of values) metadata to filter on later.")
@@ -27,7 +27,7 @@ def progress_of(ctx: Context[Any, Any]) -> ProgressCallback:
     return report
 
 
-@tool("write", WRITE)
+@tool("write", REPLACE, "Add a document from text")
 async def ingest_text(
     text: Annotated[str, Field(description="The document's content (plain text or markdown).", min_length=1)],
     ctx: Context[Any, Any],
@@ -53,7 +53,7 @@ async def ingest_text(
     return IngestOutput.of(IngestReport.of_one(outcome))
 
 
-@tool("write", WRITE)
+@tool("write", REPLACE, "Add files or a folder")
 async def ingest_file(
     path: Annotated[
         str,
@@ -82,7 +82,7 @@ async def ingest_file(
     return IngestOutput.of(report)
 
 
-@tool("write", WRITE_WEB)
+@tool("write", REPLACE_WEB, "Add a web page")
 async def ingest_url(
     url: Annotated[
         str,

@@ -8,12 +8,12 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from ..schemas import SearchHit, SearchOutput
-from ..service import SearchFilters
+from ..service import MAX_PASSAGES_PER_DOCUMENT, SearchFilters
 from ..types import MAX_QUERY_CHARS, MAX_TOP_K, MetadataFilter
 from .base import READ, Collection, current, tool
 
 
-@tool("read", READ)
+@tool("read", READ, "Search documents")
 async def search(
     query: Annotated[
         str, Field(description="What to look for: a question or keywords.", min_length=1, max_length=MAX_QUERY_CHARS)
@@ -27,7 +27,9 @@ async def search(
             "(BM25), best for names, codes and rare terms."
         ),
     ] = "hybrid",
-    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K, description="How many chunks to return (1-50).")] = 5,
+    top_k: Annotated[
+        int, Field(ge=1, le=MAX_TOP_K, description="How many documents (or chunks) to return (1-50).")
+    ] = 5,
     document_ids: Annotated[
         list[str] | None, Field(max_length=1000, description="Only search these documents.")
     ] = None,
@@ -42,11 +44,22 @@ async def search(
         MetadataFilter | None,
         Field(description="Only documents whose metadata matches every key: a value for equality, a list for any-of."),
     ] = None,
+    passages_per_document: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_PASSAGES_PER_DOCUMENT,
+            description="Matching chunks to show per document (1-5): the best one, then the next best as passages.",
+        ),
+    ] = 1,
+    raw_chunks: Annotated[
+        bool, Field(description="Return the top_k best chunks as they rank, several from one document if so.")
+    ] = False,
 ) -> SearchOutput:
-    """Search the stored documents and return the most relevant chunks with their sources.
+    """Search the stored documents: the top_k most relevant documents, each with its best matching passage.
 
-    Use this before answering any question the stored documents may cover; cite source_uri/title.
-    Each result is a passage (chunk) of a document with its position and character offsets."""
+    Use this before answering any question the stored documents may cover, and cite title and source.
+    Each result names its document (read more with get_chunks around its chunk, or get_document)."""
     call = current()
     results = await call.service.search(
         call.tenant,
@@ -56,5 +69,6 @@ async def search(
         filters=SearchFilters(
             collection=collection, document_ids=document_ids, source_prefix=source_prefix, metadata=metadata or {}
         ),
+        per_document=None if raw_chunks else passages_per_document,
     )
     return SearchOutput(query=query, mode=mode, results=[SearchHit.of(r) for r in results])
