@@ -12,6 +12,7 @@ from .store.postgres import CollectionInfo, DocumentInfo
 
 
 class SearchHit(BaseModel):
+    id: str = Field(description="The document's id, for `fetch` (the same as document_id).")
     document_id: str
     title: str
     source_uri: str
@@ -23,10 +24,13 @@ class SearchHit(BaseModel):
     end_char: int = Field(description="Offset just past the chunk's last character.")
     heading_path: list[str] = Field(description="Markdown headings enclosing the chunk, outermost first.")
     metadata: dict[str, Any]
+    url: str = Field(description="The document's source URI (the same as source_uri).")
 
     @classmethod
     def of(cls, r: SearchResult) -> SearchHit:
         return cls(
+            id=r.document_id,
+            url=r.source_uri,
             document_id=r.document_id,
             title=r.title,
             source_uri=r.source_uri,
@@ -38,6 +42,26 @@ class SearchHit(BaseModel):
             end_char=r.end_char,
             heading_path=r.heading_path,
             metadata=r.metadata,
+        )
+
+
+class FetchOutput(BaseModel):
+    """One whole document, in the shape ChatGPT connectors and deep research expect of ``fetch``."""
+
+    id: str
+    title: str
+    text: str
+    url: str = Field(description="The document's source URI (what to cite).")
+    metadata: dict[str, Any] = Field(description="The document's metadata plus its collection.")
+
+    @classmethod
+    def of(cls, info: DocumentInfo) -> FetchOutput:
+        return cls(
+            id=info.id,
+            title=info.title or info.source_uri,
+            text=info.content or "",
+            url=info.source_uri,
+            metadata={**info.metadata, "collection": info.collection},
         )
 
 

@@ -35,6 +35,7 @@ from .schemas import (
     DocumentList,
     DocumentOutput,
     DocumentSummary,
+    FetchOutput,
     IngestOutput,
     SearchHit,
     SearchOutput,
@@ -52,7 +53,7 @@ INSTRUCTIONS = """\
 This server holds a searchable library of documents (retrieval-augmented generation).
 Use `search` first whenever a question may be answered by the stored documents, and cite the
 source_uri / title of the chunks you use. Use `list_collections` and `list_documents` to see what
-is stored, `get_document` to read one in full, and the ingest_* tools to add documents
+is stored, `get_document` (or `fetch`) to read one in full, and the ingest_* tools to add documents
 (re-ingesting the same source replaces it; identical content is reported unchanged)."""
 
 MetadataValue = str | int | float | bool
@@ -309,6 +310,18 @@ def build_server(
         return DocumentOutput(
             **DocumentSummary.of(info).model_dump(), text=text[:max_chars] if text else text, truncated=truncated
         )
+
+    @tool(READ, "read")
+    async def fetch(
+        id: Annotated[str, Field(description="A document id: the document_id of a search result.", max_length=64)],
+        ctx: Context[Any, Any],
+    ) -> FetchOutput:
+        """Fetch one whole document by id: title, full text, source URL and metadata.
+
+        The `fetch` half of the search/fetch pair ChatGPT connectors and deep research use; `get_document`
+        offers the same with more options (metadata only, a length limit)."""
+        runtime, tenant = caller(ctx)
+        return FetchOutput.of(await runtime.service.get_document(tenant, id))
 
     @tool(READ, "read")
     async def list_documents(
