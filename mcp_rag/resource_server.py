@@ -209,7 +209,8 @@ class OAuthGate:
                 response = JSONResponse(
                     {
                         "error": "temporarily_unavailable",
-                        "message": f"the access token cannot be verified now: {exc}; retry shortly",
+                        "message": f"the authorization server is needed to verify this token and does not answer ({exc}); "
+                        "retry shortly",
                     },
                     status_code=503,
                     headers={"Retry-After": "5"},
