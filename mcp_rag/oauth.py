@@ -235,7 +235,7 @@ class AuthorizationServer:
             key = self._find(kid, alg)
         if key is None:
             raise InvalidTokenError(
-                f"the token is signed with a key the authorization server does not publish ({kid=})"
+                f"the token is signed with a key the authorization server does not publish (kid {_short(kid)})"
             )
         return key
 
@@ -277,6 +277,12 @@ class AuthorizationServer:
         return []
 
 
+def _short(value: object) -> str:
+    """A value from a token, for a message: repr, at most 64 characters."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
 def _fits(key: jwt.PyJWK, alg: str) -> bool:
     """Whether ``key`` may verify a signature made with ``alg`` (key type, and the key's own ``alg``)."""
     if KEY_TYPES.get(alg[:2]) != key.key_type:
@@ -311,13 +317,13 @@ class TokenVerifier:
             raise InvalidTokenError("malformed JWT") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._settings.oauth_algorithms:
-            raise InvalidTokenError(f"the JWS algorithm {alg!r} is not accepted")
+            raise InvalidTokenError(f"the JWS algorithm {_short(alg)} is not accepted")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise InvalidTokenError("malformed key id")
         key = await self.server.signing_key(kid, alg)
         if not _fits(key, alg):
-            raise InvalidTokenError(f"the key {kid!r} cannot verify {alg} signatures")
+            raise InvalidTokenError(f"the key {_short(kid)} cannot verify {alg} signatures")
         try:
             claims = jwt.decode(
                 token,
@@ -361,7 +367,7 @@ class TokenVerifier:
             raise InvalidTokenError("the token is not active (expired, revoked or unknown)")
         token_type = answer.get("token_type")
         if token_type is not None and str(token_type).lower() not in ("bearer", "access_token"):
-            raise InvalidTokenError(f"not an access token (token_type {token_type!r})")
+            raise InvalidTokenError(f"not an access token (token_type {_short(token_type)})")
         issuer = answer.get("iss", self._settings.oauth_issuer)
         if str(issuer).rstrip("/") != self._settings.oauth_issuer:
             raise InvalidTokenError("the token was not issued by the configured authorization server")

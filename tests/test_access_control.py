@@ -351,7 +351,8 @@ async def test_a_key_without_read_scope_cannot_read(server: ServerProc, acme_doc
     async with http_client(server.url, TOKEN_A_WO) as client:
         tools = (await client.list_tools()).tools
         for name in [t.name for t in tools if t.annotations and t.annotations.read_only_hint]:
-            args = {"query": "memo"} if name == "search" else ({"document_id": acme_id} if name == "get_document" else {})
+            args = {"search": {"query": "memo"}, "get_document": {"document_id": acme_id},
+                    "fetch": {"id": acme_id}}.get(name, {})
             result = await client.call_tool(name, args)
             assert result.is_error and "lacks the 'read' scope" in tool_text(result), (name, tool_text(result))
         for uri in (f"rag://documents/{acme_id}", "rag://collections"):
