@@ -396,7 +396,7 @@ def hostile_tokens(provider: OidcProvider) -> dict[str, str]:
     }
 
 
-def test_hostile_tokens_are_refused_and_nothing_runs(deployment: Deployment) -> None:
+async def test_hostile_tokens_are_refused_and_nothing_runs(deployment: Deployment) -> None:
     marker = "HOSTILE" + uuid.uuid4().hex
     tokens = hostile_tokens(deployment.provider)
     with httpx.Client(base_url=deployment.public_url, timeout=10) as http:
@@ -413,9 +413,8 @@ def test_hostile_tokens_are_refused_and_nothing_runs(deployment: Deployment) -> 
         good = deployment.provider.mint({})
         assert http.get("/api/mobile/search", params={"q": marker},
                         headers={"Authorization": f"Bearer {good}"}).status_code == 200
-    found = httpx.get(deployment.public_url + "/api/mobile/search", params={"q": marker},
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
-    assert found["results"] == []
+    async with mcp_http(deployment.mcp_url, API_KEY) as mcp:
+        assert (await call(mcp, "search", query=marker, mode="lexical"))["results"] == []
     log = deployment.server.log()
     for token in tokens.values():
         assert token not in log
