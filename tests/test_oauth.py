@@ -41,6 +41,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from mcp.shared.exceptions import MCPError
 
+from mcp_rag.oauth import claim, metadata_urls, token_scopes
 from tests.mcp_calls import call, call_error
 from tests.pgcluster import PgServer, free_port
 from tests.serverproc import ServerProcess, base_env, mcp_http, mcp_sse, scratch_database
@@ -578,3 +579,30 @@ async def test_authorization_server_down_means_503_and_not_ready(
         dep.server.stop()
         dep.provider.stop()
         pg_server.drop_database(name)
+
+
+# --- the pieces, without servers ------------------------------------------------------------------------
+
+def test_metadata_urls_follow_rfc_8414_then_openid_connect() -> None:
+    assert metadata_urls("https://login.example.com") == [
+        "https://login.example.com/.well-known/oauth-authorization-server",
+        "https://login.example.com/.well-known/openid-configuration"]
+    assert metadata_urls("https://login.example.com/realms/acme") == [
+        "https://login.example.com/.well-known/oauth-authorization-server/realms/acme",
+        "https://login.example.com/realms/acme/.well-known/openid-configuration",
+        "https://login.example.com/realms/acme/.well-known/oauth-authorization-server"]
+
+
+def test_scopes_come_from_scope_or_scp_and_only_rag_scopes_count() -> None:
+    assert token_scopes({"scope": "openid rag:read profile"}) == {"read"}
+    assert token_scopes({"scp": ["rag:write", "rag:read"]}) == {"read", "write"}
+    assert token_scopes({"scp": "rag:write"}) == {"write"}
+    assert token_scopes({"scope": "read write rag:admin RAG:READ"}) == set()
+    assert token_scopes({}) == set()
+
+
+def test_the_tenant_claim_may_be_nested() -> None:
+    assert claim({"tenant": "acme"}, "tenant") == "acme"
+    assert claim({"org": {"tenant": "acme"}}, "org.tenant") == "acme"
+    assert claim({"org.tenant": "flat"}, "org.tenant") == "flat"
+    assert claim({"org": "acme"}, "org.tenant") is None
