@@ -174,9 +174,9 @@ async def _globex_sees_nothing_of_acme(client: Client, acme: dict[str, Any]) -> 
     random_id = str(uuid.uuid4())
 
     # Reading by id: the same answer as for an id that does not exist (no existence oracle).
-    for tool in ("get_document", "delete_document"):
-        theirs = await client.call_tool(tool, {"document_id": acme_id})
-        nobody = await client.call_tool(tool, {"document_id": random_id})
+    for tool, argument in (("get_document", "document_id"), ("delete_document", "document_id"), ("fetch", "id")):
+        theirs = await client.call_tool(tool, {argument: acme_id})
+        nobody = await client.call_tool(tool, {argument: random_id})
         assert theirs.is_error and nobody.is_error
         assert tool_text(theirs).replace(acme_id, "ID") == tool_text(nobody).replace(random_id, "ID")
 
@@ -335,8 +335,8 @@ async def test_read_scope_cannot_use_any_write_tool(server: ServerProc, acme_doc
             result = await client.call_tool(name, plausible[name])
             assert result.is_error and "lacks the 'write' scope" in tool_text(result), (name, tool_text(result))
         for name in readers:  # the read tools do work with this key
-            args = {"query": "memo"} if name == "search" else (
-                {"document_id": acme["document_id"]} if name == "get_document" else {})
+            args = {"search": {"query": "memo"}, "get_document": {"document_id": acme["document_id"]},
+                    "fetch": {"id": acme["document_id"]}}.get(name, {})
             assert not (await client.call_tool(name, args)).is_error, name
     async with http_client(server.url, TOKEN_A) as client:
         got = await client.call_tool("get_document", {"document_id": acme["document_id"]})
