@@ -15,9 +15,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -484,6 +486,44 @@ async def test_a_tenant_cannot_reach_another_tenants_document(deployment: Deploy
     assert response.status_code == 404
     async with mcp_http(deployment.mcp_url, acme) as mcp:
         assert (await call(mcp, "fetch", id=doc_id))["title"] == "Recipe"
+
+
+def test_an_sse_session_belongs_to_the_client_that_opened_it(deployment: Deployment) -> None:
+    """Another tenant's token, or another client of the same tenant, cannot post into the session; a
+    fresh token of the same client (a refresh) can."""
+    provider = deployment.provider
+    owner = provider.token("acme-rw")
+    events: queue.Queue[str] = queue.Queue()
+
+    def read_stream() -> None:
+        try:
+            with httpx.stream("GET", deployment.sse_url, headers={"Authorization": f"Bearer {owner}"},
+                              timeout=httpx.Timeout(30, read=60)) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        events.put(line[5:].strip())
+        except httpx.HTTPError:
+            pass  # the server closes the stream when it stops
+
+    threading.Thread(target=read_stream, daemon=True).start()
+    endpoint = events.get(timeout=60)
+    assert endpoint.startswith("/messages/?session_id=")
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    with httpx.Client(base_url=deployment.public_url, timeout=30,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        def post(token: str, message: dict[str, Any]) -> httpx.Response:
+            return http.post(endpoint, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"}, json=message)
+
+        assert post(owner, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"}}}).status_code == 202
+        assert "result" in json.loads(events.get(timeout=60))
+        post(owner, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for intruder in ("globex-rw", "acme-ro"):
+            refused = post(provider.token(intruder), listing)
+            assert refused.status_code == 404, (intruder, refused.status_code, refused.text)
+        assert post(provider.token("acme-rw"), listing).status_code == 202
+        assert "fetch" in json.dumps(json.loads(events.get(timeout=60)))
 
 
 # --- keys and introspection ---------------------------------------------------------------------------
