@@ -1,4 +1,5 @@
-"""Who is calling: bearer API keys bound to a tenant and scopes.
+"""Who is calling: a ``Principal`` (tenant + scopes), from a bearer API key or an OAuth access token
+(``mcp_rag.oauth``; both give the same kind of principal).
 
 stdio sessions trust their parent process and act as the default tenant with every scope.
 HTTP requests carry ``Authorization: Bearer <token>``; the HTTP app resolves the token once
@@ -28,7 +29,7 @@ class Principal:
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
-            raise AccessDeniedError(f"this API key lacks the {scope!r} scope needed for this operation")
+            raise AccessDeniedError(f"this token lacks the {scope!r} scope needed for this operation")
 
 
 def local_principal(tenant: str) -> Principal:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -26,6 +27,7 @@ from .auth import SCOPE_STATE_KEY, ApiKeys, local_principal, principal_from_scop
 from .errors import ConfigurationError, RagError
 from .guards import MetricsToken, SessionLimits, SingleSecurityHeaders, metrics_refusal, session_owners
 from .logging import get_logger
+from .resource_server import OAuthGate, ResourceServer, tool_scopes
 from .runtime import Runtime, open_runtime
 from .server import build_server
 from .settings import Settings
@@ -93,7 +95,10 @@ class BearerAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.keys.enabled:
+        principal = principal_from_scope(scope)  # resolved by the OAuth gate in front (resource_server.py)
+        if principal is not None:
+            pass
+        elif self.keys.enabled:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             principal = self.keys.authenticate(header)
             if principal is None:
@@ -129,6 +134,10 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     """DNS-rebinding protection stays on: loopback names plus the configured hosts and origins."""
     hosts = ["127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*", "[::1]", "[::1]:*", *settings.allowed_hosts]
     origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *settings.allowed_origins]
+    if settings.public_url:  # the public name clients use is always allowed
+        public = urlsplit(settings.public_url)
+        hosts.append(public.netloc)
+        origins.append(f"{public.scheme}://{public.netloc}")
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
@@ -141,16 +150,17 @@ def create_app(
     runtime_factory: Callable[[Settings], Any] = open_runtime,
 ) -> Starlette:
     """The HTTP app. With ``runtime`` given it is used as is; otherwise the app's lifespan starts one."""
-    if not settings.api_keys and settings.host not in LOOPBACK_HOSTS:
+    if not settings.api_keys and not settings.oauth_enabled and settings.host not in LOOPBACK_HOSTS:
         raise ConfigurationError(
             f"refusing to serve on {settings.host} without authentication: set MCP_RAG_API_KEYS "
-            "(or bind to 127.0.0.1 for local use)"
+            "or MCP_RAG_OAUTH_ISSUER + MCP_RAG_PUBLIC_URL (or bind to 127.0.0.1 for local use)"
         )
     holder = holder or RuntimeHolder(runtime)
     mcp = build_server(
         holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant, in_flight=holder.calls
     )
     security = transport_security(settings)
+    resource_server = ResourceServer(settings) if settings.oauth_enabled else None
     mcp_routes: list[BaseRoute] = []
     if not sse_only:
         streamable = mcp.streamable_http_app(
@@ -181,6 +191,8 @@ def create_app(
         if holder.runtime is None:
             return JSONResponse({"status": "not ready", "reasons": ["starting"]}, status_code=503)
         reasons = await holder.runtime.readiness()
+        if resource_server is not None:
+            reasons += await resource_server.readiness()
         if reasons:
             return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
         return JSONResponse({"status": "ready", "region": settings.region})
@@ -214,6 +226,8 @@ def create_app(
         async with AsyncExitStack() as stack:
             if holder.runtime is None:
                 holder.runtime = await stack.enter_async_context(runtime_factory(settings))
+            if resource_server is not None:
+                stack.push_async_callback(resource_server.aclose)
             if not sse_only:
                 await stack.enter_async_context(mcp.session_manager.run())
             yield
@@ -225,6 +239,10 @@ def create_app(
     app.add_middleware(
         BearerAuth, keys=ApiKeys(settings.api_keys), default_tenant=settings.default_tenant, security=security
     )
+    if resource_server is not None:
+        app.add_middleware(
+            OAuthGate, resource_server=resource_server, keys=ApiKeys(settings.api_keys), tool_scopes=tool_scopes(mcp)
+        )
     metrics_route = Route("/metrics", metrics_endpoint, methods=["GET"])
     app.add_middleware(MetricsToken, token=settings.metrics_token, endpoint=metrics_route.handle)
     app.add_middleware(SingleSecurityHeaders)

@@ -6,6 +6,7 @@ each, the compact text a model reads (``as_text``): numbered, citable, with litt
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ class Passage(BaseModel):
 
 
 class SearchHit(BaseModel):
+    id: str = Field(description="The document's id, for `fetch` (the same as document_id).")
     document_id: str
     title: str
     source_uri: str
@@ -47,13 +49,14 @@ class SearchHit(BaseModel):
     end_char: int = Field(description="Offset just past the chunk's last character.")
     heading_path: list[str] = Field(description="Markdown headings enclosing the chunk, outermost first.")
     metadata: dict[str, Any]
+    url: str = Field(description="The document's source URI (the same as source_uri).")
     passages: list[Passage] = Field(
         default_factory=list, description="More matching chunks of this document (passages_per_document > 1)."
     )
 
     @classmethod
     def of(cls, r: SearchResult) -> SearchHit:
-        return cls.model_validate(r, from_attributes=True)
+        return cls.model_validate({**asdict(r), "id": r.document_id, "url": r.source_uri})
 
     def as_text(self, rank: int) -> str:
         lines = [
@@ -64,6 +67,29 @@ class SearchHit(BaseModel):
         for p in self.passages:
             lines += [f"  … chunk {p.position}:", p.text]
         return "\n".join(lines)
+
+
+class FetchOutput(BaseModel):
+    """One whole document, in the shape ChatGPT connectors and deep research expect of ``fetch``."""
+
+    id: str
+    title: str
+    text: str
+    url: str = Field(description="The document's source URI (what to cite).")
+    metadata: dict[str, Any] = Field(description="The document's metadata plus its collection.")
+
+    @classmethod
+    def of(cls, info: DocumentInfo) -> FetchOutput:
+        return cls(
+            id=info.id,
+            title=info.title or info.source_uri,
+            text=info.content or "",
+            url=info.source_uri,
+            metadata={**info.metadata, "collection": info.collection},
+        )
+
+    def as_text(self) -> str:
+        return f"{self.title} ({self.url}) · document {self.id}\n\n{self.text}"
 
 
 class SearchOutput(BaseModel):

@@ -21,7 +21,8 @@ INSTRUCTIONS = """\
 This server holds a searchable library of documents (retrieval-augmented generation).
 Use `search` first whenever a question may be answered by the stored documents, and cite the
 source_uri / title of the chunks you use. Use `list_collections` and `list_documents` to see what
-is stored, `get_document` to read one in full, and the ingest_* tools to add documents
+is stored, `get_chunks` to read around a passage, `get_document` (or `fetch`) to read one in full,
+and the ingest_* tools to add documents
 (re-ingesting the same source replaces it; identical content is reported unchanged)."""
 
 

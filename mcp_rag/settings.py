@@ -22,6 +22,10 @@ from pydantic_settings import (
 IndexBackend = Literal["embedded", "qdrant"]
 Scope = Literal["read", "write", "metrics"]
 
+OAUTH_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
+"""Asymmetric JWS algorithms only: ``none`` and the HMAC family (a shared secret, which a resource
+server would have to hold, or worse, the public key used as one) are never accepted."""
+
 
 def default_data_dir() -> Path:
     """Where the embedded Postgres, the embedded index and the built model live by default.
@@ -184,6 +188,31 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(default=None, min_length=16)
     """A bearer token that may read only ``/metrics`` (for Prometheus); API keys need the ``metrics`` scope."""
 
+    # --- OAuth 2.1 resource server (docs/security.md, "OAuth") ------------------------
+    public_url: str | None = None
+    """This server's public base URL, e.g. https://rag.example.com. The OAuth resource is <public_url>/mcp."""
+    oauth_issuer: str | None = None
+    """The authorization server's issuer URL. With public_url set, OAuth access tokens are accepted beside API keys."""
+    oauth_tenant_claim: str = Field(default="tenant", min_length=1, max_length=256)
+    """The access-token claim naming the caller's tenant (dots reach into nested objects: ``org.tenant``)."""
+    oauth_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"]
+    )
+    """JWS algorithms accepted for JWT access tokens (asymmetric only; never none or HS*)."""
+    oauth_clock_skew_seconds: float = Field(default=30.0, ge=0, le=300)
+    """Leeway for exp / nbf / iat of JWT access tokens."""
+    oauth_jwks_max_age_seconds: float = Field(default=600.0, gt=0)
+    """The authorization server's keys are fetched again after this long; if that fails, tokens get 503."""
+    oauth_jwks_min_refresh_seconds: float = Field(default=10.0, ge=0)
+    """A token with an unknown key id fetches the keys again at most this often."""
+    oauth_introspection_client_id: str | None = None
+    """Client credentials for RFC 7662 introspection of opaque tokens. Unset: only JWT access tokens are accepted."""
+    oauth_introspection_client_secret: str | None = None
+    oauth_introspection_cache_seconds: float = Field(default=60.0, ge=0)
+    """How long an introspection answer is reused (never beyond the token's own expiry)."""
+    oauth_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for the authorization server (metadata, keys, introspection)."""
+
     # --- regions -------------------------------------------------------------------
     region: str = "local"
     sync_in_server: bool = True
@@ -207,7 +236,9 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _UnknownEnvVars(settings_cls), dotenv_settings, file_secret_settings
 
-    @field_validator("allowed_roots", "url_allowlist", "allowed_hosts", "allowed_origins", mode="before")
+    @field_validator(
+        "allowed_roots", "url_allowlist", "allowed_hosts", "allowed_origins", "oauth_algorithms", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -270,6 +301,34 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {value!r}")
         return value
 
+    @field_validator("public_url", "oauth_issuer")
+    @classmethod
+    def _oauth_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise ValueError(f"must be an https:// URL (http:// only on a loopback host), got {value!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"must not carry a query, fragment or credentials, got {value!r}")
+        return value.strip().rstrip("/")
+
+    @field_validator("oauth_algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        refused = [alg for alg in value if alg not in OAUTH_ALGORITHMS]
+        if refused:
+            raise ValueError(
+                f"unsupported or unsafe JWS algorithms {refused}: choose from {sorted(OAUTH_ALGORITHMS)} "
+                "(none and HMAC are never accepted)"
+            )
+        if not value:
+            raise ValueError("at least one JWS algorithm is needed")
+        return value
+
     @field_validator("embedding_model_dir")
     @classmethod
     def _model_dir(cls, value: Path | None) -> Path | None:
@@ -299,6 +358,17 @@ class Settings(BaseSettings):
             raise ValueError("MCP_RAG_CHUNK_OVERLAP_TOKENS must be smaller than MCP_RAG_CHUNK_TOKENS")
         if self.db_pool_min > self.db_pool_max:
             raise ValueError("MCP_RAG_DB_POOL_MIN must not exceed MCP_RAG_DB_POOL_MAX")
+        if (self.oauth_issuer is None) != (self.public_url is None):
+            raise ValueError(
+                "OAuth needs both MCP_RAG_OAUTH_ISSUER (the authorization server) and MCP_RAG_PUBLIC_URL "
+                "(this server's public base URL)"
+            )
+        if (self.oauth_introspection_client_id is None) != (self.oauth_introspection_client_secret is None):
+            raise ValueError(
+                "introspection needs both MCP_RAG_OAUTH_INTROSPECTION_CLIENT_ID and MCP_RAG_OAUTH_INTROSPECTION_CLIENT_SECRET"
+            )
+        if self.oauth_introspection_client_id and not self.oauth_issuer:
+            raise ValueError("MCP_RAG_OAUTH_INTROSPECTION_CLIENT_ID needs MCP_RAG_OAUTH_ISSUER as well")
         tokens = [key.token for key in self.api_keys]
         if len(set(tokens)) != len(tokens):
             raise ValueError("MCP_RAG_API_KEYS lists the same token twice")
@@ -317,6 +387,10 @@ class Settings(BaseSettings):
         if self.index_backend is not None:
             return self.index_backend
         return "qdrant" if self.qdrant_url else "embedded"
+
+    @property
+    def oauth_enabled(self) -> bool:
+        return self.oauth_issuer is not None and self.public_url is not None
 
     @property
     def models_dir(self) -> Path:

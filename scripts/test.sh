@@ -14,6 +14,12 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
 fi
 
 scripts/setup.sh --dev
+# The OpenID provider the OAuth tests start (npm oidc-provider, pinned by tests/oidc/package-lock.json).
+lock=tests/oidc/package-lock.json installed=tests/oidc/node_modules/.package-lock.json
+if [[ ! -f $installed || $lock -nt $installed ]]; then
+    command -v npm >/dev/null || { echo "npm (Node.js >= 20) is needed for the OAuth tests" >&2; exit 1; }
+    (cd tests/oidc && npm ci --no-audit --no-fund --silent)
+fi
 .venv/bin/ruff check mcp_rag tests bench
 .venv/bin/ruff format --check mcp_rag
 .venv/bin/mypy

@@ -29,7 +29,7 @@ from mcp_rag.settings import Settings
 from mcp_rag.urlfetch import UrlPolicy
 from tests.mcp_calls import call, call_error, text_of
 
-READ_TOOLS = {"search", "get_document", "list_documents", "list_collections", "stats"}
+READ_TOOLS = {"search", "fetch", "get_document", "list_documents", "list_collections", "stats"}
 WRITE_TOOLS = {"ingest_text", "ingest_file", "ingest_url", "delete_document", "delete_collection"}
 
 
@@ -560,6 +560,29 @@ async def test_get_document(runtime: Runtime) -> None:
         assert "no document with id 'not-a-uuid'" in message
         assert "UUID" in message
         assert "max_chars" in await call_error(client, "get_document", document_id=doc_id, max_chars=0)
+
+
+async def test_search_and_fetch_meet_the_chatgpt_connector_contract(runtime: Runtime) -> None:
+    """ChatGPT connectors and deep research call `search` (results with id, title, url) and then
+    `fetch(id)` (one document: id, title, text, url, metadata)."""
+    text = "# Tides\n\n" + paragraph("tides", 30)
+    async with connect(runtime) as client:
+        out = await call(client, "ingest_text", text=text, title="Tides", source_uri="https://example.com/tides",
+                         collection="sea", metadata={"kind": "note"})
+        doc_id = out["documents"][0]["document_id"]
+        hit = (await call(client, "search", query="tides"))["results"][0]
+        assert (hit["id"], hit["title"], hit["url"]) == (doc_id, "Tides", "https://example.com/tides")
+        assert hit["id"] == hit["document_id"]
+
+        fetched = await call(client, "fetch", id=hit["id"])
+        assert fetched == {"id": doc_id, "title": "Tides", "text": text, "url": "https://example.com/tides",
+                           "metadata": {"kind": "note", "collection": "sea"}}
+
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert tools["fetch"].input_schema["required"] == ["id"]
+        missing = str(uuid.uuid4())
+        assert f"no document with id '{missing}'" in await call_error(client, "fetch", id=missing)
+        assert "UUID" in await call_error(client, "fetch", id="not-a-uuid")
 
 
 async def test_list_documents_paginates(runtime: Runtime) -> None:

@@ -268,3 +268,44 @@ def test_allowed_roots_must_exist_and_are_resolved(monkeypatch: pytest.MonkeyPat
     assert "MCP_RAG_ALLOWED_ROOTS" in message
     assert "does not exist" in message
 
+
+
+# --- OAuth resource-server mode ---------------------------------------------------------------
+
+
+def test_oauth_needs_issuer_and_public_url_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_RAG_OAUTH_ISSUER", "https://login.example.com/realms/acme")
+    assert "both MCP_RAG_OAUTH_ISSUER" in config_error()
+    monkeypatch.setenv("MCP_RAG_PUBLIC_URL", "https://rag.example.com/")
+    s = load_settings()
+    assert s.oauth_enabled
+    assert s.public_url == "https://rag.example.com"  # no trailing slash: the resource is <public_url>/mcp
+
+
+@pytest.mark.parametrize(
+    "url", ["http://login.example.com", "ftp://127.0.0.1", "https://x.example.com/?q=1", "https://u:p@x.example.com"]
+)
+def test_oauth_urls_must_be_https_except_on_loopback(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("MCP_RAG_PUBLIC_URL", "https://rag.example.com")
+    monkeypatch.setenv("MCP_RAG_OAUTH_ISSUER", url)
+    assert "MCP_RAG_OAUTH_ISSUER" in config_error()
+
+
+def test_loopback_http_urls_are_allowed_for_local_testing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_RAG_PUBLIC_URL", "http://127.0.0.1:8000")
+    monkeypatch.setenv("MCP_RAG_OAUTH_ISSUER", "http://localhost:9000")
+    assert load_settings().oauth_enabled
+
+
+@pytest.mark.parametrize("algorithms", ["none", "HS256", "RS256,HS512", "RS256,none", ""])
+def test_jws_algorithms_are_asymmetric_only(monkeypatch: pytest.MonkeyPatch, algorithms: str) -> None:
+    monkeypatch.setenv("MCP_RAG_OAUTH_ALGORITHMS", algorithms)
+    message = config_error()
+    assert "MCP_RAG_OAUTH_ALGORITHMS" in message
+
+
+def test_introspection_needs_both_credentials_and_an_issuer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCP_RAG_OAUTH_INTROSPECTION_CLIENT_ID", "mcp-rag")
+    assert "MCP_RAG_OAUTH_INTROSPECTION_CLIENT_SECRET" in config_error()
+    monkeypatch.setenv("MCP_RAG_OAUTH_INTROSPECTION_CLIENT_SECRET", "s" * 20)
+    assert "needs MCP_RAG_OAUTH_ISSUER" in config_error()

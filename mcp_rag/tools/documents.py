@@ -17,6 +17,7 @@ from ..schemas import (
     DocumentList,
     DocumentOutput,
     DocumentSummary,
+    FetchOutput,
     StatsOutput,
 )
 from ..service import MAX_NEIGHBOURS
@@ -42,6 +43,19 @@ async def get_document(
     return DocumentOutput(
         **DocumentSummary.of(info).model_dump(), text=text[:max_chars] if text else text, truncated=truncated
     )
+
+
+@tool("read", READ, "Fetch a document")
+async def fetch(
+    id: Annotated[str, Field(description="A document id: the document_id (or id) of a search result.", max_length=64)],
+    ctx: Context[Any, Any],
+) -> FetchOutput:
+    """Fetch one whole document by id: title, full text, source URL and metadata.
+
+    The `fetch` half of the search/fetch pair ChatGPT connectors and deep research use; `get_document`
+    offers the same with more options (metadata only, a length limit)."""
+    call = current()
+    return FetchOutput.of(await call.service.get_document(call.tenant, id))
 
 
 @tool("read", READ, "Read chunks around a passage")
