@@ -32,7 +32,7 @@ from bench.common import (
 )
 
 BENCH = "retrieval"
-ROW = re.compile(r"^(hybrid|dense|lexical)\s+([0-9.]+)\s+([0-9.]+)\s+(\d+)\s*$")
+ROW = re.compile(r"^(hybrid|dense|lexical)\s+([0-9.]+)\s+([0-9.]+)\s+(\d+)\s+([0-9.]+)\s*$")
 
 
 def quick_subset(dataset: Path, folder: Path, n_queries: int = 100, n_other: int = 1000) -> Path:
@@ -81,9 +81,10 @@ def main() -> None:
         rows = [m.groups() for m in map(ROW.match, out.stdout.splitlines()) if m]
         if not rows:
             raise RuntimeError(f"no result rows in the eval output:\n{out.stdout}")
-        for mode, ndcg, recall, queries in rows:
+        for mode, ndcg, recall, queries, folded in rows:
             emit(BENCH, "eval", mode=mode, dataset=args.dataset.name, subset=subset, ndcg_at_10=float(ndcg),
-                 recall_at_100=float(recall), queries=int(queries), total_seconds=seconds)
+                 recall_at_100=float(recall), queries=int(queries), ndcg_at_10_folded=float(folded),
+                 total_seconds=seconds)
         pg.drop("bench_retrieval")
     finally:
         pg.close()

@@ -357,9 +357,11 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
             keep=args.keep,
             progress=sys.stderr.isatty(),
         )
-        print(f"{'mode':<8}  {'nDCG@10':>8}  {'Recall@100':>10}  queries")
+        print(f"{'mode':<8}  {'nDCG@10':>8}  {'Recall@100':>10}  {'queries':>7}  {'nDCG@10 folded':>14}")
         for r in results:
-            print(f"{r.mode:<8}  {r.ndcg_at_10:>8.4f}  {r.recall_at_100:>10.4f}  {r.queries}")
+            print(
+                f"{r.mode:<8}  {r.ndcg_at_10:>8.4f}  {r.recall_at_100:>10.4f}  {r.queries:>7}  {r.ndcg_at_10_folded:>14.4f}"
+            )
 
     _run(settings, body)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import InvalidInputError, NotFoundError
 from .extract import SourceDocument, iter_corpus
-from .service import RagService
+from .service import RagService, SearchResult
 
 RETRIEVE_CHUNKS = 200
 """Chunks retrieved per query: enough to fill the top 100 documents after folding chunks."""
@@ -28,8 +28,12 @@ RETRIEVE_CHUNKS = 200
 class EvalResult:
     mode: str
     ndcg_at_10: float
+    """Of exactly what the search tool returns with its default arguments and top_k=10."""
     recall_at_100: float
+    """Of the first 100 documents after folding the best RETRIEVE_CHUNKS chunks."""
     queries: int
+    ndcg_at_10_folded: float
+    """Of the first 10 documents after folding the best RETRIEVE_CHUNKS chunks (what earlier figures measured)."""
 
 
 def load_queries(path: Path) -> dict[str, str]:
@@ -80,6 +84,16 @@ def _corpus(path: Path, max_bytes: int) -> Iterator[SourceDocument]:
             yield doc
 
 
+def _ranked(hits: Iterable[SearchResult], uri_to_id: dict[str, str]) -> list[str]:
+    """Corpus ids in order of their first hit."""
+    ranked: list[str] = []
+    for hit in hits:
+        doc_id = uri_to_id.get(hit.source_uri)
+        if doc_id is not None and doc_id not in ranked:
+            ranked.append(doc_id)
+    return ranked
+
+
 async def run_evaluation(
     service: RagService,
     dataset: Path,
@@ -118,7 +132,7 @@ async def run_evaluation(
     results = []
     try:
         for mode in modes:
-            ndcg = recall = 0.0
+            ndcg = recall = folded_ndcg = 0.0
             iterator: Iterable[str] = judged
             if progress:
                 from tqdm import tqdm
@@ -127,21 +141,21 @@ async def run_evaluation(
             for qid in iterator:
                 from .service import SearchFilters
 
-                hits = await service.search_unbounded(
+                scope = SearchFilters(collection=collection)
+                as_the_tool = await service.search(tenant, queries[qid], mode=mode, top_k=10, filters=scope)
+                ndcg += ndcg_at_k(_ranked(as_the_tool, uri_to_id), qrels[qid])
+                chunks = await service.search_unbounded(
                     tenant,
                     queries[qid],
                     mode=mode,  # type: ignore[arg-type]
                     limit=RETRIEVE_CHUNKS,
-                    filters=SearchFilters(collection=collection),
+                    filters=scope,
                 )
-                ranked: list[str] = []
-                for hit in hits:
-                    doc_id = uri_to_id.get(hit.source_uri)
-                    if doc_id is not None and doc_id not in ranked:
-                        ranked.append(doc_id)
-                ndcg += ndcg_at_k(ranked, qrels[qid])
-                recall += recall_at_k(ranked, qrels[qid])
-            results.append(EvalResult(mode, ndcg / len(judged), recall / len(judged), len(judged)))
+                folded = _ranked(chunks, uri_to_id)
+                folded_ndcg += ndcg_at_k(folded, qrels[qid])
+                recall += recall_at_k(folded, qrels[qid])
+            n = len(judged)
+            results.append(EvalResult(mode, ndcg / n, recall / n, n, folded_ndcg / n))
     finally:
         if not keep:
             with contextlib.suppress(NotFoundError):

@@ -175,9 +175,10 @@ async def _globex_sees_nothing_of_acme(client: Client, acme: dict[str, Any]) -> 
     random_id = str(uuid.uuid4())
 
     # Reading by id: the same answer as for an id that does not exist (no existence oracle).
-    for tool, argument in (("get_document", "document_id"), ("delete_document", "document_id"), ("fetch", "id")):
-        theirs = await client.call_tool(tool, {argument: acme_id})
-        nobody = await client.call_tool(tool, {argument: random_id})
+    for tool, argument, extra in (("get_document", "document_id", {}), ("delete_document", "document_id", {}),
+                                  ("fetch", "id", {}), ("get_chunks", "document_id", {"around": 0})):
+        theirs = await client.call_tool(tool, {argument: acme_id, **extra})
+        nobody = await client.call_tool(tool, {argument: random_id, **extra})
         assert theirs.is_error and nobody.is_error
         assert tool_text(theirs).replace(acme_id, "ID") == tool_text(nobody).replace(random_id, "ID")
 
@@ -337,7 +338,8 @@ async def test_read_scope_cannot_use_any_write_tool(server: ServerProc, acme_doc
             assert result.is_error and "lacks the 'write' scope" in tool_text(result), (name, tool_text(result))
         for name in readers:  # the read tools do work with this key
             args = {"search": {"query": "memo"}, "get_document": {"document_id": acme["document_id"]},
-                    "fetch": {"id": acme["document_id"]}}.get(name, {})
+                    "fetch": {"id": acme["document_id"]},
+                    "get_chunks": {"document_id": acme["document_id"], "around": 0}}.get(name, {})
             assert not (await client.call_tool(name, args)).is_error, name
     async with http_client(server.url, TOKEN_A) as client:
         got = await client.call_tool("get_document", {"document_id": acme["document_id"]})
@@ -353,7 +355,7 @@ async def test_a_key_without_read_scope_cannot_read(server: ServerProc, acme_doc
         tools = (await client.list_tools()).tools
         for name in [t.name for t in tools if t.annotations and t.annotations.read_only_hint]:
             args = {"search": {"query": "memo"}, "get_document": {"document_id": acme_id},
-                    "fetch": {"id": acme_id}}.get(name, {})
+                    "fetch": {"id": acme_id}, "get_chunks": {"document_id": acme_id, "around": 0}}.get(name, {})
             result = await client.call_tool(name, args)
             assert result.is_error and "lacks the 'read' scope" in tool_text(result), (name, tool_text(result))
         for uri in (f"rag://documents/{acme_id}", "rag://collections"):

@@ -98,6 +98,7 @@ async def test_run_evaluation_in_process(runtime: Runtime) -> None:
         assert 0.0 <= r.recall_at_100 <= 1.0
         assert r.ndcg_at_10 > 0.5, r
         assert r.recall_at_100 > 0.5, r
+        assert 0.5 < r.ndcg_at_10_folded <= 1.0, r
     # the scratch collection is gone from Postgres and from the index
     assert await runtime.service.list_collections(runtime.settings.default_tenant) == []
     assert (await runtime.store.stats()).documents == 0
@@ -134,13 +135,14 @@ async def test_eval_command(database_url: str, model_dir: Path, tmp_path: Path) 
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert re.fullmatch(r"mode\s+nDCG@10\s+Recall@100\s+queries", lines[0])
+    assert re.fullmatch(r"mode\s+nDCG@10\s+Recall@100\s+queries\s+nDCG@10 folded", lines[0])
     rows = [line.split() for line in lines[1:]]
     assert [row[0] for row in rows] == MODES
-    for mode, ndcg, recall, queries in rows:
+    for mode, ndcg, recall, queries, folded in rows:
         assert 0.5 < float(ndcg) <= 1.0, mode
         assert 0.5 < float(recall) <= 1.0, mode
         assert queries == "11"
+        assert 0.5 < float(folded) <= 1.0, mode
 
     store = Store(database_url)
     await store.open()

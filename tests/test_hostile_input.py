@@ -320,6 +320,7 @@ def tool_strategies(traps: dict[str, Path]) -> dict[str, st.SearchStrategy[dict[
                             source_prefix=HOSTILE_STR, metadata=METADATA),
         "get_document": arguments(document_id=IDS, include_text=ANY_JSON, max_chars=HOSTILE_INT),
         "fetch": arguments(id=IDS),
+        "get_chunks": arguments(document_id=IDS, around=HOSTILE_INT, before=HOSTILE_INT, after=HOSTILE_INT),
         "list_documents": arguments(collection=HOSTILE_STR, source_prefix=HOSTILE_STR, limit=HOSTILE_INT,
                                     cursor=CURSORS),
         "list_collections": arguments(),
@@ -369,7 +370,7 @@ class NetworkWatch:
 
 
 EXAMPLES_RUN: dict[str, int] = {}
-TOOLS = ["search", "fetch", "get_document", "list_documents", "list_collections", "stats", "ingest_text", "ingest_file",
+TOOLS = ["search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_text", "ingest_file",
          "ingest_url", "delete_document", "delete_collection"]
 
 

@@ -29,7 +29,7 @@ from mcp_rag.settings import Settings
 from mcp_rag.urlfetch import UrlPolicy
 from tests.mcp_calls import call, call_error, text_of
 
-READ_TOOLS = {"search", "fetch", "get_document", "list_documents", "list_collections", "stats"}
+READ_TOOLS = {"search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats"}
 WRITE_TOOLS = {"ingest_text", "ingest_file", "ingest_url", "delete_document", "delete_collection"}
 
 
@@ -753,7 +753,7 @@ async def test_tool_annotations(runtime: Runtime) -> None:
             annotations = tools[name].annotations
             assert annotations is not None
             assert annotations.read_only_hint is False, name
-            assert annotations.destructive_hint is (name in {"delete_document", "delete_collection"}), name
+            assert annotations.destructive_hint is True, name  # ingesting replaces what had the same source
         ingest_url = tools["ingest_url"].annotations
         assert ingest_url is not None
         assert ingest_url.open_world_hint is True
@@ -762,8 +762,8 @@ async def test_tool_annotations(runtime: Runtime) -> None:
             assert tool.output_schema is not None, tool.name
         search = tools["search"].input_schema
         assert search["required"] == ["query"]
-        assert {"query", "collection", "mode", "top_k", "document_ids", "source_prefix", "metadata"} == set(
-            search["properties"])
+        assert {"query", "collection", "mode", "top_k", "document_ids", "source_prefix", "metadata",
+                "passages_per_document", "raw_chunks"} == set(search["properties"])
         assert "ctx" not in search["properties"]
 
 
