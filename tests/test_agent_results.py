@@ -22,10 +22,10 @@ TIDES = "# Tides\n\n" + "\n\n".join(
     + "about harbours, tidal ranges and coastal currents. " * 12
     for i in range(6)
 )
-SHORT = {
-    "bay": "The bay empties at low tide and the boats rest on the mud until the tide returns.",
-    "moon": "The moon's pull raises a bulge of water: the tide follows the moon around the earth.",
-    "mill": "A tide mill stores sea water at high tide and turns its wheel as the tide goes out.",
+SHORT = {  # paragraph-sized, like the passages agents usually read
+    "bay": "The bay empties at low tide and the boats rest on the mud until the tide returns. " * 6,
+    "moon": "The moon's pull raises a bulge of water: the tide follows the moon around the earth. " * 6,
+    "mill": "A tide mill stores sea water at high tide and turns its wheel as the tide goes out. " * 6,
 }
 
 
@@ -143,7 +143,7 @@ async def test_get_chunks_reads_around_a_passage_within_limits(runtime: Runtime)
         assert [c["position"] for c in edge["returned"]] == [0]
         assert "past its end" in await call_error(client, "get_chunks", document_id=ids["tides"], around=total)
         assert "before" in await call_error(client, "get_chunks", document_id=ids["tides"], around=1, before=11)
-        assert "not found" in (await call_error(client, "get_chunks", document_id=str(uuid.uuid4()), around=0)).lower()
+        assert "no document with id" in await call_error(client, "get_chunks", document_id=str(uuid.uuid4()), around=0)
 
 
 async def test_titles_annotations_and_a_smaller_tool_list(runtime: Runtime) -> None:
