@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mcp.server import MCPServer
+from mcp_types import Tool as MCPTool
 
 from . import __version__, tools
 from .runtime import Runtime
@@ -26,6 +27,41 @@ and the ingest_* tools to add documents
 (re-ingesting the same source replaces it; identical content is reported unchanged)."""
 
 
+class RagServer(MCPServer[Any]):
+    """``MCPServer`` whose ``tools/list`` leaves out what every schema repeats: pydantic's generated
+    titles ("Document Id" beside ``document_id``), a third of the listing's size."""
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [
+            tool.model_copy(
+                update={
+                    "input_schema": without_titles(tool.input_schema),
+                    "output_schema": without_titles(tool.output_schema) if tool.output_schema else None,
+                }
+            )
+            for tool in await super().list_tools()
+        ]
+
+
+def without_titles(schema: Any) -> Any:
+    """A JSON schema without its ``title`` annotations (property names stay, even one called "title")."""
+    if isinstance(schema, list):
+        return [without_titles(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: without_titles(sub) for name, sub in value.items()}
+        elif key in ("default", "const", "enum", "examples"):
+            out[key] = value  # values, not schemas
+        else:
+            out[key] = without_titles(value)
+    return out
+
+
 def build_server(
     get_runtime: Callable[[], Runtime],
     *,
@@ -37,7 +73,7 @@ def build_server(
     """The MCP server. ``get_runtime`` returns the process-wide runtime (started elsewhere);
     ``in_flight`` counts the tool calls running."""
     registered: set[str] = set()
-    mcp: MCPServer[Any] = MCPServer(
+    mcp: MCPServer[Any] = RagServer(
         name="mcp-rag",
         version=__version__,
         instructions=INSTRUCTIONS,

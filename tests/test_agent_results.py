@@ -4,6 +4,7 @@ around a passage, titles and annotations, and completions of collection names.""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -156,6 +157,12 @@ async def test_titles_annotations_and_a_smaller_tool_list(runtime: Runtime) -> N
             assert tools[name].annotations.destructive_hint is True, name  # replacing is destructive
         for name in ("search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats"):
             assert tools[name].annotations.read_only_hint is True, name
+        # The schemas carry no generated titles ("Document Id" beside document_id), but keep a property
+        # that is called "title".
+        search = tools["search"]
+        assert "Document Id" not in json.dumps(search.input_schema) + json.dumps(search.output_schema)
+        assert "title" in search.output_schema["$defs"]["SearchHit"]["properties"]
+        assert "title" not in search.input_schema["properties"]["query"]
 
 
 async def test_collection_names_complete_for_the_prompt(runtime: Runtime) -> None:
