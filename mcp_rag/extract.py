@@ -1,21 +1,23 @@
 """Turning sources (inline text, files, directories, BEIR corpora, fetched bytes) into plain documents.
 
-Extraction uses well-kept libraries: trafilatura for HTML, pypdf for PDF. Every failure
+Extraction uses well-kept libraries: html-to-markdown (with lxml to find the main content) for HTML,
+pypdf (text, outline, page labels) for PDF, markdown-it-py for markdown headings. Every failure
 is an ``InvalidInputError`` subclass whose message says what was wrong with which source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from .chunking import Section, markdown_sections
 from .errors import InvalidInputError, TooLargeError, UnsupportedSourceError
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".rst": "text"}
@@ -33,7 +35,7 @@ each costing pure-Python parsing time, so without a budget it ties up a worker f
 MIN_PDF_OPERATIONS = 250_000
 MAX_PDF_OPERATIONS = 5_000_000
 MAX_HTML_ATTRIBUTES = 256
-"""Attributes on one HTML tag. libxml2 (under trafilatura) compares each new attribute of a tag with
+"""Attributes on one HTML tag. libxml2 (under lxml) compares each new attribute of a tag with
 the ones before it, so a single tag with 200k attributes (2 MB) takes hours to extract; real pages
 stay far below this."""
 
@@ -47,6 +49,9 @@ class SourceDocument:
     title: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     markdown: bool = True
+    sections: tuple[Section, ...] = ()
+    """Section starts (character offsets into ``text``) with their heading paths, for texts whose
+    structure is not markdown (a PDF's outline); empty when the markdown headings say it."""
 
 
 def decode_text(data: bytes, source: str) -> str:
@@ -70,7 +75,7 @@ def extract_bytes(data: bytes, *, kind: str, source_uri: str, max_bytes: int) ->
         heading = _first_heading(text) if kind == "markdown" else None  # '#' means nothing in plain text
         return SourceDocument(source_uri, text, title=heading or _name_of(source_uri), markdown=kind == "markdown")
     if kind == "html":
-        return _from_html(decode_text(data, source_uri), source_uri)
+        return _from_html(_html_text(data, source_uri), source_uri)
     if kind == "pdf":
         return _from_pdf(data, source_uri, max_bytes)
     raise UnsupportedSourceError(f"{source_uri}: unsupported content type {kind!r}")
@@ -184,23 +189,65 @@ def _check_html(html: str, source_uri: str) -> None:
         )
 
 
+HEADER_LINKS = (
+    "a.headerlink",  # Sphinx, MkDocs
+    "a.anchor",  # GitHub-rendered README
+    "a.hash-link",  # Docusaurus
+    "a.anchor-link",  # Jupyter
+    "a.md-content__button",  # MkDocs Material "edit this page"
+    "[aria-hidden='true']",  # icons and glyphs that screen readers skip too
+)
+"""Elements generators put into pages for "link to this section" and the like: not what a reader reads."""
+
+_MAIN = ("//main", "//*[@role='main']")
+
+
+def _html_text(raw: bytes, source_uri: str) -> str:
+    """The page as text: UTF-8, else the encoding charset-normalizer finds (pages declared latin-1 are common)."""
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(raw[:65536]).best()
+        if best is not None:
+            with contextlib.suppress(LookupError, UnicodeDecodeError):
+                raw = raw.decode(best.encoding).encode("utf-8")
+    return decode_text(raw, source_uri)
+
+
 def _from_html(html: str, source_uri: str) -> SourceDocument:
-    import trafilatura
+    """HTML as markdown: the page's main content (``<main>`` or ``role=main`` when the page marks it,
+    else the body without navigation, forms and scripts) converted by html-to-markdown, with
+    header-link glyphs and link targets left out (their text stays). The title is the page's ``<title>``."""
+    import html_to_markdown
+    from lxml import etree
+    from lxml import html as lxml_html
 
     _check_html(html, source_uri)
-    text = trafilatura.extract(
-        html,
-        output_format="markdown",
-        include_comments=False,
-        include_tables=True,
-        favor_recall=True,
-        with_metadata=False,
+    try:
+        parser = lxml_html.HTMLParser(encoding="utf-8")  # bytes: an XHTML encoding declaration is then no error
+        tree = lxml_html.document_fromstring(html.encode("utf-8", "surrogatepass"), parser=parser)
+    except (etree.ParserError, ValueError):
+        raise InvalidInputError(f"{source_uri}: no readable text found in the HTML") from None
+    page_title = " ".join((tree.findtext(".//title") or "").split())
+    roots = [found for xpath in _MAIN for found in tree.xpath(xpath)]
+    content = lxml_html.tostring(roots[0], encoding="unicode") if roots else html
+    options = html_to_markdown.ConversionOptions(
+        preprocessing=html_to_markdown.PreprocessingOptions(preset="aggressive"),
+        exclude_selectors=list(HEADER_LINKS),
+        strip_tags=["a"],
+        skip_images=True,
+        extract_metadata=False,
     )
+    try:
+        text = html_to_markdown.convert(content, options).content
+    except html_to_markdown.ConversionError as exc:
+        raise UnsupportedSourceError(f"{source_uri}: malformed HTML ({type(exc).__name__})") from None
     if not text or not text.strip():
         raise InvalidInputError(f"{source_uri}: no readable text found in the HTML")
-    meta = trafilatura.extract_metadata(html)
-    title = (meta.title if meta is not None and meta.title else None) or _first_heading(text) or _name_of(source_uri)
-    return SourceDocument(source_uri, text, title=title, metadata={"content_type": "text/html"})
+    title = page_title or _first_heading(text) or _name_of(source_uri)
+    return SourceDocument(source_uri, text, title=title[:300], metadata={"content_type": "text/html"})
 
 
 def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
@@ -259,8 +306,9 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
 
 
 def _first_heading(text: str) -> str | None:
-    match = re.search(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", text[:5000], re.MULTILINE)
-    return match.group(1).strip()[:300] if match else None
+    """The first markdown heading as a reader sees it (no escapes or inline markup)."""
+    sections = markdown_sections(text[:20000])
+    return sections[0][1][-1][:300] if sections else None
 
 
 def _name_of(source_uri: str) -> str:

@@ -4,6 +4,7 @@ Domain errors become ``ToolError``s with the same message (the only kind of erro
 client sees). Every call is logged as one structured line and counted in the metrics.
 """
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -532,13 +533,7 @@ def register_write_tools(
         doc = await anyio.to_thread.run_sync(
             lambda: extract_bytes(fetched.data, kind=fetched.kind, source_uri=url, max_bytes=settings.url_max_bytes)
         )
-        doc = SourceDocument(
-            doc.source_uri,
-            doc.text,
-            title=title or doc.title,
-            metadata={**doc.metadata, **(metadata or {})},
-            markdown=doc.markdown,
-        )
+        doc = dataclasses.replace(doc, title=title or doc.title, metadata={**doc.metadata, **(metadata or {})})
         report = await runtime.service.ingest(tenant, collection, [doc], raise_on_failure=True)
         return IngestOutput.of(report)
 

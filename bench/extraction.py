@@ -1,0 +1,314 @@
+"""Extraction quality on real documents found on a Debian machine: titles, heading paths, passage text.
+
+    python -m bench.extraction [--limit-per-class N] [--json]
+
+Scores what ``mcp_rag.extract`` + ``mcp_rag.chunking`` make of real pages, by class:
+
+- HTML (Sphinx, MkDocs, hand-written/DocBook/texinfo pages): the truth comes from the page itself, read with
+  lxml: the acceptable titles (the ``<title>``, or its part before a site-name separator, or the first ``<h1>``),
+  the headings of the main content as a reader sees them (header-link glyphs removed), and its paragraphs. We
+  score the title, heading recall and precision (over the set of headings that appear in chunk heading paths),
+  paragraph recall (a paragraph counts when its words appear in order in the extracted text), and leaks
+  (pilcrows / "Permalink" in text or headings).
+- PDF: hand-labelled titles of the manuals Debian ships, and the share of text (by characters) whose chunks carry
+  a heading path from the PDF's outline.
+
+Pages come from Debian packages (python3-doc, sphinx-doc, mkdocs-doc, zlib1g-dev, libxslt1-dev, valgrind, libffi,
+libexpat1-dev, nettle-dev, libtasn1-doc, ...); a class whose pages are absent is skipped, and with no page at all
+the benchmark says so in one line and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxml import html as lxml_html
+
+from mcp_rag.chunking import chunk_text
+from mcp_rag.extract import SourceDocument, read_file
+
+MAX_BYTES = 50 * 1024 * 1024
+DOC = "/usr/share/doc"
+
+HTML_CLASSES: dict[str, list[str]] = {
+    "sphinx": [
+        f"{DOC}/python3.11/html/library/os.path.html",
+        f"{DOC}/python3.11/html/library/json.html",
+        f"{DOC}/python3.11/html/library/functools.html",
+        f"{DOC}/python3.11/html/library/re.html",
+        f"{DOC}/python3.11/html/tutorial/controlflow.html",
+        f"{DOC}/python3.11/html/tutorial/classes.html",
+        f"{DOC}/python3.11/html/howto/logging.html",
+        f"{DOC}/python3.11/html/using/cmdline.html",
+        f"{DOC}/python3.11/html/reference/datamodel.html",
+        f"{DOC}/python3.11/html/faq/programming.html",
+        f"{DOC}/python3/python-policy.html",
+        f"{DOC}/sphinx-doc/html/usage/quickstart.html",
+        f"{DOC}/sphinx-doc/html/usage/configuration.html",
+        f"{DOC}/sphinx-doc/html/tutorial/getting-started.html",
+    ],
+    "mkdocs": [
+        f"{DOC}/mkdocs/html/getting-started.html",
+        f"{DOC}/mkdocs/html/user-guide/writing-your-docs.html",
+        f"{DOC}/mkdocs/html/user-guide/configuration.html",
+        f"{DOC}/mkdocs/html/user-guide/deploying-your-docs.html",
+        f"{DOC}/mkdocs/html/user-guide/installation.html",
+        f"{DOC}/mkdocs/html/dev-guide/themes.html",
+        f"{DOC}/mkdocs-literate-nav-doc/html/index.html",
+        f"{DOC}/mkdocs-literate-nav-doc/html/reference.html",
+    ],
+    "hand-written": [
+        f"{DOC}/zlib1g-dev/examples/zlib_how.html",
+        f"{DOC}/libxslt1-dev/html/tutorial/libxslttutorial.html",
+        f"{DOC}/libxslt1-dev/html/xsltproc.html",
+        f"{DOC}/libexpat1-dev/expat.html/reference.html",
+        f"{DOC}/bzip2/manual.html",
+        f"{DOC}/time/time.html",
+    ],
+    "docbook/texinfo": [
+        f"{DOC}/valgrind/html/quick-start.html",
+        f"{DOC}/valgrind/html/mc-manual.html",
+        f"{DOC}/valgrind/html/manual-core.html",
+        f"{DOC}/libffi8/html/The-Basics.html",
+        f"{DOC}/libffi8/html/Closure-Example.html",
+        f"{DOC}/nettle-dev/nettle.html",
+        f"{DOC}/shared-mime-info/shared-mime-info-spec.html/index.html",
+    ],
+}
+
+# Acceptable titles of the PDF manuals, read off their first pages by a person.
+PDF_TITLES: dict[str, tuple[str, ...]] = {
+    f"{DOC}/zlib1g-dev/crc-doc.1.0.pdf.gz": ("Everything we know about CRC but afraid to forget",),
+    f"{DOC}/nettle-dev/nettle.pdf.gz": ("Nettle Manual",),
+    f"{DOC}/fontconfig/fontconfig-user.pdf.gz": ("fonts-conf", "fonts.conf"),
+    f"{DOC}/valgrind/valgrind_manual.pdf.gz": ("Valgrind Documentation",),
+    f"{DOC}/bzip2/manual.pdf.gz": ("bzip2 and libbzip2, version 1.0.8", "bzip2 and libbzip2"),
+    f"{DOC}/libtasn1-doc/libtasn1.pdf": ("Libtasn1", "GNU Libtasn1"),
+    f"{DOC}/shared-mime-info/shared-mime-info-spec.pdf": ("Shared MIME-info Database",),
+}
+
+# Anchors that generators put into headings for "link to this section": not part of what a reader reads.
+_HEADER_LINK = "a[contains(concat(' ', normalize-space(@class), ' '), ' {0} ')]"
+_GLYPHS = {"¶", "#", "§", "🔗", "", "\uf0c1"}
+_CHROME = ("nav", "header", "footer", "aside")
+_CHROME_CLASS = re.compile(r"\b(sphinxsidebar|related|sidebar|md-sidebar|md-header|md-footer|navbar|toc|footer)\b")
+_SEPARATORS = (" — ", " - ", " | ", " · ", " :: ")
+_WORDS = re.compile(r"[A-Za-z0-9]+")
+_PILCROW = re.compile(r"[¶]|\bPermalink\b")
+
+Extractor = Callable[[Path], SourceDocument]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.replace("\xa0", " ").split())
+
+
+def _words(text: str) -> str:
+    return " ".join(w.lower() for w in _WORDS.findall(text))
+
+
+@dataclass
+class Truth:
+    titles: set[str]
+    headings: list[str]
+    paragraphs: list[str] = field(default_factory=list)
+
+
+def _in_chrome(element: Any) -> bool:
+    for anc in element.iterancestors():
+        if anc.tag in _CHROME or anc.get("role") == "navigation":
+            return True
+        if _CHROME_CLASS.search(anc.get("class") or ""):
+            return True
+    return False
+
+
+def html_truth(path: Path) -> Truth:
+    """What a reader sees on the page, read with lxml and knowledge of the page's layout."""
+    tree = lxml_html.fromstring(path.read_bytes())
+    for anchor in tree.iter("a"):
+        href = anchor.get("href") or ""
+        parent = anchor.getparent()
+        if (
+            href.startswith("#")
+            and _norm(anchor.text_content()) in _GLYPHS
+            and parent is not None
+            and parent.tag in {"h1", "h2", "h3", "h4", "h5", "h6"}
+        ):
+            anchor.drop_tree()
+    titles: set[str] = set()
+    page_title = tree.findtext(".//title")
+    if page_title and _norm(page_title):
+        full = _norm(page_title)
+        titles.add(full)
+        for sep in _SEPARATORS:
+            if sep in full:
+                titles.add(full.split(sep)[0].strip())
+    headings = [
+        _norm(h.text_content())
+        for h in tree.iter("h1", "h2", "h3", "h4", "h5", "h6")
+        if not _in_chrome(h) and _norm(h.text_content())
+    ]
+    if headings and tree.find(".//h1") is not None:
+        titles.add(_norm(next(tree.iter("h1")).text_content()))
+    paragraphs = [
+        _norm(p.text_content()) for p in tree.iter("p") if not _in_chrome(p) and len(_norm(p.text_content())) >= 40
+    ]
+    return Truth(titles, headings, paragraphs)
+
+
+def _word_count(texts: Sequence[str]) -> list[int]:
+    return [len(t.split()) for t in texts]
+
+
+def heading_paths(doc: SourceDocument) -> list[tuple[str, ...]]:
+    chunks = chunk_text(
+        doc.text, _word_count, max_tokens=200, overlap_tokens=0, markdown=doc.markdown, sections=doc.sections
+    )
+    return [c.heading_path for c in chunks]
+
+
+@dataclass
+class Score:
+    cls: str
+    page: str
+    title: str
+    title_ok: bool
+    heading_recall: float | None = None
+    heading_precision: float | None = None
+    paragraph_recall: float | None = None
+    leaks: int = 0
+    covered: float | None = None
+
+
+def score_html(cls: str, path: Path, extract: Extractor) -> Score:
+    truth = html_truth(path)
+    doc = extract(path)
+    paths = heading_paths(doc)
+    found = {h for p in paths for h in p}
+    truth_set = set(truth.headings)
+    recall = len(truth_set & found) / len(truth_set) if truth_set else None
+    precision = len(found & truth_set) / len(found) if found else (None if not truth_set else 0.0)
+    text_words = " " + _words(doc.text) + " "
+    paras = [p for p in truth.paragraphs if _words(p)]
+    para_recall = sum(f" {_words(p)} " in text_words for p in paras) / len(paras) if paras else None
+    leaks = len(_PILCROW.findall(doc.text)) + sum(len(_PILCROW.findall(h)) for h in found)
+    leaks += len(_PILCROW.findall(doc.title))
+    return Score(cls, str(path), doc.title, _norm(doc.title) in truth.titles, recall, precision, para_recall, leaks)
+
+
+def score_pdf(path: Path, titles: Sequence[str], extract: Extractor) -> Score:
+    doc = extract(path)
+    chunks = chunk_text(
+        doc.text, _word_count, max_tokens=200, overlap_tokens=0, markdown=doc.markdown, sections=doc.sections
+    )
+    total = sum(len(c.text) for c in chunks) or 1
+    with_outline = sum(len(c.text) for c in chunks if c.heading_path and not c.heading_path[0].startswith("Page "))
+    return Score("pdf", str(path), doc.title, _norm(doc.title) in titles, covered=with_outline / total)
+
+
+def project_extractor(path: Path) -> SourceDocument:
+    [doc] = read_file(path, MAX_BYTES)
+    return doc
+
+
+def run(extract: Extractor, limit: int | None = None) -> list[Score]:
+    scores: list[Score] = []
+    for cls, pages in HTML_CLASSES.items():
+        present = [Path(p) for p in pages if Path(p).is_file()][:limit]
+        for page in present:
+            scores.append(score_html(cls, page, extract))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, titles in PDF_TITLES.items():
+            src = Path(name)
+            if not src.is_file():
+                continue
+            if src.suffix == ".gz":
+                target = Path(tmp) / src.stem
+                target.write_bytes(gzip.decompress(src.read_bytes()))
+                src = target
+            scores.append(score_pdf(src, titles, extract))
+    return scores
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def summary(scores: Sequence[Score]) -> list[dict[str, Any]]:
+    rows = []
+    for cls in dict.fromkeys(s.cls for s in scores):
+        mine = [s for s in scores if s.cls == cls]
+        rows.append(
+            {
+                "class": cls,
+                "pages": len(mine),
+                "title_ok": sum(s.title_ok for s in mine) / len(mine),
+                "heading_recall": _mean(s.heading_recall for s in mine),
+                "heading_precision": _mean(s.heading_precision for s in mine),
+                "paragraph_recall": _mean(s.paragraph_recall for s in mine),
+                "leaks": sum(s.leaks for s in mine),
+                "outline_coverage": _mean(s.covered for s in mine),
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--limit-per-class", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="one JSON line per page instead of the table")
+    args = ap.parse_args(argv)
+    scores = run(project_extractor, args.limit_per_class)
+    if not scores:
+        print(
+            "bench.extraction: skipped, none of the real-world pages (Debian documentation packages) is on this machine"
+        )
+        return 0
+    if args.json:
+        for s in scores:
+            print(json.dumps(s.__dict__))
+    else:
+        for s in scores:
+            print(
+                f"{s.cls:16} title_ok={s.title_ok!s:5} h_rec={_fmt(s.heading_recall)} h_prec={_fmt(s.heading_precision)} "
+                f"para={_fmt(s.paragraph_recall)} leaks={s.leaks} cov={_fmt(s.covered)} {Path(s.page).name} :: {s.title!r}",
+                file=sys.stderr,
+            )
+    cols = [
+        "class",
+        "pages",
+        "title_ok",
+        "heading_recall",
+        "heading_precision",
+        "paragraph_recall",
+        "leaks",
+        "outline_coverage",
+    ]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in summary(scores):
+        print("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
