@@ -213,7 +213,10 @@ def score_pdf(path: Path, titles: Sequence[str], extract: Extractor) -> Score:
     )
     total = sum(len(c.text) for c in chunks) or 1
     with_outline = sum(len(c.text) for c in chunks if c.heading_path and not c.heading_path[0].startswith("Page "))
-    return Score("pdf", str(path), doc.title, _norm(doc.title) in titles, covered=with_outline / total)
+    has_outline = any(not path[0].startswith("Page ") for _, path in doc.sections)
+    return Score(
+        "pdf", str(path), doc.title, _norm(doc.title) in titles, covered=with_outline / total if has_outline else None
+    )
 
 
 def project_extractor(path: Path) -> SourceDocument:

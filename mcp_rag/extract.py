@@ -11,6 +11,8 @@ import contextlib
 import fnmatch
 import io
 import json
+import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -34,6 +36,7 @@ byte; a few-KB "bomb" (one highly compressed form XObject drawn thousands of tim
 each costing pure-Python parsing time, so without a budget it ties up a worker for hours."""
 MIN_PDF_OPERATIONS = 250_000
 MAX_PDF_OPERATIONS = 5_000_000
+MAX_OUTLINE_ENTRIES = 10_000
 MAX_HTML_ATTRIBUTES = 256
 """Attributes on one HTML tag. libxml2 (under lxml) compares each new attribute of a tag with
 the ones before it, so a single tag with 200k attributes (2 MB) takes hours to extract; real pages
@@ -276,12 +279,16 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
             raise TooLargeError(f"{source_uri}: {len(reader.pages)} pages exceeds the limit of {MAX_PDF_PAGES}")
         pages: list[str] = []
         chars = 0
-        for page in reader.pages:
-            pages.append(page.extract_text(visitor_operand_before=count_operation) or "")
+        prominent = _Prominent()
+        for number, page in enumerate(reader.pages):
+            visit_text = prominent.visit if number < 2 and not prominent.lines else None
+            pages.append(page.extract_text(visitor_operand_before=count_operation, visitor_text=visit_text) or "")
             chars += len(pages[-1].strip())  # a lower bound of the final text's size in bytes
             if chars > max_bytes:  # the document would be refused as too large anyway: stop early
                 raise TooLargeError(f"{source_uri}: the PDF's text exceeds the limit of {max_bytes} bytes")
         info_title = reader.metadata.title if reader.metadata else None
+        outline = _outline(reader)
+        labels = list(reader.page_labels)
     except (
         PyPdfError,
         ValueError,
@@ -293,16 +300,107 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
         MemoryError,
     ) as exc:
         raise UnsupportedSourceError(f"{source_uri}: malformed or unreadable PDF ({type(exc).__name__})") from None
-    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    starts: list[int] = []  # where each page's text starts in the document text
+    parts: list[str] = []
+    offset = 0
+    for page_text in pages:
+        starts.append(offset)
+        if page_text.strip():
+            parts.append(page_text.strip())
+            offset += len(parts[-1]) + 2
+    text = "\n\n".join(parts)
     if not text:
         raise InvalidInputError(f"{source_uri}: the PDF has no extractable text (scanned images need OCR first)")
+    title = " ".join(str(info_title or "").split()) or prominent.title() or (outline[0][2] if outline else "")
     return SourceDocument(
         source_uri,
         text,
-        title=str(info_title or _name_of(source_uri)),
+        title=(title or _name_of(source_uri))[:300],
         metadata={"content_type": "application/pdf", "pages": len(pages)},
         markdown=False,
+        sections=_pdf_sections(text, starts, labels, outline),
     )
+
+
+class _Prominent:
+    """The first page's most prominent text: the run of lines set in its largest font (a title page's
+    title). Fed by pypdf's text visitor, which reports each text run with its matrices and font size."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[float, str]] = []
+
+    def visit(self, text: str, cm: Sequence[float], tm: Sequence[float], _font: Any, font_size: float) -> None:
+        size = abs(font_size) * math.hypot(tm[2], tm[3]) * math.hypot(cm[2], cm[3])
+        if text.strip():
+            self.lines.append((round(size, 1), text))
+
+    def title(self) -> str:
+        if not self.lines:
+            return ""
+        largest = max(size for size, _ in self.lines)
+        if all(size == largest for size, _ in self.lines):
+            return ""  # one size throughout: nothing stands out
+        first = next(i for i, (size, _) in enumerate(self.lines) if size == largest)
+        run = []
+        for size, text in self.lines[first:]:
+            if size != largest:
+                break
+            run.append(text)
+        return " ".join("".join(run).split())[:300]
+
+
+def _outline(reader: Any) -> list[tuple[int, int, str]]:
+    """The PDF's outline (bookmarks) flattened: (depth, page index, title), in reading order."""
+    from pypdf.errors import PyPdfError
+
+    out: list[tuple[int, int, str]] = []
+
+    def walk_items(items: Sequence[Any], depth: int) -> None:
+        for item in items:
+            if isinstance(item, list):
+                walk_items(item, depth + 1)
+                continue
+            title = " ".join(str(getattr(item, "title", "") or "").split())
+            try:
+                page = reader.get_destination_page_number(item)
+            except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+                page = None  # a dangling or malformed destination: the entry is skipped
+            if title and page is not None and page >= 0:
+                out.append((depth, page, title))
+            if len(out) >= MAX_OUTLINE_ENTRIES:
+                return
+
+    walk_items(reader.outline, 0)
+    return out
+
+
+def _pdf_sections(
+    text: str, starts: Sequence[int], labels: Sequence[str], outline: Sequence[tuple[int, int, str]]
+) -> tuple[Section, ...]:
+    """Heading paths for a PDF's text: each outline entry opens a section where its title appears on its
+    page (else at the page's start); text before the first entry, or in a PDF without an outline, is
+    headed by its page label ("Page iii")."""
+    sections: list[Section] = []
+    first_outlined = min((page for _, page, _ in outline), default=len(starts))
+    for page in range(min(first_outlined, len(starts))):
+        label = labels[page] if page < len(labels) else str(page + 1)
+        sections.append((starts[page], (f"Page {label}",)))
+    path: list[tuple[int, str]] = []
+    cursor = starts[first_outlined] if first_outlined < len(starts) else len(text)
+    for depth, page, title in outline:
+        page_start = starts[min(page, len(starts) - 1)]
+        page_end = starts[page + 1] if page + 1 < len(starts) else len(text)
+        at = max(cursor, page_start)
+        words = [re.escape(w) for w in title.split()]
+        found = re.compile(r"\s*".join(words), re.IGNORECASE).search(text, at, max(at, page_end)) if words else None
+        position = found.start() if found else at
+        line_start = text.rfind("\n", 0, position) + 1
+        position = line_start if line_start >= at else position
+        path = [(d, t) for d, t in path if d < depth]
+        path.append((depth, title))
+        sections.append((position, tuple(t for _, t in path)))
+        cursor = position
+    return tuple(sorted(sections, key=lambda section: section[0]))
 
 
 def _first_heading(text: str) -> str | None:
