@@ -100,7 +100,17 @@ PDF_TITLES: dict[str, tuple[str, ...]] = {
 _HEADER_LINK = "a[contains(concat(' ', normalize-space(@class), ' '), ' {0} ')]"
 _GLYPHS = {"¶", "#", "§", "🔗", "", "\uf0c1"}
 _CHROME = ("nav", "header", "footer", "aside")
-_CHROME_CLASS = re.compile(r"\b(sphinxsidebar|related|sidebar|md-sidebar|md-header|md-footer|navbar|toc|footer)\b")
+_CHROME_CLASSES = {
+    "sphinxsidebar",
+    "related",
+    "sidebar",
+    "bs-sidebar",
+    "md-sidebar",
+    "md-header",
+    "md-footer",
+    "navbar",
+}
+_CHROME_CLASSES |= {"toc", "footer", "modal"}
 _SEPARATORS = (" — ", " - ", " | ", " · ", " :: ")
 _WORDS = re.compile(r"[A-Za-z0-9]+")
 _PILCROW = re.compile(r"[¶]|\bPermalink\b")
@@ -121,15 +131,20 @@ class Truth:
     titles: set[str]
     headings: list[str]
     paragraphs: list[str] = field(default_factory=list)
+    chrome: list[str] = field(default_factory=list)
+    """Link texts of navigation chrome (menus, sidebars, footers) whose words the content does not have."""
+
+
+def _is_chrome(element: Any) -> bool:
+    return (
+        element.tag in _CHROME
+        or element.get("role") in ("navigation", "search", "contentinfo")
+        or not _CHROME_CLASSES.isdisjoint((element.get("class") or "").split())
+    )
 
 
 def _in_chrome(element: Any) -> bool:
-    for anc in element.iterancestors():
-        if anc.tag in _CHROME or anc.get("role") == "navigation":
-            return True
-        if _CHROME_CLASS.search(anc.get("class") or ""):
-            return True
-    return False
+    return any(_is_chrome(anc) for anc in element.iterancestors())
 
 
 def html_truth(path: Path) -> Truth:
@@ -163,7 +178,13 @@ def html_truth(path: Path) -> Truth:
     paragraphs = [
         _norm(p.text_content()) for p in tree.iter("p") if not _in_chrome(p) and len(_norm(p.text_content())) >= 40
     ]
-    return Truth(titles, headings, paragraphs)
+    links = [_norm(a.text_content()) for a in tree.iter("a") if _in_chrome(a)]
+    for element in [e for e in tree.iter() if _is_chrome(e) and not _in_chrome(e)]:
+        element.drop_tree()
+    body = tree.find(".//body")
+    content = " " + _words(body.text_content() if body is not None else "") + " "
+    chrome = sorted({t for t in links if len(_words(t).split()) >= 2 and f" {_words(t)} " not in content})
+    return Truth(titles, headings, paragraphs, chrome)
 
 
 def _word_count(texts: Sequence[str]) -> list[int]:
@@ -187,6 +208,7 @@ class Score:
     heading_precision: float | None = None
     paragraph_recall: float | None = None
     leaks: int = 0
+    chrome: float | None = None
     covered: float | None = None
 
 
@@ -203,7 +225,9 @@ def score_html(cls: str, path: Path, extract: Extractor) -> Score:
     para_recall = sum(f" {_words(p)} " in text_words for p in paras) / len(paras) if paras else None
     leaks = len(_PILCROW.findall(doc.text)) + sum(len(_PILCROW.findall(h)) for h in found)
     leaks += len(_PILCROW.findall(doc.title))
-    return Score(cls, str(path), doc.title, _norm(doc.title) in truth.titles, recall, precision, para_recall, leaks)
+    chrome = sum(f" {_words(t)} " in text_words for t in truth.chrome) / len(truth.chrome) if truth.chrome else None
+    title_ok = _norm(doc.title) in truth.titles
+    return Score(cls, str(path), doc.title, title_ok, recall, precision, para_recall, leaks, chrome)
 
 
 def score_pdf(path: Path, titles: Sequence[str], extract: Extractor) -> Score:
@@ -261,6 +285,7 @@ def summary(scores: Sequence[Score]) -> list[dict[str, Any]]:
                 "heading_precision": _mean(s.heading_precision for s in mine),
                 "paragraph_recall": _mean(s.paragraph_recall for s in mine),
                 "leaks": sum(s.leaks for s in mine),
+                "chrome_kept": _mean(s.chrome for s in mine),
                 "outline_coverage": _mean(s.covered for s in mine),
             }
         )
@@ -293,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in scores:
             print(
                 f"{s.cls:16} title_ok={s.title_ok!s:5} h_rec={_fmt(s.heading_recall)} h_prec={_fmt(s.heading_precision)} "
-                f"para={_fmt(s.paragraph_recall)} leaks={s.leaks} cov={_fmt(s.covered)} {Path(s.page).name} :: {s.title!r}",
+                f"para={_fmt(s.paragraph_recall)} leaks={s.leaks} chrome={_fmt(s.chrome)} cov={_fmt(s.covered)} {Path(s.page).name} :: {s.title!r}",
                 file=sys.stderr,
             )
     cols = [
@@ -304,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "heading_precision",
         "paragraph_recall",
         "leaks",
+        "chrome_kept",
         "outline_coverage",
     ]
     print("| " + " | ".join(cols) + " |")

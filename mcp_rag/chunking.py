@@ -126,24 +126,41 @@ def _units(text: str, markdown: bool, given: Sequence[Section] = ()) -> list[_Un
     return units
 
 
-@lru_cache(maxsize=1)
-def _parser() -> MarkdownIt:
-    return MarkdownIt("commonmark", {"html": True})
+Heading = tuple[int, int, str]
+"""A heading: where its line starts in the text (a character offset), its level (1-6) and its text."""
 
 
-def markdown_sections(text: str) -> list[Section]:
-    """Top-level ATX and setext headings of a markdown text: where each starts and the heading path
-    it opens (its text without markup or escapes, behind the headings above it)."""
+@lru_cache(maxsize=2)
+def _parser(raw_html: bool) -> MarkdownIt:
+    return MarkdownIt("commonmark", {"html": raw_html})
+
+
+def markdown_headings(text: str, *, raw_html: bool = True) -> list[Heading]:
+    """Top-level ATX and setext headings of a markdown text, with their text as a reader sees it.
+    ``raw_html=False`` reads ``<tag>`` as text: right for markdown converted from HTML, where such
+    text is literal (an option named ``<script>``) and must not open an HTML block."""
     line_starts = [0] + [m.end() for m in _NEWLINE.finditer(text)]
+    return [
+        (line_starts[min(line, len(line_starts) - 1)], level, title)
+        for level, line, title in _headings(_parser(raw_html).parse(text))
+        if title
+    ]
+
+
+def heading_paths(headings: Sequence[Heading]) -> list[Section]:
+    """Sections opened by headings: each heading's path is its text behind the headings above it."""
     out: list[Section] = []
     path: list[tuple[int, str]] = []
-    for level, line, title in _headings(_parser().parse(text)):
-        if not title:
-            continue
+    for start, level, title in headings:
         path = [(lvl, t) for lvl, t in path if lvl < level]
         path.append((level, title))
-        out.append((line_starts[min(line, len(line_starts) - 1)], tuple(t for _, t in path)))
+        out.append((start, tuple(t for _, t in path)))
     return out
+
+
+def markdown_sections(text: str, *, raw_html: bool = True) -> list[Section]:
+    """Where each markdown heading starts and the heading path it opens."""
+    return heading_paths(markdown_headings(text, raw_html=raw_html))
 
 
 def heading_text(inline: Token) -> str:

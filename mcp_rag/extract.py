@@ -19,7 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from .chunking import Section, markdown_sections
+from .chunking import Heading, Section, heading_paths, markdown_headings, markdown_sections
 from .errors import InvalidInputError, TooLargeError, UnsupportedSourceError
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".rst": "text"}
@@ -198,6 +198,11 @@ HEADER_LINKS = (
     "a.hash-link",  # Docusaurus
     "a.anchor-link",  # Jupyter
     "a.md-content__button",  # MkDocs Material "edit this page"
+    "a.copiable-anchor",  # texinfo
+    "a.copiable-link",  # texinfo
+    "a[title^='Permalink']",
+    "a[title='Permanent link']",
+    "a[aria-label^='Permalink']",
     "[aria-hidden='true']",  # icons and glyphs that screen readers skip too
 )
 """Elements generators put into pages for "link to this section" and the like: not what a reader reads."""
@@ -242,15 +247,50 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
         strip_tags=["a"],
         skip_images=True,
         extract_metadata=False,
+        include_document_structure=True,
     )
     try:
-        text = html_to_markdown.convert(content, options).content
+        result = html_to_markdown.convert(content, options)
     except html_to_markdown.ConversionError as exc:
         raise UnsupportedSourceError(f"{source_uri}: malformed HTML ({type(exc).__name__})") from None
-    if not text or not text.strip():
+    text = result.content or ""
+    if not text.strip():
         raise InvalidInputError(f"{source_uri}: no readable text found in the HTML")
-    title = page_title or _first_heading(text) or _name_of(source_uri)
-    return SourceDocument(source_uri, text, title=title[:300], metadata={"content_type": "text/html"})
+    headings = _html_headings(markdown_headings(text, raw_html=False), result.document)
+    title = page_title or (headings[0][2] if headings else "") or _name_of(source_uri)
+    return SourceDocument(
+        source_uri,
+        text,
+        title=title[:300],
+        metadata={"content_type": "text/html"},
+        sections=tuple(heading_paths(headings)),
+    )
+
+
+def _html_headings(found: list[Heading], structure: Any) -> list[Heading]:
+    """The markdown's headings titled as the HTML titles them. Markdown made from HTML can read
+    differently from the page (``<em>__slots__</em>`` becomes ``*__slots__*``, which markdown reads as
+    bold "slots"); the converter's document structure has each heading's text as the page shows it,
+    in the same order: a heading takes the next such text with the same words."""
+    shown: list[str] = []
+    for node in getattr(structure, "nodes", None) or ():
+        payload = node.content.heading_payload if node.content.node_type == "heading" else None
+        if isinstance(payload, dict) and isinstance(payload.get("text"), str):
+            shown.append(" ".join(payload["text"].split()))
+    out: list[Heading] = []
+    cursor = 0
+    for start, level, title in found:
+        key = _words(title)
+        for i in range(cursor, min(cursor + 8, len(shown))):
+            if _words(shown[i]) == key:
+                title, cursor = shown[i][:300], i + 1
+                break
+        out.append((start, level, title))
+    return out
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text.lower())
 
 
 def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
