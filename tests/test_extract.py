@@ -579,3 +579,25 @@ def test_pdf_without_outline_is_headed_by_page_labels(tmp_path: Path) -> None:
     assert path_of(doc, "Written by the orchard team") == ("Page i",)
     assert path_of(doc, "scion to a rootstock") == ("Page 1",)
     assert path_of(doc, "two scions") == ("Page 2",)
+
+
+def test_html_headings_read_as_the_page_shows_them() -> None:
+    html = """<html><head><title>Data model</title></head><body><div role="main">
+<h1>3. Data model</h1>
+<dl><dt><code>&lt;script&gt;</code></dt><dd><p>Execute the code in <em>script</em>.</p></dd></dl>
+<h2>3.1. Notes on using <em>__slots__</em></h2>
+<p>Slots save memory per instance.</p>
+<h2>3.2. The <code>__init__</code> method and <strong>snake_case</strong> names</h2>
+<p>Initialisers run after the instance exists.</p>
+</div></body></html>"""
+    doc = html_doc(html)
+    # markdown reads "*__slots__*" as bold "slots", and a literal "<script>" line as the start of an HTML block
+    assert path_of(doc, "save memory") == ("3. Data model", "3.1. Notes on using __slots__")
+    assert path_of(doc, "Initialisers") == ("3. Data model", "3.2. The __init__ method and snake_case names")
+    assert "<script>" in doc.text
+
+
+def test_html_without_title_element_is_titled_by_its_first_heading() -> None:
+    doc = html_doc("<html><body><h1>Pruning <code>apple_trees</code></h1><p>Cut in late winter.</p></body></html>")
+    assert doc.title == "Pruning apple_trees"
+    assert path_of(doc, "late winter") == ("Pruning apple_trees",)
