@@ -110,7 +110,7 @@ _CHROME_CLASSES = {
     "md-footer",
     "navbar",
 }
-_CHROME_CLASSES |= {"toc", "footer", "modal"}
+_CHROME_CLASSES |= {"toc", "footer", "modal", "header", "nav-panel", "navheader", "navfooter"}
 _SEPARATORS = (" — ", " - ", " | ", " · ", " :: ")
 _WORDS = re.compile(r"[A-Za-z0-9]+")
 _PILCROW = re.compile(r"[¶]|\bPermalink\b")
@@ -124,6 +124,11 @@ def _norm(text: str) -> str:
 
 def _words(text: str) -> str:
     return " ".join(w.lower() for w in _WORDS.findall(text))
+
+
+def _squash(text: str) -> str:
+    """Letters and digits only: markup that splits a word ("`free`d") does not make a paragraph missing."""
+    return "".join(_WORDS.findall(text)).lower()
 
 
 @dataclass
@@ -221,8 +226,9 @@ def score_html(cls: str, path: Path, extract: Extractor) -> Score:
     recall = len(truth_set & found) / len(truth_set) if truth_set else None
     precision = len(found & truth_set) / len(found) if found else (None if not truth_set else 0.0)
     text_words = " " + _words(doc.text) + " "
+    squashed = _squash(doc.text)
     paras = [p for p in truth.paragraphs if _words(p)]
-    para_recall = sum(f" {_words(p)} " in text_words for p in paras) / len(paras) if paras else None
+    para_recall = sum(_squash(p) in squashed for p in paras) / len(paras) if paras else None
     leaks = len(_PILCROW.findall(doc.text)) + sum(len(_PILCROW.findall(h)) for h in found)
     leaks += len(_PILCROW.findall(doc.title))
     chrome = sum(f" {_words(t)} " in text_words for t in truth.chrome) / len(truth.chrome) if truth.chrome else None

@@ -207,6 +207,35 @@ HEADER_LINKS = (
 )
 """Elements generators put into pages for "link to this section" and the like: not what a reader reads."""
 
+LANDMARKS = (
+    "nav",
+    "aside",
+    "[role='navigation']",
+    "[role='banner']",
+    "[role='contentinfo']",
+    "[role='search']",
+    "[role='complementary']",
+    "body > header",
+    "body > footer",
+)
+"""Navigation chrome by the page's own markup (HTML sectioning elements and ARIA landmark roles)."""
+CHROME_WITHOUT_MAIN: tuple[str, ...] = (
+    "#header",
+    "#footer",
+    "#sidebar",
+    "#menu",
+    "#breadcrumbs",
+    ".header",
+    ".footer",
+    ".sidebar",
+    ".navbar",
+    ".menu",
+    ".breadcrumb",
+    ".breadcrumbs",
+    ".skip-link",
+)
+"""Chrome by the most common names, dropped only from pages that do not mark their main content."""
+
 _MAIN = ("//main", "//*[@role='main']")
 
 
@@ -226,8 +255,10 @@ def _html_text(raw: bytes, source_uri: str) -> str:
 
 def _from_html(html: str, source_uri: str) -> SourceDocument:
     """HTML as markdown: the page's main content (``<main>`` or ``role=main`` when the page marks it,
-    else the body without navigation, forms and scripts) converted by html-to-markdown, with
-    header-link glyphs and link targets left out (their text stays). The title is the page's ``<title>``."""
+    else the body) without navigation landmarks, forms and scripts (and, on a page that marks no main
+    content, without elements named header, footer, sidebar, menu...), converted by html-to-markdown,
+    with header-link glyphs and link targets left out (their text stays). The title is the page's
+    ``<title>``, else its first heading."""
     import html_to_markdown
     from lxml import etree
     from lxml import html as lxml_html
@@ -243,7 +274,7 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
     content = lxml_html.tostring(roots[0], encoding="unicode") if roots else html
     options = html_to_markdown.ConversionOptions(
         preprocessing=html_to_markdown.PreprocessingOptions(preset="aggressive"),
-        exclude_selectors=list(HEADER_LINKS),
+        exclude_selectors=[*HEADER_LINKS, *LANDMARKS, *(() if roots else CHROME_WITHOUT_MAIN)],
         strip_tags=["a"],
         skip_images=True,
         extract_metadata=False,

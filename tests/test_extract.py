@@ -601,3 +601,25 @@ def test_html_without_title_element_is_titled_by_its_first_heading() -> None:
     doc = html_doc("<html><body><h1>Pruning <code>apple_trees</code></h1><p>Cut in late winter.</p></body></html>")
     assert doc.title == "Pruning apple_trees"
     assert path_of(doc, "late winter") == ("Pruning apple_trees",)
+
+
+def test_page_without_main_content_markup_loses_its_chrome() -> None:
+    html = """<html><head><title>Cider Notes</title></head><body>
+<div id="header"><a href="/">Home link</a> <a href="/x">Menu item two</a></div>
+<div class="sidebar"><ul><li><a href="/a">Sidebar link one</a></li></ul></div>
+<div class="content"><h1>Pressing</h1><p>Press the apples within a day of milling them.</p>
+<aside>Aside about presses</aside></div>
+<div class="footer">Footer text copyright</div><div role="contentinfo">Contentinfo text</div></body></html>"""
+    doc = html_doc(html)
+    assert doc.title == "Cider Notes"
+    assert " ".join(doc.text.split()) == "# Pressing Press the apples within a day of milling them."
+
+
+def test_marked_main_content_keeps_its_own_header_and_footer_named_blocks() -> None:
+    html = """<html><head><title>Cider</title></head><body><nav><a href="/">Site menu link</a></nav>
+<main><div class="header"><p>Pressing season opens in September.</p></div><h1>Pressing</h1>
+<p>Press the apples within a day of milling them.</p><div class="footer"><p>Read the labels.</p></div></main></body></html>"""
+    doc = html_doc(html)
+    assert "Pressing season opens in September." in doc.text
+    assert "Read the labels." in doc.text
+    assert "Site menu" not in doc.text
