@@ -45,6 +45,7 @@ HTML_CLASSES: dict[str, list[str]] = {
         f"{DOC}/python3.11/html/library/json.html",
         f"{DOC}/python3.11/html/library/functools.html",
         f"{DOC}/python3.11/html/library/re.html",
+        f"{DOC}/python3.11/html/library/pickle.html",
         f"{DOC}/python3.11/html/tutorial/controlflow.html",
         f"{DOC}/python3.11/html/tutorial/classes.html",
         f"{DOC}/python3.11/html/howto/logging.html",
@@ -99,7 +100,7 @@ PDF_TITLES: dict[str, tuple[str, ...]] = {
 # Anchors that generators put into headings for "link to this section": not part of what a reader reads.
 _HEADER_LINK = "a[contains(concat(' ', normalize-space(@class), ' '), ' {0} ')]"
 _GLYPHS = {"¶", "#", "§", "🔗", "", "\uf0c1"}
-_CHROME = ("nav", "header", "footer", "aside")
+_CHROME = ("nav", "header", "footer")
 _CHROME_CLASSES = {
     "sphinxsidebar",
     "related",

@@ -209,17 +209,17 @@ HEADER_LINKS = (
 
 LANDMARKS = (
     "nav",
-    "aside",
     "[role='navigation']",
     "[role='banner']",
     "[role='contentinfo']",
     "[role='search']",
-    "[role='complementary']",
     "body > header",
     "body > footer",
 )
 """Navigation chrome by the page's own markup (HTML sectioning elements and ARIA landmark roles)."""
 CHROME_WITHOUT_MAIN: tuple[str, ...] = (
+    "aside",  # inside a marked main content an <aside> is a footnote or a sidebar note: content
+    "[role='complementary']",
     "#header",
     "#footer",
     "#sidebar",
@@ -273,7 +273,7 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
     roots = [found for xpath in _MAIN for found in tree.xpath(xpath)]
     content = lxml_html.tostring(roots[0], encoding="unicode") if roots else html
     options = html_to_markdown.ConversionOptions(
-        preprocessing=html_to_markdown.PreprocessingOptions(preset="aggressive"),
+        preprocessing=html_to_markdown.PreprocessingOptions(preset="standard"),
         exclude_selectors=[*HEADER_LINKS, *LANDMARKS, *(() if roots else CHROME_WITHOUT_MAIN)],
         strip_tags=["a"],
         skip_images=True,

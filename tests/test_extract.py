@@ -319,6 +319,9 @@ has to make sure that both are removed.</p>
 <span class="sig-name descname"><span class="pre">compile</span></span><span class="sig-paren">(</span><em class="sig-param">path</em><span class="sig-paren">)</span>
 <a class="headerlink" href="#orchard.compile" title="Permalink to this definition">\u00b6</a></dt>
 <dd><p>Byte-compile every module below the path.</p></dd></dl>
+<aside class="footnote-list brackets"><aside class="footnote brackets" id="id7" role="note">
+<span class="label"><span class="fn-bracket">[</span><a role="doc-backlink" href="#id1">1</a><span class="fn-bracket">]</span></span>
+<p>Optimized modules are no longer produced by current interpreters.</p></aside></aside>
 </section></section>
 </div></div></div>
 <div class="sphinxsidebar" role="navigation" aria-label="main navigation"><div class="sphinxsidebarwrapper">
@@ -344,6 +347,7 @@ def test_sphinx_page_title_headings_and_text() -> None:
         "(`foo.pyo` files) must not ship in the package. The package\u2019s `prerm` has to make sure" in text
     )
     assert "Byte-compile every module below the path." in text
+    assert "Optimized modules are no longer produced by current interpreters." in text  # a footnote is content
     for chrome in (
         "\u00b6",
         "Permalink",
