@@ -417,7 +417,8 @@ class _Prominent:
             if size != largest:
                 break
             run.append(text)
-        return " ".join("".join(run).split())[:300]
+        title = " ".join("".join(run).split())[:300]
+        return title if sum(c.isalnum() for c in title) >= 3 else ""  # a drop cap or an ornament is no title
 
 
 def _outline(reader: Any) -> list[tuple[int, int, str]]:
