@@ -1,6 +1,6 @@
 """Extraction quality on real documents found on a Debian machine: titles, heading paths, passage text.
 
-    python -m bench.extraction [--limit-per-class N] [--json]
+    python -m bench.extraction [--limit-per-class N] [--doc-root /usr/share/doc]
 
 Scores what ``mcp_rag.extract`` + ``mcp_rag.chunking`` make of real pages, by class:
 
@@ -15,16 +15,15 @@ Scores what ``mcp_rag.extract`` + ``mcp_rag.chunking`` make of real pages, by cl
 
 Pages come from Debian packages (python3-doc, sphinx-doc, mkdocs-doc, zlib1g-dev, libxslt1-dev, valgrind, libffi,
 libexpat1-dev, nettle-dev, libtasn1-doc, ...); a class whose pages are absent is skipped, and with no page at all
-the benchmark says so in one line and exits 0.
+the benchmark says so in one line and exits 0. Like every benchmark it prints one JSON line per measurement
+(here: per class) on stdout; the per-page scores and a markdown table go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import re
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,68 +32,69 @@ from typing import Any
 
 from lxml import html as lxml_html
 
+from bench.common import emit, log
 from mcp_rag.chunking import chunk_text
 from mcp_rag.extract import SourceDocument, read_file
 
 MAX_BYTES = 50 * 1024 * 1024
-DOC = "/usr/share/doc"
+DOC = Path("/usr/share/doc")
 
 HTML_CLASSES: dict[str, list[str]] = {
     "sphinx": [
-        f"{DOC}/python3.11/html/library/os.path.html",
-        f"{DOC}/python3.11/html/library/json.html",
-        f"{DOC}/python3.11/html/library/functools.html",
-        f"{DOC}/python3.11/html/library/re.html",
-        f"{DOC}/python3.11/html/library/pickle.html",
-        f"{DOC}/python3.11/html/tutorial/controlflow.html",
-        f"{DOC}/python3.11/html/tutorial/classes.html",
-        f"{DOC}/python3.11/html/howto/logging.html",
-        f"{DOC}/python3.11/html/using/cmdline.html",
-        f"{DOC}/python3.11/html/reference/datamodel.html",
-        f"{DOC}/python3.11/html/faq/programming.html",
-        f"{DOC}/python3/python-policy.html",
-        f"{DOC}/sphinx-doc/html/usage/quickstart.html",
-        f"{DOC}/sphinx-doc/html/usage/configuration.html",
-        f"{DOC}/sphinx-doc/html/tutorial/getting-started.html",
+        "python3.11/html/library/os.path.html",
+        "python3.11/html/library/json.html",
+        "python3.11/html/library/functools.html",
+        "python3.11/html/library/re.html",
+        "python3.11/html/library/pickle.html",
+        "python3.11/html/tutorial/controlflow.html",
+        "python3.11/html/tutorial/classes.html",
+        "python3.11/html/howto/logging.html",
+        "python3.11/html/using/cmdline.html",
+        "python3.11/html/reference/datamodel.html",
+        "python3.11/html/faq/programming.html",
+        "python3/python-policy.html",
+        "sphinx-doc/html/usage/quickstart.html",
+        "sphinx-doc/html/usage/configuration.html",
+        "sphinx-doc/html/tutorial/getting-started.html",
     ],
     "mkdocs": [
-        f"{DOC}/mkdocs/html/getting-started.html",
-        f"{DOC}/mkdocs/html/user-guide/writing-your-docs.html",
-        f"{DOC}/mkdocs/html/user-guide/configuration.html",
-        f"{DOC}/mkdocs/html/user-guide/deploying-your-docs.html",
-        f"{DOC}/mkdocs/html/user-guide/installation.html",
-        f"{DOC}/mkdocs/html/dev-guide/themes.html",
-        f"{DOC}/mkdocs-literate-nav-doc/html/index.html",
-        f"{DOC}/mkdocs-literate-nav-doc/html/reference.html",
+        "mkdocs/html/getting-started.html",
+        "mkdocs/html/user-guide/writing-your-docs.html",
+        "mkdocs/html/user-guide/configuration.html",
+        "mkdocs/html/user-guide/deploying-your-docs.html",
+        "mkdocs/html/user-guide/installation.html",
+        "mkdocs/html/dev-guide/themes.html",
+        "mkdocs-literate-nav-doc/html/index.html",
+        "mkdocs-literate-nav-doc/html/reference.html",
     ],
     "hand-written": [
-        f"{DOC}/zlib1g-dev/examples/zlib_how.html",
-        f"{DOC}/libxslt1-dev/html/tutorial/libxslttutorial.html",
-        f"{DOC}/libxslt1-dev/html/xsltproc.html",
-        f"{DOC}/libexpat1-dev/expat.html/reference.html",
-        f"{DOC}/bzip2/manual.html",
-        f"{DOC}/time/time.html",
+        "zlib1g-dev/examples/zlib_how.html",
+        "libxslt1-dev/html/tutorial/libxslttutorial.html",
+        "libxslt1-dev/html/xsltproc.html",
+        "libexpat1-dev/expat.html/reference.html",
+        "bzip2/manual.html",
+        "time/time.html",
     ],
     "docbook/texinfo": [
-        f"{DOC}/valgrind/html/quick-start.html",
-        f"{DOC}/valgrind/html/mc-manual.html",
-        f"{DOC}/valgrind/html/manual-core.html",
-        f"{DOC}/libffi8/html/The-Basics.html",
-        f"{DOC}/libffi8/html/Closure-Example.html",
-        f"{DOC}/nettle-dev/nettle.html",
-        f"{DOC}/shared-mime-info/shared-mime-info-spec.html/index.html",
+        "valgrind/html/quick-start.html",
+        "valgrind/html/mc-manual.html",
+        "valgrind/html/manual-core.html",
+        "libffi8/html/The-Basics.html",
+        "libffi8/html/Closure-Example.html",
+        "nettle-dev/nettle.html",
+        "shared-mime-info/shared-mime-info-spec.html/index.html",
     ],
 }
 
 # Acceptable titles of the PDF manuals, read off their first pages by a person.
 PDF_TITLES: dict[str, tuple[str, ...]] = {
-    f"{DOC}/zlib1g-dev/crc-doc.1.0.pdf.gz": ("Everything we know about CRC but afraid to forget",),
-    f"{DOC}/nettle-dev/nettle.pdf.gz": ("Nettle Manual",),
-    f"{DOC}/fontconfig/fontconfig-user.pdf.gz": ("fonts-conf", "fonts.conf"),
-    f"{DOC}/valgrind/valgrind_manual.pdf.gz": ("Valgrind Documentation",),
-    f"{DOC}/bzip2/manual.pdf.gz": ("bzip2 and libbzip2, version 1.0.8", "bzip2 and libbzip2"),
-    f"{DOC}/libtasn1-doc/libtasn1.pdf": ("Libtasn1", "GNU Libtasn1"),
-    f"{DOC}/shared-mime-info/shared-mime-info-spec.pdf": ("Shared MIME-info Database",),
+    "zlib1g-dev/crc-doc.1.0.pdf.gz": ("Everything we know about CRC but afraid to forget",),
+    "nettle-dev/nettle.pdf.gz": ("Nettle Manual",),
+    "fontconfig/fontconfig-user.pdf.gz": ("fonts-conf", "fonts.conf"),
+    "valgrind/valgrind_manual.pdf.gz": ("Valgrind Documentation",),
+    "bzip2/manual.pdf.gz": ("bzip2 and libbzip2, version 1.0.8", "bzip2 and libbzip2"),
+    "libtasn1-doc/libtasn1.pdf": ("Libtasn1", "GNU Libtasn1"),
+    "shared-mime-info/shared-mime-info-spec.pdf": ("Shared MIME-info Database",),
 }
 
 # Anchors that generators put into headings for "link to this section": not part of what a reader reads.
@@ -255,15 +255,15 @@ def project_extractor(path: Path) -> SourceDocument:
     return doc
 
 
-def run(extract: Extractor, limit: int | None = None) -> list[Score]:
+def run(extract: Extractor, limit: int | None = None, doc_root: Path = DOC) -> list[Score]:
     scores: list[Score] = []
     for cls, pages in HTML_CLASSES.items():
-        present = [Path(p) for p in pages if Path(p).is_file()][:limit]
+        present = [doc_root / p for p in pages if (doc_root / p).is_file()][:limit]
         for page in present:
             scores.append(score_html(cls, page, extract))
     with tempfile.TemporaryDirectory() as tmp:
         for name, titles in PDF_TITLES.items():
-            src = Path(name)
+            src = doc_root / name
             if not src.is_file():
                 continue
             if src.suffix == ".gz":
@@ -310,39 +310,29 @@ def _fmt(value: Any) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--limit-per-class", type=int, default=None)
-    ap.add_argument("--json", action="store_true", help="one JSON line per page instead of the table")
+    ap.add_argument(
+        "--doc-root", type=Path, default=DOC, help="where the Debian documentation is (default %(default)s)"
+    )
     args = ap.parse_args(argv)
-    scores = run(project_extractor, args.limit_per_class)
+    scores = run(project_extractor, args.limit_per_class, args.doc_root)
     if not scores:
-        print(
-            "bench.extraction: skipped, none of the real-world pages (Debian documentation packages) is on this machine"
+        log(
+            f"bench.extraction: skipped, none of the real-world pages (Debian documentation packages) is under {args.doc_root}"
         )
         return 0
-    if args.json:
-        for s in scores:
-            print(json.dumps(s.__dict__))
-    else:
-        for s in scores:
-            print(
-                f"{s.cls:16} title_ok={s.title_ok!s:5} h_rec={_fmt(s.heading_recall)} h_prec={_fmt(s.heading_precision)} "
-                f"para={_fmt(s.paragraph_recall)} leaks={s.leaks} chrome={_fmt(s.chrome)} cov={_fmt(s.covered)} {Path(s.page).name} :: {s.title!r}",
-                file=sys.stderr,
-            )
-    cols = [
-        "class",
-        "pages",
-        "title_ok",
-        "heading_recall",
-        "heading_precision",
-        "paragraph_recall",
-        "leaks",
-        "chrome_kept",
-        "outline_coverage",
-    ]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in summary(scores):
-        print("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    for s in scores:
+        log(
+            f"{s.cls:16} title_ok={s.title_ok!s:5} h_rec={_fmt(s.heading_recall)} h_prec={_fmt(s.heading_precision)} "
+            f"para={_fmt(s.paragraph_recall)} leaks={s.leaks} chrome={_fmt(s.chrome)} cov={_fmt(s.covered)} "
+            f"{Path(s.page).name} :: {s.title!r}"
+        )
+    rows = summary(scores)
+    for row in rows:
+        emit("extraction", f"class={row['class']}", **row)
+    cols = list(rows[0])
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
+    log("\n" + "\n".join(table))
     return 0
 
 
