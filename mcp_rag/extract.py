@@ -269,7 +269,8 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
         tree = lxml_html.document_fromstring(html.encode("utf-8", "surrogatepass"), parser=parser)
     except (etree.ParserError, ValueError):
         raise InvalidInputError(f"{source_uri}: no readable text found in the HTML") from None
-    page_title = " ".join((tree.findtext(".//title") or "").split())
+    head_titles = tree.xpath("/html/head/title")  # not an SVG icon's <title> in the body
+    page_title = " ".join((head_titles[0].text_content() if head_titles else "").split())
     roots = [found for xpath in _MAIN for found in tree.xpath(xpath)]
     content = lxml_html.tostring(roots[0], encoding="unicode") if roots else html
     options = html_to_markdown.ConversionOptions(

@@ -627,3 +627,9 @@ def test_marked_main_content_keeps_its_own_header_and_footer_named_blocks() -> N
     assert "Pressing season opens in September." in doc.text
     assert "Read the labels." in doc.text
     assert "Site menu" not in doc.text
+
+
+def test_an_svg_title_in_the_body_is_not_the_page_title() -> None:
+    html = """<html><body><svg role="img"><title>Copy icon</title><path d="M0 0"/></svg>
+<h1>Grafting basics</h1><p>Join the scion to the stock.</p></body></html>"""
+    assert html_doc(html).title == "Grafting basics"
