@@ -10,6 +10,8 @@ Scores what ``mcp_rag.extract`` + ``mcp_rag.chunking`` make of real pages, by cl
   score the title, heading recall and precision (over the set of headings that appear in chunk heading paths),
   paragraph recall (a paragraph counts when its words appear in order in the extracted text), and leaks
   (pilcrows / "Permalink" in text or headings).
+- Markdown (Node.js API sources): title and headings against the HTML page Debian ships rendered from them;
+  leaks here also count backslash escapes in the title and heading paths.
 - PDF: hand-labelled titles of the manuals Debian ships, and the share of text (by characters) whose chunks carry
   a heading path from the PDF's outline.
 
@@ -84,6 +86,23 @@ HTML_CLASSES: dict[str, list[str]] = {
         "nettle-dev/nettle.html",
         "shared-mime-info/shared-mime-info-spec.html/index.html",
     ],
+    "other generators": [
+        "nodejs/api/console.html",  # Node.js's own doc tool
+        "nodejs/api/dns.html",
+        "nodejs/api/events.html",
+        "ninja-build/manual.html",  # asciidoc
+        "libxslt1-dev/gtk-doc/html/libxslt/libxslt-transform.html",  # gtk-doc
+        "libxslt1-dev/html/html/libxslt-transform.html",  # generated, laid out with tables
+    ],
+}
+
+# Markdown sources whose rendering Debian ships too: the rendered page is the truth for title and headings.
+MARKDOWN_PAGES = {
+    "nodejs/api/console.md": "nodejs/api/console.html",
+    "nodejs/api/dns.md": "nodejs/api/dns.html",
+    "nodejs/api/events.md": "nodejs/api/events.html",
+    "nodejs/api/fs.md": "nodejs/api/fs.html",
+    "nodejs/api/stream.md": "nodejs/api/stream.html",
 }
 
 # Acceptable titles of the PDF manuals, read off their first pages by a person.
@@ -114,7 +133,7 @@ _CHROME_CLASSES = {
 _CHROME_CLASSES |= {"toc", "footer", "modal", "header", "nav-panel", "navheader", "navfooter"}
 _SEPARATORS = (" — ", " - ", " | ", " · ", " :: ")
 _WORDS = re.compile(r"[A-Za-z0-9]+")
-_PILCROW = re.compile(r"[¶]|\bPermalink\b")
+_PILCROW = re.compile(r"[¶]|\bPermalink\b|\S#$")
 
 Extractor = Callable[[Path], SourceDocument]
 
@@ -156,15 +175,11 @@ def _in_chrome(element: Any) -> bool:
 def html_truth(path: Path) -> Truth:
     """What a reader sees on the page, read with lxml and knowledge of the page's layout."""
     tree = lxml_html.fromstring(path.read_bytes())
-    for anchor in tree.iter("a"):
+    headings = {"h1", "h2", "h3", "h4", "h5", "h6"}
+    for anchor in list(tree.iter("a")):
         href = anchor.get("href") or ""
-        parent = anchor.getparent()
-        if (
-            href.startswith("#")
-            and _norm(anchor.text_content()) in _GLYPHS
-            and parent is not None
-            and parent.tag in {"h1", "h2", "h3", "h4", "h5", "h6"}
-        ):
+        in_heading = any(anc.tag in headings for anc in anchor.iterancestors())
+        if href.startswith("#") and _norm(anchor.text_content()) in _GLYPHS and in_heading:
             anchor.drop_tree()
     titles: set[str] = set()
     page_title = tree.findtext(".//title")
@@ -188,7 +203,7 @@ def html_truth(path: Path) -> Truth:
     for element in [e for e in tree.iter() if _is_chrome(e) and not _in_chrome(e)]:
         element.drop_tree()
     body = tree.find(".//body")
-    content = " " + _words(body.text_content() if body is not None else "") + " "
+    content = " " + _words(" ".join(body.itertext()) if body is not None else "") + " "  # blocks apart
     chrome = sorted({t for t in links if len(_words(t).split()) >= 2 and f" {_words(t)} " not in content})
     return Truth(titles, headings, paragraphs, chrome)
 
@@ -237,6 +252,17 @@ def score_html(cls: str, path: Path, extract: Extractor) -> Score:
     return Score(cls, str(path), doc.title, title_ok, recall, precision, para_recall, leaks, chrome)
 
 
+def score_markdown(path: Path, rendered: Path, extract: Extractor) -> Score:
+    truth = html_truth(rendered)
+    doc = extract(path)
+    found = {h for p in heading_paths(doc) for h in p}
+    truth_set = set(truth.headings)
+    recall = len(truth_set & found) / len(truth_set) if truth_set else None
+    precision = len(found & truth_set) / len(found) if found else None
+    leaks = sum(len(_PILCROW.findall(h)) + h.count("\\") for h in found) + doc.title.count("\\")
+    return Score("markdown", str(path), doc.title, _norm(doc.title) in truth.titles, recall, precision, leaks=leaks)
+
+
 def score_pdf(path: Path, titles: Sequence[str], extract: Extractor) -> Score:
     doc = extract(path)
     chunks = chunk_text(
@@ -261,6 +287,9 @@ def run(extract: Extractor, limit: int | None = None, doc_root: Path = DOC) -> l
         present = [doc_root / p for p in pages if (doc_root / p).is_file()][:limit]
         for page in present:
             scores.append(score_html(cls, page, extract))
+    for source, rendered in MARKDOWN_PAGES.items():
+        if (doc_root / source).is_file() and (doc_root / rendered).is_file():
+            scores.append(score_markdown(doc_root / source, doc_root / rendered, extract))
     with tempfile.TemporaryDirectory() as tmp:
         for name, titles in PDF_TITLES.items():
             src = doc_root / name

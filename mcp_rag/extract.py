@@ -225,6 +225,8 @@ CHROME_WITHOUT_MAIN: tuple[str, ...] = (
     "#sidebar",
     "#menu",
     "#breadcrumbs",
+    "#toc",  # an in-page table of contents repeats the headings
+    ".toc",
     ".header",
     ".footer",
     ".sidebar",
@@ -272,7 +274,11 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
     head_titles = tree.xpath("/html/head/title")  # not an SVG icon's <title> in the body
     page_title = " ".join((head_titles[0].text_content() if head_titles else "").split())
     roots = [found for xpath in _MAIN for found in tree.xpath(xpath)]
-    content = lxml_html.tostring(roots[0], encoding="unicode") if roots else html
+    changed = _unwrap_layout_tables(roots[0] if roots else tree) + _drop_heading_anchors(roots[0] if roots else tree)
+    if roots:
+        content = lxml_html.tostring(roots[0], encoding="unicode")
+    else:
+        content = lxml_html.tostring(tree, encoding="unicode") if changed else html
     options = html_to_markdown.ConversionOptions(
         preprocessing=html_to_markdown.PreprocessingOptions(preset="standard"),
         exclude_selectors=[*HEADER_LINKS, *LANDMARKS, *(() if roots else CHROME_WITHOUT_MAIN)],
@@ -297,6 +303,47 @@ def _from_html(html: str, source_uri: str) -> SourceDocument:
         metadata={"content_type": "text/html"},
         sections=tuple(heading_paths(headings)),
     )
+
+
+_LAYOUT_TABLE = "table[.//table or .//h1 or .//h2 or .//h3 or .//h4 or .//h5 or .//h6 or .//pre]"
+_TABLE_PARTS = {"table", "thead", "tbody", "tfoot", "tr", "td", "th", "caption", "colgroup", "col"}
+
+
+def _unwrap_layout_tables(root: Any) -> int:
+    """Turn tables used for page layout (holding headings, code blocks or other tables: old hand-written
+    and generated pages) into plain blocks, so their content converts as text and headings rather than
+    as one markdown table row. Returns how many tables were unwrapped."""
+    tables = set(root.xpath(f"descendant-or-self::{_LAYOUT_TABLE}"))
+    if not tables:
+        return 0
+    parts = [
+        element
+        for element in root.iter(*_TABLE_PARTS)
+        if (element if element.tag == "table" else next(element.iterancestors("table"), None)) in tables
+    ]  # decided before any tag changes: a data table inside a layout table stays a table
+    for element in parts:
+        if element.tag in ("col", "colgroup"):
+            element.drop_tree()
+        else:
+            element.tag = "div"
+    return len(tables)
+
+
+_HEADING_ANCHORS = "descendant-or-self::*[self::h1 or self::h2 or self::h3 or self::h4 or self::h5 or self::h6]//a"
+_GLYPHS = {"", "#", "¶", "§", "🔗", "\u200b", "\uf0c1"}
+
+
+def _drop_heading_anchors(root: Any) -> int:
+    """Remove "link to this section" anchors from headings, whatever their class: a link inside a heading
+    that points into the page and shows only a glyph (#, ¶, §, 🔗) or nothing. Returns how many."""
+    anchors = [
+        a
+        for a in root.xpath(_HEADING_ANCHORS)
+        if (a.get("href") or "").startswith("#") and a.text_content().strip() in _GLYPHS
+    ]
+    for anchor in anchors:
+        anchor.drop_tree()
+    return len(anchors)
 
 
 def _html_headings(found: list[Heading], structure: Any) -> list[Heading]:

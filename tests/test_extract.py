@@ -633,3 +633,28 @@ def test_an_svg_title_in_the_body_is_not_the_page_title() -> None:
     html = """<html><body><svg role="img"><title>Copy icon</title><path d="M0 0"/></svg>
 <h1>Grafting basics</h1><p>Join the scion to the stock.</p></body></html>"""
     assert html_doc(html).title == "Grafting basics"
+
+
+def test_layout_tables_give_headings_not_a_table_row() -> None:
+    html = """<html><head><title>Module graft from liborchard</title></head><body>
+<table width="100%"><tr><td><table><tr><td align="center"><h1>The orchard C library</h1>
+<h2>Module graft from liborchard</h2></td></tr></table></td></tr></table>
+<table><tr><td valign="top"><p>This module joins scions to rootstocks.</p>
+<h2>Description</h2><h3>Function: graft_join</h3><pre class="programlisting">int graft_join (scion_t *s, stock_t *t);</pre>
+<p>Returns zero on success.</p>
+<table class="data"><tr><th>name</th><th>meaning</th></tr><tr><td>s</td><td>the scion</td></tr></table>
+</td></tr></table></body></html>"""
+    doc = html_doc(html)
+    assert path_of(doc, "zero on success") == ("The orchard C library", "Description", "Function: graft_join")
+    assert "int graft_join (scion_t *s, stock_t *t);" in doc.text
+    assert "| s    | the scion |" in doc.text  # a table of data stays a table
+
+
+def test_section_anchors_inside_headings_go_whatever_their_class() -> None:
+    html = """<html><head><title>Console | Runtime docs</title></head><body><div id="column1" role="main">
+<h2><span><a class="mark" href="#class-console" id="class-console">#</a></span> Class: <code>Console</code></h2>
+<p>The console class writes to any stream.</p>
+<h3><a href="#log">console.log()</a><a class="x" href="#log-2">\U0001f517</a></h3><p>Prints to stdout.</p></div></body></html>"""
+    doc = html_doc(html)
+    assert path_of(doc, "any stream") == ("Class: Console",)
+    assert path_of(doc, "Prints to stdout") == ("Class: Console", "console.log()")  # a linked title stays
