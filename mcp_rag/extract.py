@@ -53,8 +53,9 @@ class SourceDocument:
     metadata: dict[str, Any] = field(default_factory=dict)
     markdown: bool = True
     sections: tuple[Section, ...] = ()
-    """Section starts (character offsets into ``text``) with their heading paths, for texts whose
-    structure is not markdown (a PDF's outline); empty when the markdown headings say it."""
+    """Section starts (character offsets into ``text``) with their heading paths, when the extractor knows
+    the structure better than the text's markdown headings say it: a PDF's outline, an HTML page's headings
+    as the page shows them. Empty: the chunker reads the markdown headings of ``text``."""
 
 
 def decode_text(data: bytes, source: str) -> str:
