@@ -1,6 +1,9 @@
 """Structure-aware chunking that fits the embedding model's token window.
 
-A document is cut into sections at markdown headings, sections into paragraphs, and
+A document is cut into sections at markdown headings (found by a CommonMark parser, so a
+``#`` line inside a code block is no heading, and a heading's path entry is its text as a
+reader sees it: escapes resolved, inline markup dropped), or at the section offsets its
+extractor found (a PDF's outline), sections into paragraphs, and
 paragraphs into sentences; sentences (or word windows of an over-long sentence) are
 packed into chunks of at most ``max_tokens`` tokens, each new chunk repeating the last
 ``overlap_tokens`` worth of sentences of the previous one within a section. Every chunk is
@@ -10,13 +13,18 @@ an exact span of the source text: ``text[start:end] == chunk.text``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
+Section = tuple[int, tuple[str, ...]]
+"""Where a section starts in the text (a character offset) and its heading path."""
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$", re.MULTILINE)
+_NEWLINE = re.compile(r"\r\n?|\n")  # what markdown-it counts as a line break
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 # A closing quote or bracket after the full stop stays with its sentence (up to two of them).
 _SENTENCE_END = re.compile(
@@ -50,10 +58,13 @@ def chunk_text(
     max_tokens: int = 200,
     overlap_tokens: int = 32,
     markdown: bool = True,
+    sections: Sequence[Section] = (),
 ) -> list[Chunk]:
+    """Chunks of ``text``. ``sections`` (offsets with heading paths, ascending) takes the place of
+    markdown headings when given: an extractor that knows the structure (a PDF outline) says it."""
     if max_tokens < 1 or not 0 <= overlap_tokens < max_tokens:
         raise ValueError("need max_tokens >= 1 and 0 <= overlap_tokens < max_tokens")
-    units = _units(text, markdown)
+    units = _units(text, markdown, sections)
     if not units:
         return []
     counts = count_tokens([text[u.start : u.end] for u in units])
@@ -93,22 +104,17 @@ def chunk_text(
     return chunks
 
 
-def _units(text: str, markdown: bool) -> list[_Unit]:
+def _units(text: str, markdown: bool, given: Sequence[Section] = ()) -> list[_Unit]:
     """Sentences with their heading path, section and paragraph numbers."""
     sections: list[tuple[int, int, tuple[str, ...]]] = []
-    path: list[tuple[int, str]] = []
     cursor = 0
-    if markdown:
-        fenced = _fenced_blocks(text)
-        for match in _HEADING.finditer(text):
-            if any(start <= match.start() < end for start, end in fenced):
-                continue  # a "# comment" line in a code block is not a heading
-            sections.append((cursor, match.start(), tuple(title for _, title in path)))
-            level = len(match.group(1))
-            path = [(lvl, title) for lvl, title in path if lvl < level]
-            path.append((level, match.group(2).strip()))
-            cursor = match.start()  # the heading line belongs to its own section
-    sections.append((cursor, len(text), tuple(title for _, title in path)))
+    path: tuple[str, ...] = ()
+    boundaries = given if given else markdown_sections(text) if markdown else ()
+    for start, heading_path in boundaries:
+        start = max(cursor, min(start, len(text)))
+        sections.append((cursor, start, path))
+        cursor, path = start, tuple(heading_path)  # a heading line belongs to its own section
+    sections.append((cursor, len(text), path))
 
     units: list[_Unit] = []
     paragraph = 0
@@ -120,21 +126,60 @@ def _units(text: str, markdown: bool) -> list[_Unit]:
     return units
 
 
-def _fenced_blocks(text: str) -> list[tuple[int, int]]:
-    """Spans of fenced code blocks: from an opening ``` or ~~~ line to the line closing it (a fence of
-    the same character, at least as long, nothing after it) or, unclosed, to the end of the text."""
-    blocks: list[tuple[int, int]] = []
-    opening: re.Match[str] | None = None
-    for match in _FENCE.finditer(text):
-        fence = match.group(1)
-        if opening is None:
-            opening = match
-        elif fence[0] == opening.group(1)[0] and len(fence) >= len(opening.group(1)) and not match.group(2).strip():
-            blocks.append((opening.start(), match.end()))
-            opening = None
-    if opening is not None:
-        blocks.append((opening.start(), len(text)))
-    return blocks
+Heading = tuple[int, int, str]
+"""A heading: where its line starts in the text (a character offset), its level (1-6) and its text."""
+
+
+@lru_cache(maxsize=2)
+def _parser(raw_html: bool) -> MarkdownIt:
+    return MarkdownIt("commonmark", {"html": raw_html})
+
+
+def markdown_headings(text: str, *, raw_html: bool = True) -> list[Heading]:
+    """Top-level ATX and setext headings of a markdown text, with their text as a reader sees it.
+    ``raw_html=False`` reads ``<tag>`` as text: right for markdown converted from HTML, where such
+    text is literal (an option named ``<script>``) and must not open an HTML block."""
+    line_starts = [0] + [m.end() for m in _NEWLINE.finditer(text)]
+    return [
+        (line_starts[min(line, len(line_starts) - 1)], level, title)
+        for level, line, title in _headings(_parser(raw_html).parse(text))
+        if title
+    ]
+
+
+def heading_paths(headings: Sequence[Heading]) -> list[Section]:
+    """Sections opened by headings: each heading's path is its text behind the headings above it."""
+    out: list[Section] = []
+    path: list[tuple[int, str]] = []
+    for start, level, title in headings:
+        path = [(lvl, t) for lvl, t in path if lvl < level]
+        path.append((level, title))
+        out.append((start, tuple(t for _, t in path)))
+    return out
+
+
+def markdown_sections(text: str, *, raw_html: bool = True) -> list[Section]:
+    """Where each markdown heading starts and the heading path it opens."""
+    return heading_paths(markdown_headings(text, raw_html=raw_html))
+
+
+def heading_text(inline: Token) -> str:
+    """What a reader sees of an inline run: text and code, without markup, escapes or raw HTML."""
+    parts = [
+        child.content
+        if child.type in ("text", "code_inline")
+        else " "
+        if child.type in ("softbreak", "hardbreak")
+        else ""
+        for child in inline.children or ()
+    ]
+    return " ".join("".join(parts).split())
+
+
+def _headings(tokens: list[Token]) -> Iterator[tuple[int, int, str]]:
+    for i, token in enumerate(tokens):
+        if token.type == "heading_open" and token.level == 0 and token.map is not None and i + 1 < len(tokens):
+            yield int(token.tag[1]), token.map[0], heading_text(tokens[i + 1])
 
 
 def _spans(text: str, start: int, end: int, separator: re.Pattern[str]) -> list[tuple[int, int]]:

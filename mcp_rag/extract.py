@@ -1,14 +1,17 @@
 """Turning sources (inline text, files, directories, BEIR corpora, fetched bytes) into plain documents.
 
-Extraction uses well-kept libraries: trafilatura for HTML, pypdf for PDF. Every failure
+Extraction uses well-kept libraries: html-to-markdown (with lxml to find the main content) for HTML,
+pypdf (text, outline, page labels) for PDF, markdown-it-py for markdown headings. Every failure
 is an ``InvalidInputError`` subclass whose message says what was wrong with which source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from .chunking import Heading, Section, heading_paths, markdown_headings, markdown_sections
 from .errors import InvalidInputError, TooLargeError, UnsupportedSourceError
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".rst": "text"}
@@ -32,8 +36,9 @@ byte; a few-KB "bomb" (one highly compressed form XObject drawn thousands of tim
 each costing pure-Python parsing time, so without a budget it ties up a worker for hours."""
 MIN_PDF_OPERATIONS = 250_000
 MAX_PDF_OPERATIONS = 5_000_000
+MAX_OUTLINE_ENTRIES = 10_000
 MAX_HTML_ATTRIBUTES = 256
-"""Attributes on one HTML tag. libxml2 (under trafilatura) compares each new attribute of a tag with
+"""Attributes on one HTML tag. libxml2 (under lxml) compares each new attribute of a tag with
 the ones before it, so a single tag with 200k attributes (2 MB) takes hours to extract; real pages
 stay far below this."""
 
@@ -47,6 +52,10 @@ class SourceDocument:
     title: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     markdown: bool = True
+    sections: tuple[Section, ...] = ()
+    """Section starts (character offsets into ``text``) with their heading paths, when the extractor knows
+    the structure better than the text's markdown headings say it: a PDF's outline, an HTML page's headings
+    as the page shows them. Empty: the chunker reads the markdown headings of ``text``."""
 
 
 def decode_text(data: bytes, source: str) -> str:
@@ -70,7 +79,7 @@ def extract_bytes(data: bytes, *, kind: str, source_uri: str, max_bytes: int) ->
         heading = _first_heading(text) if kind == "markdown" else None  # '#' means nothing in plain text
         return SourceDocument(source_uri, text, title=heading or _name_of(source_uri), markdown=kind == "markdown")
     if kind == "html":
-        return _from_html(decode_text(data, source_uri), source_uri)
+        return _from_html(_html_text(data, source_uri), source_uri)
     if kind == "pdf":
         return _from_pdf(data, source_uri, max_bytes)
     raise UnsupportedSourceError(f"{source_uri}: unsupported content type {kind!r}")
@@ -184,23 +193,184 @@ def _check_html(html: str, source_uri: str) -> None:
         )
 
 
+HEADER_LINKS = (
+    "a.headerlink",  # Sphinx, MkDocs
+    "a.anchor",  # GitHub-rendered README
+    "a.hash-link",  # Docusaurus
+    "a.anchor-link",  # Jupyter
+    "a.md-content__button",  # MkDocs Material "edit this page"
+    "a.copiable-anchor",  # texinfo
+    "a.copiable-link",  # texinfo
+    "a[title^='Permalink']",
+    "a[title='Permanent link']",
+    "a[aria-label^='Permalink']",
+    "[aria-hidden='true']",  # icons and glyphs that screen readers skip too
+)
+"""Elements generators put into pages for "link to this section" and the like: not what a reader reads."""
+
+LANDMARKS = (
+    "nav",
+    "[role='navigation']",
+    "[role='banner']",
+    "[role='contentinfo']",
+    "[role='search']",
+    "body > header",
+    "body > footer",
+)
+"""Navigation chrome by the page's own markup (HTML sectioning elements and ARIA landmark roles)."""
+CHROME_WITHOUT_MAIN: tuple[str, ...] = (
+    "aside",  # inside a marked main content an <aside> is a footnote or a sidebar note: content
+    "[role='complementary']",
+    "#header",
+    "#footer",
+    "#sidebar",
+    "#menu",
+    "#breadcrumbs",
+    "#toc",  # an in-page table of contents repeats the headings
+    ".toc",
+    ".header",
+    ".footer",
+    ".sidebar",
+    ".navbar",
+    ".menu",
+    ".breadcrumb",
+    ".breadcrumbs",
+    ".skip-link",
+)
+"""Chrome by the most common names, dropped only from pages that do not mark their main content."""
+
+_MAIN = ("//main", "//*[@role='main']")
+
+
+def _html_text(raw: bytes, source_uri: str) -> str:
+    """The page as text: UTF-8, else the encoding charset-normalizer finds (pages declared latin-1 are common)."""
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(raw[:65536]).best()
+        if best is not None:
+            with contextlib.suppress(LookupError, UnicodeDecodeError):
+                raw = raw.decode(best.encoding).encode("utf-8")
+    return decode_text(raw, source_uri)
+
+
 def _from_html(html: str, source_uri: str) -> SourceDocument:
-    import trafilatura
+    """HTML as markdown: the page's main content (``<main>`` or ``role=main`` when the page marks it,
+    else the body) without navigation landmarks, forms and scripts (and, on a page that marks no main
+    content, without elements named header, footer, sidebar, menu...), converted by html-to-markdown,
+    with header-link glyphs and link targets left out (their text stays). The title is the page's
+    ``<title>``, else its first heading."""
+    import html_to_markdown
+    from lxml import etree
+    from lxml import html as lxml_html
 
     _check_html(html, source_uri)
-    text = trafilatura.extract(
-        html,
-        output_format="markdown",
-        include_comments=False,
-        include_tables=True,
-        favor_recall=True,
-        with_metadata=False,
+    try:
+        parser = lxml_html.HTMLParser(encoding="utf-8")  # bytes: an XHTML encoding declaration is then no error
+        tree = lxml_html.document_fromstring(html.encode("utf-8", "surrogatepass"), parser=parser)
+    except (etree.ParserError, ValueError):
+        raise InvalidInputError(f"{source_uri}: no readable text found in the HTML") from None
+    head_titles = tree.xpath("/html/head/title")  # not an SVG icon's <title> in the body
+    page_title = " ".join((head_titles[0].text_content() if head_titles else "").split())
+    roots = [found for xpath in _MAIN for found in tree.xpath(xpath)]
+    changed = _unwrap_layout_tables(roots[0] if roots else tree) + _drop_heading_anchors(roots[0] if roots else tree)
+    if roots:
+        content = lxml_html.tostring(roots[0], encoding="unicode")
+    else:
+        content = lxml_html.tostring(tree, encoding="unicode") if changed else html
+    options = html_to_markdown.ConversionOptions(
+        preprocessing=html_to_markdown.PreprocessingOptions(preset="standard"),
+        exclude_selectors=[*HEADER_LINKS, *LANDMARKS, *(() if roots else CHROME_WITHOUT_MAIN)],
+        strip_tags=["a"],
+        skip_images=True,
+        extract_metadata=False,
+        include_document_structure=True,
     )
-    if not text or not text.strip():
+    try:
+        result = html_to_markdown.convert(content, options)
+    except html_to_markdown.ConversionError as exc:
+        raise UnsupportedSourceError(f"{source_uri}: malformed HTML ({type(exc).__name__})") from None
+    text = result.content or ""
+    if not text.strip():
         raise InvalidInputError(f"{source_uri}: no readable text found in the HTML")
-    meta = trafilatura.extract_metadata(html)
-    title = (meta.title if meta is not None and meta.title else None) or _first_heading(text) or _name_of(source_uri)
-    return SourceDocument(source_uri, text, title=title, metadata={"content_type": "text/html"})
+    headings = _html_headings(markdown_headings(text, raw_html=False), result.document)
+    title = page_title or (headings[0][2] if headings else "") or _name_of(source_uri)
+    return SourceDocument(
+        source_uri,
+        text,
+        title=title[:300],
+        metadata={"content_type": "text/html"},
+        sections=tuple(heading_paths(headings)),
+    )
+
+
+_LAYOUT_TABLE = "table[.//table or .//h1 or .//h2 or .//h3 or .//h4 or .//h5 or .//h6 or .//pre]"
+_TABLE_PARTS = {"table", "thead", "tbody", "tfoot", "tr", "td", "th", "caption", "colgroup", "col"}
+
+
+def _unwrap_layout_tables(root: Any) -> int:
+    """Turn tables used for page layout (holding headings, code blocks or other tables: old hand-written
+    and generated pages) into plain blocks, so their content converts as text and headings rather than
+    as one markdown table row. Returns how many tables were unwrapped."""
+    tables = set(root.xpath(f"descendant-or-self::{_LAYOUT_TABLE}"))
+    if not tables:
+        return 0
+    parts = [
+        element
+        for element in root.iter(*_TABLE_PARTS)
+        if (element if element.tag == "table" else next(element.iterancestors("table"), None)) in tables
+    ]  # decided before any tag changes: a data table inside a layout table stays a table
+    for element in parts:
+        if element.tag in ("col", "colgroup"):
+            element.drop_tree()
+        else:
+            element.tag = "div"
+    return len(tables)
+
+
+_HEADING_ANCHORS = "descendant-or-self::*[self::h1 or self::h2 or self::h3 or self::h4 or self::h5 or self::h6]//a"
+_GLYPHS = {"", "#", "¶", "§", "🔗", "\u200b", "\uf0c1"}
+
+
+def _drop_heading_anchors(root: Any) -> int:
+    """Remove "link to this section" anchors from headings, whatever their class: a link inside a heading
+    that points into the page and shows only a glyph (#, ¶, §, 🔗) or nothing. Returns how many."""
+    anchors = [
+        a
+        for a in root.xpath(_HEADING_ANCHORS)
+        if (a.get("href") or "").startswith("#") and a.text_content().strip() in _GLYPHS
+    ]
+    for anchor in anchors:
+        anchor.drop_tree()
+    return len(anchors)
+
+
+def _html_headings(found: list[Heading], structure: Any) -> list[Heading]:
+    """The markdown's headings titled as the HTML titles them. Markdown made from HTML can read
+    differently from the page (``<em>__slots__</em>`` becomes ``*__slots__*``, which markdown reads as
+    bold "slots"); the converter's document structure has each heading's text as the page shows it,
+    in the same order: a heading takes the next such text with the same words."""
+    shown: list[str] = []
+    for node in getattr(structure, "nodes", None) or ():
+        payload = node.content.heading_payload if node.content.node_type == "heading" else None
+        if isinstance(payload, dict) and isinstance(payload.get("text"), str):
+            shown.append(" ".join(payload["text"].split()))
+    out: list[Heading] = []
+    cursor = 0
+    for start, level, title in found:
+        key = _words(title)
+        for i in range(cursor, min(cursor + 8, len(shown))):
+            if _words(shown[i]) == key:
+                title, cursor = shown[i][:300], i + 1
+                break
+        out.append((start, level, title))
+    return out
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text.lower())
 
 
 def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
@@ -229,12 +399,16 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
             raise TooLargeError(f"{source_uri}: {len(reader.pages)} pages exceeds the limit of {MAX_PDF_PAGES}")
         pages: list[str] = []
         chars = 0
-        for page in reader.pages:
-            pages.append(page.extract_text(visitor_operand_before=count_operation) or "")
+        prominent = _Prominent()
+        for number, page in enumerate(reader.pages):
+            visit_text = prominent.visit if number < 2 and not prominent.lines else None
+            pages.append(page.extract_text(visitor_operand_before=count_operation, visitor_text=visit_text) or "")
             chars += len(pages[-1].strip())  # a lower bound of the final text's size in bytes
             if chars > max_bytes:  # the document would be refused as too large anyway: stop early
                 raise TooLargeError(f"{source_uri}: the PDF's text exceeds the limit of {max_bytes} bytes")
         info_title = reader.metadata.title if reader.metadata else None
+        outline = _outline(reader)
+        labels = list(reader.page_labels)
     except (
         PyPdfError,
         ValueError,
@@ -246,21 +420,114 @@ def _from_pdf(data: bytes, source_uri: str, max_bytes: int) -> SourceDocument:
         MemoryError,
     ) as exc:
         raise UnsupportedSourceError(f"{source_uri}: malformed or unreadable PDF ({type(exc).__name__})") from None
-    text = "\n\n".join(p.strip() for p in pages if p.strip())
+    starts: list[int] = []  # where each page's text starts in the document text
+    parts: list[str] = []
+    offset = 0
+    for page_text in pages:
+        starts.append(offset)
+        if page_text.strip():
+            parts.append(page_text.strip())
+            offset += len(parts[-1]) + 2
+    text = "\n\n".join(parts)
     if not text:
         raise InvalidInputError(f"{source_uri}: the PDF has no extractable text (scanned images need OCR first)")
+    title = " ".join(str(info_title or "").split()) or prominent.title() or (outline[0][2] if outline else "")
     return SourceDocument(
         source_uri,
         text,
-        title=str(info_title or _name_of(source_uri)),
+        title=(title or _name_of(source_uri))[:300],
         metadata={"content_type": "application/pdf", "pages": len(pages)},
         markdown=False,
+        sections=_pdf_sections(text, starts, labels, outline),
     )
 
 
+class _Prominent:
+    """The first page's most prominent text: the run of lines set in its largest font (a title page's
+    title). Fed by pypdf's text visitor, which reports each text run with its matrices and font size."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[float, str]] = []
+
+    def visit(self, text: str, cm: Sequence[float], tm: Sequence[float], _font: Any, font_size: float) -> None:
+        size = abs(font_size) * math.hypot(tm[2], tm[3]) * math.hypot(cm[2], cm[3])
+        if text.strip():
+            self.lines.append((round(size, 1), text))
+
+    def title(self) -> str:
+        if not self.lines:
+            return ""
+        largest = max(size for size, _ in self.lines)
+        if all(size == largest for size, _ in self.lines):
+            return ""  # one size throughout: nothing stands out
+        first = next(i for i, (size, _) in enumerate(self.lines) if size == largest)
+        run = []
+        for size, text in self.lines[first:]:
+            if size != largest:
+                break
+            run.append(text)
+        title = " ".join("".join(run).split())[:300]
+        return title if sum(c.isalnum() for c in title) >= 3 else ""  # a drop cap or an ornament is no title
+
+
+def _outline(reader: Any) -> list[tuple[int, int, str]]:
+    """The PDF's outline (bookmarks) flattened: (depth, page index, title), in reading order."""
+    from pypdf.errors import PyPdfError
+
+    out: list[tuple[int, int, str]] = []
+
+    def walk_items(items: Sequence[Any], depth: int) -> None:
+        for item in items:
+            if isinstance(item, list):
+                walk_items(item, depth + 1)
+                continue
+            title = " ".join(str(getattr(item, "title", "") or "").split())
+            try:
+                page = reader.get_destination_page_number(item)
+            except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+                page = None  # a dangling or malformed destination: the entry is skipped
+            if title and page is not None and page >= 0:
+                out.append((depth, page, title))
+            if len(out) >= MAX_OUTLINE_ENTRIES:
+                return
+
+    walk_items(reader.outline, 0)
+    return out
+
+
+def _pdf_sections(
+    text: str, starts: Sequence[int], labels: Sequence[str], outline: Sequence[tuple[int, int, str]]
+) -> tuple[Section, ...]:
+    """Heading paths for a PDF's text: each outline entry opens a section where its title appears on its
+    page (else at the page's start); text before the first entry, or in a PDF without an outline, is
+    headed by its page label ("Page iii")."""
+    sections: list[Section] = []
+    first_outlined = min((page for _, page, _ in outline), default=len(starts))
+    for page in range(min(first_outlined, len(starts))):
+        label = labels[page] if page < len(labels) else str(page + 1)
+        sections.append((starts[page], (f"Page {label}",)))
+    path: list[tuple[int, str]] = []
+    cursor = starts[first_outlined] if first_outlined < len(starts) else len(text)
+    for depth, page, title in outline:
+        page_start = starts[min(page, len(starts) - 1)]
+        page_end = starts[page + 1] if page + 1 < len(starts) else len(text)
+        at = max(cursor, page_start)
+        words = [re.escape(w) for w in title.split()]
+        found = re.compile(r"\s*".join(words), re.IGNORECASE).search(text, at, max(at, page_end)) if words else None
+        position = found.start() if found else at
+        line_start = text.rfind("\n", 0, position) + 1
+        position = line_start if line_start >= at else position
+        path = [(d, t) for d, t in path if d < depth]
+        path.append((depth, title))
+        sections.append((position, tuple(t for _, t in path)))
+        cursor = position
+    return tuple(sorted(sections, key=lambda section: section[0]))
+
+
 def _first_heading(text: str) -> str | None:
-    match = re.search(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", text[:5000], re.MULTILINE)
-    return match.group(1).strip()[:300] if match else None
+    """The first markdown heading as a reader sees it (no escapes or inline markup)."""
+    sections = markdown_sections(text[:20000])
+    return sections[0][1][-1][:300] if sections else None
 
 
 def _name_of(source_uri: str) -> str:

@@ -347,6 +347,7 @@ class RagService:
                 max_tokens=self.settings.chunk_tokens,
                 overlap_tokens=self.settings.chunk_overlap_tokens,
                 markdown=doc.markdown,
+                sections=doc.sections,
             )
             for doc in docs
         ]
@@ -650,7 +651,7 @@ def validate_source(doc: SourceDocument, max_bytes: int) -> SourceDocument:
         doc.source_uri.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInputError(f"{label}: title or source is not valid Unicode") from None
-    return SourceDocument(doc.source_uri, doc.text, doc.title, validate_metadata(doc.metadata), doc.markdown)
+    return replace(doc, metadata=validate_metadata(doc.metadata))
 
 
 def content_hash(doc: SourceDocument) -> str:

@@ -8,7 +8,7 @@ embedding and storing to the service.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,4 @@ async def fetch_document(
     doc = await anyio.to_thread.run_sync(
         lambda: extract_bytes(fetched.data, kind=fetched.kind, source_uri=url, max_bytes=max_bytes)
     )
-    return SourceDocument(
-        doc.source_uri,
-        doc.text,
-        title=title or doc.title,
-        metadata={**doc.metadata, **(metadata or {})},
-        markdown=doc.markdown,
-    )
+    return replace(doc, title=title or doc.title, metadata={**doc.metadata, **(metadata or {})})

@@ -311,3 +311,33 @@ def test_real_tokenizer_never_exceeds_the_model_window(embedder: Embedder) -> No
         ("Field notes on river restoration", "Methods"),
         ("Field notes on river restoration", "One very long sentence"),
     }
+
+
+# --- sections given by the extractor (a PDF outline) ---------------------------------------------------
+
+
+def test_given_sections_head_the_chunks_instead_of_markdown() -> None:
+    text = "Front matter.\n\n# not a heading here\n\nChapter one text. More of it.\n\nSection text follows."
+    one, section = text.index("Chapter"), text.index("Section")
+    chunks = chunk_text(
+        text,
+        words,
+        max_tokens=50,
+        overlap_tokens=0,
+        markdown=False,
+        sections=[(0, ("Page i",)), (one, ("1 One",)), (section, ("1 One", "1.1 Part"))],
+    )
+    assert [(c.text, c.heading_path) for c in chunks] == [
+        ("Front matter.\n\n# not a heading here", ("Page i",)),
+        ("Chapter one text. More of it.", ("1 One",)),
+        ("Section text follows.", ("1 One", "1.1 Part")),
+    ]
+
+
+def test_markdown_headings_are_read_by_a_commonmark_parser() -> None:
+    text = (
+        "# The \\_private\\_ `api_v2`\n\nIntro.\n\n    # indented code\n\n~~~~\n# fenced\n~~~~\n\n"
+        "<pre>\n# inside raw html\n</pre>\n\nSetext *title*\n===\n\nBody.\n\n> # quoted heading\n\nEnd."
+    )
+    paths = {c.heading_path for c in chunks_of(text, max_tokens=5)}
+    assert paths == {("The _private_ api_v2",), ("Setext title",)}

@@ -211,6 +211,33 @@ async def test_files_of_every_type_from_a_directory(runtime: Runtime, tmp_path: 
     await assert_index_matches_store(runtime, T)
 
 
+async def test_pdf_outline_and_sphinx_headings_reach_the_search_hits(runtime: Runtime, tmp_path: Path) -> None:
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=12)
+    pdf.add_page()
+    pdf.start_section("3 Storage", level=0)
+    pdf.multi_cell(0, 8, "3 Storage", new_x="LMARGIN", new_y="NEXT")
+    pdf.start_section("3.2 Cold rooms", level=1)
+    pdf.multi_cell(0, 8, "3.2 Cold rooms", new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 8, "Apples keep for months in cold rooms with little oxygen.", new_x="LMARGIN", new_y="NEXT")
+    (tmp_path / "orchard.pdf").write_bytes(bytes(pdf.output()))
+    (tmp_path / "policy.html").write_text(
+        "<html><head><title>Pruning \u2014 Orchard docs</title></head><body><div class='body' role='main'>"
+        "<section><h1>Pruning<a class='headerlink' href='#pruning'>\u00b6</a></h1><section>"
+        "<h2>Winter cuts<a class='headerlink' href='#winter'>\u00b6</a></h2>"
+        "<p>Cut <code>water_sprouts</code> in late winter before the buds swell.</p></section></section></div>"
+        "<div class='sphinxsidebar' role='navigation'><a href='#'>Sidebar link</a></div></body></html>"
+    )
+    report = await runtime.service.ingest(T, "orchard", file_sources([tmp_path], 1 << 20))
+    assert report.added == 2
+    [hit] = await runtime.service.search(T, "oxygen", mode="lexical", top_k=1)
+    assert (hit.title, hit.heading_path) == ("3 Storage", ["3 Storage", "3.2 Cold rooms"])  # title: first bookmark
+    [hit] = await runtime.service.search(T, "buds swell", mode="lexical", top_k=1)
+    assert (hit.title, hit.heading_path) == ("Pruning \u2014 Orchard docs", ["Pruning", "Winter cuts"])
+    assert "Cut `water_sprouts` in late winter" in hit.text
+    assert await runtime.service.search(T, "Sidebar", mode="lexical") == []
+
+
 async def test_beir_corpus_file(runtime: Runtime, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"_id": key, "title": title, "text": text})
