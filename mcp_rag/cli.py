@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from .errors import ConfigurationError, RagError, printable
 from .extract import SourceDocument, read_file, walk
+from .index.base import IndexError_
 from .logging import configure_logging, get_logger
 from .service import SEARCH_MODES, SearchFilters, SourceFailure
 from .settings import Settings
@@ -63,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     except RagError as exc:
         print(f"mcp-rag: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except IndexError_ as exc:  # e.g. an index diverged from the database: the message names the command
+        print(f"mcp-rag: index: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -39,6 +39,10 @@ class AccessDeniedError(RagError):
     """The caller may not do this (scope, allowed roots, blocked address)."""
 
 
+class ConflictError(RagError):
+    """A concurrent change conflicted with this one (after retries); running it again will do."""
+
+
 class UnavailableError(RagError):
     """A dependency (Postgres, the index, the model) does not answer right now."""
 

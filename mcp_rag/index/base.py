@@ -37,6 +37,17 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True, slots=True)
+class Cursor:
+    """How far the index has applied the change log, and which history of the log that was."""
+
+    seq: int = 0
+    """The last change-log sequence number applied (0: nothing yet)."""
+    origin: str = ""
+    """The stamp of change-log entry ``seq`` (``Store.log_stamp``); "" when unknown (a new index,
+    or one written before stamps were recorded)."""
+
+
+@dataclass(frozen=True, slots=True)
 class PointPayload:
     tenant: str
     collection: str
@@ -124,6 +135,15 @@ class IndexUnavailableError(IndexError_):
     """The index engine cannot be reached or used right now."""
 
 
+class IndexDivergedError(IndexError_):
+    """The index was built from another history of the change log than the database now holds
+    (a failover that lost writes, a point-in-time restore, another database): it must be rebuilt."""
+
+
+class CursorConflictError(IndexError_):
+    """The stored cursor is not the one the writer expected: another sync pass advanced it meanwhile."""
+
+
 class VectorIndex(abc.ABC):
     """One interface, several engines. All methods are safe to call from the event loop."""
 
@@ -166,12 +186,21 @@ class VectorIndex(abc.ABC):
         """Ids of the points matching ``filter`` (all when None); for consistency checks."""
 
     @abc.abstractmethod
+    async def read_cursor(self) -> Cursor:
+        """The stored cursor (``Cursor()`` when new)."""
+
     async def get_cursor(self) -> int:
         """The last change-log sequence number applied to this index (0 when new)."""
+        return (await self.read_cursor()).seq
 
     @abc.abstractmethod
-    async def set_cursor(self, seq: int) -> None: ...
+    async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
+        """Store the cursor durably. With ``expected``, only if the stored ``seq`` still equals it
+        (compare-and-set); otherwise raise CursorConflictError and change nothing."""
 
     @abc.abstractmethod
     async def clear(self) -> None:
-        """Drop every point and reset the cursor to 0 (for a rebuild); keeps the model identity."""
+        """Drop every point and reset the cursor to ``Cursor()`` (for a rebuild); keeps the model identity.
+
+        The reset is durable *before* any point is destroyed: an interruption at any step leaves
+        an index whose cursor is 0, which a catch-up or reindex fills from Postgres."""
