@@ -419,24 +419,9 @@ class Store:
         cursor: str | None = None,
     ) -> Page:
         after: tuple[str, str] | None = _decode_cursor(cursor) if cursor else None
-        clauses = ["tenant = %s"]
-        params: list[Any] = [tenant]
-        if collection is not None:
-            clauses.append("collection = %s")
-            params.append(collection)
-        if source_prefix:
-            clauses.append('source_uri COLLATE "C" LIKE %s')
-            params.append(_like_prefix(source_prefix))
-        if after is not None:
-            clauses.append('(source_uri COLLATE "C", id) > (%s, %s)')
-            params.extend([after[0], _parse_uuid(after[1])])
-        params.append(limit + 1)
+        sql, params = _list_documents_query(tenant, collection, source_prefix, limit, after)
         async with self._reading() as conn:
-            cur = await conn.execute(
-                f"SELECT {_DOC_COLUMNS} FROM documents WHERE {' AND '.join(clauses)}"
-                ' ORDER BY source_uri COLLATE "C", id LIMIT %s',
-                params,
-            )
+            cur = await conn.execute(sql, params)
             rows = await cur.fetchall()
         docs = [_doc_info(r) for r in rows[:limit]]
         next_cursor = _encode_cursor(docs[-1].source_uri, docs[-1].id) if len(rows) > limit else None
@@ -627,6 +612,27 @@ _DOC_COLUMNS = "id, tenant, collection, source_uri, title, metadata, content_has
 _INDEXABLE_SQL = """SELECT c.id, d.id, d.tenant, d.collection, d.source_uri, d.metadata, c.dense, c.sparse_indices,
                            c.sparse_values
                     FROM chunks c JOIN documents d ON d.id = c.document_id"""
+
+
+def _list_documents_query(
+    tenant: str, collection: str | None, source_prefix: str | None, limit: int, after: tuple[str, str] | None
+) -> tuple[str, list[Any]]:
+    """One page of documents in (source_uri in byte order, id) order, after the keyset ``after``:
+    an index range scan on ``documents_listing_idx`` (or its per-collection twin, migration 3)."""
+    clauses = ["tenant = %s"]
+    params: list[Any] = [tenant]
+    if collection is not None:
+        clauses.append("collection = %s")
+        params.append(collection)
+    if source_prefix:
+        clauses.append('source_uri COLLATE "C" LIKE %s')
+        params.append(_like_prefix(source_prefix))
+    if after is not None:
+        clauses.append('(source_uri COLLATE "C", id) > (%s, %s)')
+        params.extend([after[0], _parse_uuid(after[1])])
+    params.append(limit + 1)
+    sql = f'SELECT {_DOC_COLUMNS} FROM documents WHERE {" AND ".join(clauses)} ORDER BY source_uri COLLATE "C", id LIMIT %s'
+    return sql, params
 
 
 def _indexable(r: Any) -> IndexableChunk:
