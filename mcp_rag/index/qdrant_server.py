@@ -207,6 +207,9 @@ class QdrantServerIndex(VectorIndex):
             meta = self._read_meta()
             if meta is None:
                 raise IndexUnavailableError(f"index '{self._collection}' at {self._where} is not open")
+            if expected is not None and meta[1].seq != expected:
+                raise CursorConflictError(f"index '{self._collection}': cursor is {meta[1].seq}, expected {expected}")
+            # The conditional write (checked by reading back) covers a writer between the two requests.
             self._write_meta(meta[0], Cursor(seq, origin), expected=expected)
 
         await self._call(set_cursor)
