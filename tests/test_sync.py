@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import psycopg
 
 from mcp_rag import metrics
 from mcp_rag.embedding import Embedder
@@ -155,7 +156,9 @@ OPERATIONS = 14
 COLLECTIONS = ("alpha", "beta")
 
 
-async def test_concurrent_writers_and_a_sync_worker_end_with_index_equal_to_postgres(runtime: Runtime) -> None:
+async def test_concurrent_writers_and_a_sync_worker_end_with_index_equal_to_postgres(
+    runtime: Runtime, database_url: str
+) -> None:
     """Several writers doing random ingests (new and changed documents), shrinks (fewer chunks),
     document deletes and collection deletes through the service, a sync worker following the log,
     both engines: afterwards the index equals Postgres, and every error was a domain error."""
@@ -210,5 +213,11 @@ async def test_concurrent_writers_and_a_sync_worker_end_with_index_equal_to_post
     assert await runtime.index.get_cursor() == await runtime.store.last_change_seq()
     for collection in COLLECTIONS:  # payloads agree too: per collection, the same chunks
         indexed = await runtime.index.point_ids(SearchFilter(tenant=tenant, collections=[collection]))
-        stored = {c.chunk_id for c in await runtime.store.collection_indexable_chunks(tenant, collection)}
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            cur = await conn.execute(
+                "SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id"
+                " WHERE d.tenant = %s AND d.collection = %s",
+                (tenant, collection),
+            )
+            stored = {row[0] for row in await cur.fetchall()}
         assert indexed == stored
