@@ -107,36 +107,44 @@ def overlaps_counted() -> float:
 async def test_overlapping_passes_from_different_read_databases_keep_the_current_points(
     runtime: Runtime, embedder: Embedder, pg_server: PgServer, database_url: str
 ) -> None:
-    """Two workers of one region read different databases (the primary and a replica), so their
-    advisory locks do not meet. Pass A reads version 2 of a document, pass B reads version 3 and
-    writes it; A then writes version 2 over it and stores its cursor, and B stores a later one.
-    Before the fix the index ended with the later cursor over version 2's points: version 3 was
-    lost for good. Now B's compare-and-set fails, B says so and reconciles its batch again."""
+    """Two workers of one region read different databases (a replica and the primary), so their
+    advisory locks do not meet. Pass A reads version 2 of a document from its replica, which then
+    stops replaying; pass B reads version 3 from the primary and writes it; A then writes version 2
+    over it, stores its cursor and finds nothing more on its replica; B stores a later cursor.
+    Before the fix the index ended with B's cursor over version 2's points: version 3 was lost for
+    good. Now B's compare-and-set fails, B says so and reconciles its batch again."""
     store, index = runtime.store, runtime.index
     replica = standby_of(pg_server)
-    replica_store = Store(database_url, replica.dsn(database_url.rsplit("/", 1)[1]))
+    replica_dsn = replica.dsn(database_url.rsplit("/", 1)[1])
+    replica_store = Store(database_url, replica_dsn)
     await replica_store.open()
     try:
         [v1] = await store.write_documents([make_write(embedder, "file:///d.md", ["Version one."])])
         await runtime.syncer.catch_up()
         await store.write_documents([make_write(embedder, "file:///d.md", ["Version two.", "Two, again."])])
+        await wait_replayed(database_url, replica_dsn)
+        async with await psycopg.AsyncConnection.connect(replica_dsn, autocommit=True) as conn:
+            await conn.execute("SELECT pg_wal_replay_pause()")
 
         gated_a, gated_b = GatedIndex(index), GatedIndex(index)
-        pass_a, pass_b = IndexSyncer(store, gated_a), IndexSyncer(replica_store, gated_b)
+        pass_a, pass_b = IndexSyncer(replica_store, gated_a), IndexSyncer(store, gated_b)
         gated_a.upsert_gate = a_at_upsert = gate()
         gated_b.cursor_gate = b_at_cursor = gate()
+        a_done = anyio.Event()
+
+        async def run_a() -> None:
+            await pass_a.catch_up()
+            a_done.set()
+
         overlaps = overlaps_counted()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pass_a.catch_up)
+            tg.start_soon(run_a)
             await a_at_upsert[0].wait()  # A holds version 2's chunks
             await store.write_documents([make_write(embedder, "file:///d.md", ["Version three."])])
-            await wait_replayed(database_url, replica_store.read_dsn)
             tg.start_soon(pass_b.catch_up)
             await b_at_cursor[0].wait()  # B wrote version 3's points
             a_at_upsert[1].set()  # A writes version 2 and stores its cursor
-            with anyio.fail_after(20):
-                while await index.get_cursor() == 1:
-                    await anyio.sleep(0.02)
+            await a_done.wait()
             b_at_cursor[1].set()
         assert await index.point_ids() == await store.all_chunk_ids()
         doc_points = await index.point_ids(SearchFilter(tenant=T, document_ids=[v1.document_id]))
