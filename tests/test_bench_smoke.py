@@ -167,6 +167,21 @@ def test_retrieval(bench_env: Callable[..., Lines]) -> None:
     ALL.extend(lines)
 
 
+def test_listing(bench_env: Callable[..., Lines]) -> None:
+    lines = bench_env("listing")
+    pages = of(lines, "page")
+    assert {line["case"] for line in pages} == {
+        "first page",
+        "random keyset",
+        "one collection, random keyset",
+        "source prefix",
+    }
+    for line in pages:
+        positive(line, "p50_ms", "p95_ms")
+    [plan] = of(lines, "plan")
+    assert plan["index_range_scan"] is True
+
+
 def test_report_keeps_the_rest_of_the_page(tmp_path: Path) -> None:
     """bench.all replaces only its generated section: the hand-written text around it survives."""
     if not ALL:

@@ -766,10 +766,12 @@ async def test_failover_region_b_serves_reads_without_the_primary_then_its_promo
         primary.destroy()
 
 
-@pytest.mark.parametrize(("engine", "overtaken"), [("qdrant-edge", False), ("qdrant-server", False),
-                                                  ("qdrant-edge", True)])
+@pytest.mark.parametrize(
+    ("engine", "overtaken"), [("qdrant-edge", False), ("qdrant-server", False), ("qdrant-edge", True)]
+)
 async def test_failover_that_lost_writes_is_detected_and_the_index_rebuilt(
-        engine: str, overtaken: bool, embedder: Embedder, model_dir: Path, tmp_path: Path) -> None:
+    engine: str, overtaken: bool, embedder: Embedder, model_dir: Path, tmp_path: Path
+) -> None:
     """The index of a region reading the primary has applied writes its replica never received.
     The primary dies, the replica is promoted, and the region points at it with the same index:
     seq and chunk ids resume below the index's cursor. The region must not report ready with that
@@ -789,16 +791,24 @@ async def test_failover_that_lost_writes_is_detected_and_the_index_rebuilt(
 
         settings_a = region_settings(tmp_path / "a", model_dir, region="us-east", database_url=primary_dsn)
         async with open_runtime(settings_a, index=index, embedder=embedder, follow_changes=False) as region:
-            kept = await ingest(region, collection, [
-                (f"mr://lost/kept-{i}", f"Kept {i}", f"Beekeepers inspect hive frame {i} for brood and honey.")
-                for i in range(3)
-            ])
+            kept = await ingest(
+                region,
+                collection,
+                [
+                    (f"mr://lost/kept-{i}", f"Kept {i}", f"Beekeepers inspect hive frame {i} for brood and honey.")
+                    for i in range(3)
+                ],
+            )
             await wait_replayed(primary_dsn, replica_dsn)
             replica.stop()  # replication stops here: what follows exists on the primary only
-            lost = await ingest(region, collection, [
-                (f"mr://lost/lost-{i}", f"Lost {i}", f"Potters trim leather-hard bowl {i} on the wheel.")
-                for i in range(40)  # more than a sequence's WAL-logged cache: ids get reused later
-            ])
+            lost = await ingest(
+                region,
+                collection,
+                [
+                    (f"mr://lost/lost-{i}", f"Lost {i}", f"Potters trim leather-hard bowl {i} on the wheel.")
+                    for i in range(40)  # more than a sequence's WAL-logged cache: ids get reused later
+                ],
+            )
             cursor_before = await index.get_cursor()
             assert cursor_before == await query_one(primary_dsn, "SELECT max(seq) FROM change_log")
         primary.stop("immediate")
@@ -815,26 +825,38 @@ async def test_failover_that_lost_writes_is_detected_and_the_index_rebuilt(
             await writer.open()
             try:
                 for i in range(cursor_before):
-                    await writer.write_documents([make_write(embedder, f"mr://lost/new-{i}", [f"Note {i}."],
-                                                             tenant=TENANT, collection=collection)])
+                    await writer.write_documents(
+                        [
+                            make_write(
+                                embedder, f"mr://lost/new-{i}", [f"Note {i}."], tenant=TENANT, collection=collection
+                            )
+                        ]
+                    )
             finally:
                 await writer.close()
             assert await query_one(replica_dsn, "SELECT max(seq) FROM change_log") > cursor_before
 
-        settings_b = region_settings(tmp_path / "a", model_dir, region="us-east", database_url=replica_dsn,
-                                     sync_interval_seconds=0.1)
+        settings_b = region_settings(
+            tmp_path / "a", model_dir, region="us-east", database_url=replica_dsn, sync_interval_seconds=0.1
+        )
         async with open_runtime(settings_b, index=index, embedder=embedder, follow_changes=False) as region:
             # New writes on the new timeline: their seq and chunk ids are below the old ones.
             fresh = await region.service.ingest_text(
-                TENANT, "Glassblowers gather molten glass on a blowpipe and shape it by turning.",
-                collection=collection, title="Glass", source_uri="mr://lost/glass")
+                TENANT,
+                "Glassblowers gather molten glass on a blowpipe and shape it by turning.",
+                collection=collection,
+                title="Glass",
+                source_uri="mr://lost/glass",
+            )
             new_seq = await query_one(replica_dsn, "SELECT max(seq) FROM change_log")
             observe("new seq after a lossy promotion minus the index cursor", float(new_seq - cursor_before))
 
             reasons = await region.readiness()
             assert any("index diverged from the database" in r for r in reasons), reasons
             with pytest.raises(IndexUnavailableError, match="diverged"):
-                await region.service.search(TENANT, "shaping molten glass", filters=SearchFilters(collection=collection))
+                await region.service.search(
+                    TENANT, "shaping molten glass", filters=SearchFilters(collection=collection)
+                )
 
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
 import psycopg
@@ -15,6 +14,7 @@ from mcp_rag.embedding import Embedder
 from mcp_rag.errors import NotFoundError, RagError
 from mcp_rag.extract import SourceDocument
 from mcp_rag.index.base import (
+    Cursor,
     Hit,
     IndexPoint,
     IndexQuery,
@@ -50,16 +50,13 @@ class GatedIndex(VectorIndex):
         await self._pass(gate)
         await self.inner.upsert(points)
 
-    async def set_cursor(self, *args: Any, **kwargs: Any) -> None:
+    async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
         gate, self.cursor_gate = self.cursor_gate, None
         await self._pass(gate)
-        await self.inner.set_cursor(*args, **kwargs)
+        await self.inner.set_cursor(seq, origin, expected=expected)
 
-    async def read_cursor(self) -> Any:
+    async def read_cursor(self) -> Cursor:
         return await self.inner.read_cursor()
-
-    async def get_cursor(self) -> int:
-        return await self.inner.get_cursor()
 
     async def open(self, model: ModelIdentity) -> None:
         await self.inner.open(model)
