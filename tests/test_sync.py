@@ -226,3 +226,79 @@ async def test_concurrent_writers_and_a_sync_worker_end_with_index_equal_to_post
             )
             stored = {row[0] for row in await cur.fetchall()}
         assert indexed == stored
+
+
+# --- the syncer's ordinary behaviour --------------------------------------------------------------
+
+
+async def doc_point_ids(index: VectorIndex, document_id: str) -> set[int]:
+    return await index.point_ids(SearchFilter(tenant=T, document_ids=[document_id]))
+
+
+async def test_one_batch_applies_changes_in_log_order(runtime: Runtime, embedder: Embedder) -> None:
+    """Within one batch a document is reconciled once, at its last appearance, and a collection
+    delete keeps its place: documents written into the collection after it survive."""
+    store, index = runtime.store, runtime.index
+    [gone] = await store.write_documents([make_write(embedder, "file:///gone.md", ["Soon deleted."])])
+    [old] = await store.write_documents([make_write(embedder, "file:///old.md", ["Before the delete."])])
+    await store.delete_document(T, gone.document_id)
+    await store.delete_collection(T, "docs")
+    [new] = await store.write_documents([make_write(embedder, "file:///new.md", ["After the delete."])])
+    syncer = IndexSyncer(store, index, batch_size=100)
+    assert await syncer.catch_up() == 5
+    assert await doc_point_ids(index, gone.document_id) == set()
+    assert await doc_point_ids(index, old.document_id) == set()
+    assert len(await doc_point_ids(index, new.document_id)) == 1
+    assert await index.point_ids() == await store.all_chunk_ids()
+
+
+async def test_small_batches_advance_the_cursor_batch_by_batch(runtime: Runtime, embedder: Embedder) -> None:
+    store, index = runtime.store, runtime.index
+    for i in range(5):
+        await store.write_documents([make_write(embedder, f"file:///{i}.md", [f"Document {i}."])])
+    seqs = []
+
+    class Recording(GatedIndex):
+        async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
+            seqs.append(seq)
+            await super().set_cursor(seq, origin, expected=expected)
+
+    syncer = IndexSyncer(store, Recording(index), batch_size=2)
+    assert await syncer.catch_up() == 5
+    assert seqs == [2, 4, 5]
+    assert await index.point_ids() == await store.all_chunk_ids()
+
+
+async def test_a_shrunk_document_keeps_only_its_current_chunks(runtime: Runtime, embedder: Embedder) -> None:
+    store, index = runtime.store, runtime.index
+    [doc] = await store.write_documents([make_write(embedder, "file:///s.md", ["One.", "Two.", "Three.", "Four."])])
+    await runtime.syncer.catch_up()
+    assert len(await doc_point_ids(index, doc.document_id)) == 4
+    await store.write_documents([make_write(embedder, "file:///s.md", ["Only one now."])])
+    await runtime.syncer.catch_up()
+    assert await doc_point_ids(index, doc.document_id) == await store.all_chunk_ids(T)
+    assert len(await doc_point_ids(index, doc.document_id)) == 1
+
+
+async def test_the_cursor_records_the_entry_it_names(runtime: Runtime, embedder: Embedder) -> None:
+    store, index = runtime.store, runtime.index
+    await store.write_documents([make_write(embedder, "file:///c.md", ["Cursor."])])
+    await runtime.syncer.catch_up()
+    cursor = await index.read_cursor()
+    assert cursor.seq == await store.last_change_seq()
+    assert cursor.origin == await store.log_stamp(cursor.seq)
+    assert await runtime.syncer.catch_up() == 0  # nothing new: the same cursor, accepted
+    assert await runtime.readiness() == []
+
+
+async def test_follow_applies_new_writes_and_stops_when_asked(runtime: Runtime, embedder: Embedder) -> None:
+    store, index = runtime.store, runtime.index
+    stop = anyio.Event()
+    with anyio.fail_after(30):  # the task group's exit waits for follow: it must return once stop is set
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: runtime.syncer.follow(0.05, stop=stop))
+            await store.write_documents([make_write(embedder, "file:///f.md", ["Followed."])])
+            while await index.get_cursor() < await store.last_change_seq():
+                await anyio.sleep(0.02)
+            stop.set()
+    assert await index.point_ids() == await store.all_chunk_ids()
