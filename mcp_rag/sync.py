@@ -99,13 +99,13 @@ class IndexSyncer:
     async def check_history(self, cursor: Cursor) -> None:
         """Raise IndexDivergedError unless ``cursor`` names an entry of the database's change log
         (UnavailableError while a replica has not replayed that entry yet)."""
-        if cursor.seq == 0:
-            self.diverged = ""
+        stamp = await self.store.log_stamp(cursor.seq) if cursor.seq else ""
+        if cursor.seq == 0 or (stamp is not None and (stamp == cursor.origin or not cursor.origin)):
+            # The same entry (an index from before stamps were kept adopts the one it finds), or an
+            # empty index. A rebuild in progress stays diverged until it has finished.
+            if not self.rebuilding:
+                self.diverged = ""  # (also after a reindex by another process)
             return
-        stamp = await self.store.log_stamp(cursor.seq)
-        if stamp is not None and (stamp == cursor.origin or not cursor.origin):
-            self.diverged = ""  # (also after a reindex by another process)
-            return  # the same entry (an index from before stamps were kept adopts the one it finds)
         if stamp is None:
             last, in_recovery = await self.store.log_state()
             if in_recovery:
