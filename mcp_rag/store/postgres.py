@@ -816,6 +816,8 @@ class _guarded:
         try:
             result: bool | None = await self._cm.__aexit__(exc_type, exc, tb)
         except (psycopg.OperationalError, OSError) as err:
+            if exc is not None and not isinstance(exc, Exception):
+                return None  # a cancellation stays a cancellation (the pool discards the connection)
             raise _translate(err) from err
         if self._retrying and isinstance(exc, psycopg.errors.TransactionRollback):
             return result  # a deadlock victim: ``_write_transaction`` runs it again
