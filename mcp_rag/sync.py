@@ -211,7 +211,7 @@ class IndexSyncer:
                 except IndexDivergedError as exc:
                     log.error("rebuilding the index from Postgres", reason=str(exc))
                     metrics.INDEX_REBUILDS.inc()
-                    written = await self.reindex()
+                    written = await self.reindex(only_if_diverged=True)
                     log.info("index rebuilt after the change log's history changed", points=written)
                 failures = 0
             except Exception as exc:
@@ -224,10 +224,19 @@ class IndexSyncer:
                 else:
                     await anyio.sleep(interval)
 
-    async def reindex(self) -> int:
-        """Rebuild the index from Postgres alone; returns the number of points written."""
+    async def reindex(self, *, only_if_diverged: bool = False) -> int:
+        """Rebuild the index from Postgres alone; returns the number of points written.
+
+        ``only_if_diverged``: first check again, under the sync lock, that the index still does
+        not match the change log (another worker of the region may have rebuilt it meanwhile)."""
         async with self._lock, self.store.sync_lock():
             await self._ensure_open()
+            if only_if_diverged:
+                try:
+                    await self.check_history(await self.index.read_cursor())
+                    return 0
+                except IndexDivergedError:
+                    pass
             self.rebuilding = True
             try:
                 upto = await self.store.last_change_seq()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import anyio
 import psycopg
+import pytest
 
 from mcp_rag import metrics
 from mcp_rag.embedding import Embedder
@@ -16,8 +17,10 @@ from mcp_rag.extract import SourceDocument
 from mcp_rag.index.base import (
     Cursor,
     Hit,
+    IndexDivergedError,
     IndexPoint,
     IndexQuery,
+    IndexUnavailableError,
     ModelIdentity,
     SearchFilter,
     VectorIndex,
@@ -301,4 +304,27 @@ async def test_follow_applies_new_writes_and_stops_when_asked(runtime: Runtime, 
             while await index.get_cursor() < await store.last_change_seq():
                 await anyio.sleep(0.02)
             stop.set()
+    assert await index.point_ids() == await store.all_chunk_ids()
+
+
+async def test_an_index_of_another_history_is_refused_then_rebuilt_once(runtime: Runtime, embedder: Embedder) -> None:
+    """A cursor naming an entry of another history (what a restore, or an index pointed at another
+    database, looks like): readiness and search refuse it; of two workers, one rebuilds it and the
+    other, finding it rebuilt under the lock, does not rebuild it again."""
+    store, index = runtime.store, runtime.index
+    await store.write_documents([make_write(embedder, "file:///h.md", ["History."])])
+    await runtime.syncer.catch_up()
+    seq = await index.get_cursor()
+    await index.set_cursor(seq, f"{seq}@1")  # same seq, another entry
+    with pytest.raises(IndexDivergedError, match=rf"change-log entry {seq} is not the one the index applied"):
+        await runtime.syncer.catch_up()
+    [reason] = await runtime.readiness()
+    assert reason.startswith("index: index diverged from the database") and "mcp-rag reindex" in reason
+    with pytest.raises(IndexUnavailableError, match="diverged"):
+        await runtime.service.search(T, "history")
+    other_worker = IndexSyncer(store, index)
+    assert await other_worker.reindex(only_if_diverged=True) == 1
+    assert await runtime.syncer.reindex(only_if_diverged=True) == 0  # already rebuilt: nothing to do
+    assert await runtime.readiness() == []
+    assert await index.read_cursor() == Cursor(seq, await store.log_stamp(seq) or "")
     assert await index.point_ids() == await store.all_chunk_ids()
