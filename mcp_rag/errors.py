@@ -55,7 +55,8 @@ class ConfigurationError(RagError):
 
 
 class ConflictError(RagError):
-    """Something else holds what this process needs (a port, the data directory's index)."""
+    """Something else holds what this call needs (a port, the data directory's index), or a concurrent
+    change won over this one after retries: running it again (once the other is done) will do."""
 
 
 class IndexError_(RagError):  # the underscore: the builtin IndexError is something else
@@ -68,6 +69,15 @@ class IndexUnavailableError(IndexError_, UnavailableError):
 
 class IndexInUseError(IndexUnavailableError, ConflictError):
     """Another process holds the embedded index directory."""
+
+
+class IndexDivergedError(IndexError_):
+    """The index was built from another history of the change log than the database now holds
+    (a failover that lost writes, a point-in-time restore, another database): it must be rebuilt."""
+
+
+class CursorConflictError(IndexError_):
+    """The stored cursor is not the one the writer expected: another sync pass advanced it meanwhile."""
 
 
 class ModelMismatchError(IndexError_, ConfigurationError):

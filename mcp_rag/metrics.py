@@ -36,3 +36,11 @@ REPLICATION_LAG = Gauge(
     registry=REGISTRY,
 )
 CHANGES_APPLIED = Counter("mcp_rag_changes_applied", "Change-log entries applied to the index.", registry=REGISTRY)
+SYNC_OVERLAPS = Counter(
+    "mcp_rag_sync_overlaps",
+    "Sync passes that found the index cursor moved by another pass (the sync lock did not exclude it).",
+    registry=REGISTRY,
+)
+INDEX_REBUILDS = Counter(
+    "mcp_rag_index_rebuilds", "Automatic index rebuilds after the change log's history changed.", registry=REGISTRY
+)

@@ -123,6 +123,10 @@ class Runtime:
             reasons.append(f"postgres: no answer within {self.settings.db_timeout + 1:.0f}s")
         if not self.syncer.index_open:
             reasons.append(f"index: {self.syncer.open_error}")
+        elif self.syncer.diverged:
+            state = "being rebuilt" if self.syncer.rebuilding else "not rebuilt yet"
+            reasons.append(f"index: {self.syncer.diverged} ({state})")
+            return reasons
         else:
             try:
                 with anyio.fail_after(self.settings.qdrant_timeout + 1):

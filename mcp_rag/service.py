@@ -522,11 +522,12 @@ class RagService:
         return await self.store.list_collections(tenant)
 
     async def stats(self, tenant: str | None) -> tuple[StoreStats, int, int]:
-        """(store counts, index points for the tenant, change-log entries not yet indexed)."""
+        """(store counts, index points, change-log entries not yet indexed): the tenant's own, or
+        every tenant's when ``tenant`` is None (the operator's CLI)."""
         stats = await self.store.stats(tenant)
         self.syncer.require_open()
         points = await self.index.count(SearchFilter(tenant=tenant) if tenant is not None else None)
-        return stats, points, await self.syncer.lag()
+        return stats, points, await self.syncer.lag(tenant)
 
 
 # --- validation and helpers ----------------------------------------------------------------

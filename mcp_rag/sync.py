@@ -8,6 +8,21 @@ workers) is harmless; still, the workers of one region (every replica of the ser
 ``mcp-rag sync --follow``) take turns through an advisory lock on the read database, so
 two passes never interleave their reads and writes. The cursor (last applied seq) lives with the index, which is the
 one thing a region can always write.
+
+Two guards do not rely on that lock:
+
+* **Which history.** The cursor also records the *stamp* of the entry it names
+  (``Store.log_stamp``). Every pass (and every lag check) first looks that entry up: when it
+  is missing from a primary, or has another stamp, the database is not the history the
+  index was built from (a failover that lost writes, a point-in-time restore, another
+  database). The index is then *diverged*: search refuses it, readiness names it, and the
+  follow worker rebuilds it from Postgres (``reindex``); one-shot passes raise
+  ``IndexDivergedError`` naming ``mcp-rag reindex``.
+* **Who else writes.** Each pass advances the cursor by compare-and-set from the value it
+  started at. A conflict means another pass wrote to the index meanwhile (the lock did not
+  exclude it: pods reading different databases, a transaction-mode pooler): it is logged
+  and counted (``mcp_rag_sync_overlaps``), and the documents and collections of the batch
+  are reconciled again from Postgres, after the other pass's writes.
 """
 
 from __future__ import annotations
@@ -17,8 +32,8 @@ from collections.abc import Sequence
 import anyio
 
 from . import metrics
-from .errors import IndexError_, IndexUnavailableError
-from .index.base import IndexPoint, PointPayload, VectorIndex
+from .errors import CursorConflictError, IndexDivergedError, IndexError_, IndexUnavailableError, UnavailableError
+from .index.base import Cursor, IndexPoint, PointPayload, SearchFilter, VectorIndex
 from .logging import get_logger
 from .store.postgres import Change, IndexableChunk, Store
 from .types import ModelIdentity
@@ -49,6 +64,9 @@ class IndexSyncer:
         self._lock = anyio.Lock()
         self._pending_open: ModelIdentity | None = None
         self.open_error = ""
+        self.diverged = ""
+        """Why the index does not belong to the database's change-log history ("" when it does)."""
+        self.rebuilding = False
 
     # --- an index that could not be opened at start (a Qdrant server that does not answer) ---
 
@@ -62,9 +80,42 @@ class IndexSyncer:
         return self._pending_open is None
 
     def require_open(self) -> None:
-        """Raise IndexUnavailableError while the index has not been opened."""
+        """Raise IndexUnavailableError while the index has not been opened, or cannot be trusted."""
         if self._pending_open is not None:
             raise IndexUnavailableError(f"not opened yet: {self.open_error}")
+        if self.diverged:
+            raise IndexUnavailableError(self.diverged)
+
+    async def check_history(self, cursor: Cursor) -> None:
+        """Raise IndexDivergedError unless ``cursor`` names an entry of the database's change log
+        (UnavailableError while a replica has not replayed that entry yet)."""
+        stamp = await self.store.log_stamp(cursor.seq) if cursor.seq else ""
+        if cursor.seq == 0 or (stamp is not None and (stamp == cursor.origin or not cursor.origin)):
+            # The same entry (an index from before stamps were kept adopts the one it finds), or an
+            # empty index. A rebuild in progress stays diverged until it has finished.
+            if not self.rebuilding:
+                self.diverged = ""  # (also after a reindex by another process)
+            return
+        if stamp is None:
+            last, in_recovery = await self.store.log_state()
+            if in_recovery:
+                raise UnavailableError(
+                    f"the index has applied change-log entry {cursor.seq} but the read replica has entries only up "
+                    f"to {last}: waiting for it to replay (if it never does, the index came from another "
+                    "history: run `mcp-rag reindex`)"
+                )
+            found = f"the index cursor ({cursor.seq}) is ahead of the change log (last entry {last})"
+        else:
+            found = (
+                f"change-log entry {cursor.seq} is not the one the index applied ({stamp}, index has {cursor.origin})"
+            )
+        self.diverged = (
+            f"index diverged from the database: {found}; the database is not the history the index was built "
+            "from (a failover that lost writes, a restore, or another database). The sync worker rebuilds it; "
+            "without one, run `mcp-rag reindex`"
+        )
+        metrics.INDEX_LAG.set(0)
+        raise IndexDivergedError(self.diverged)
 
     async def _ensure_open(self) -> None:
         # Called with self._lock held.
@@ -85,14 +136,20 @@ class IndexSyncer:
         applied = 0
         async with self._lock, self.store.sync_lock():
             await self._ensure_open()
-            cursor = await self.index.get_cursor()
+            start = await self.index.read_cursor()
+            await self.check_history(start)
+            cursor = start.seq
             while True:
                 changes = await self.store.changes_after(cursor, self.batch_size)
                 if not changes:
                     break
                 await self._apply(changes)
-                cursor = changes[-1].seq
-                await self.index.set_cursor(cursor)
+                last = changes[-1]
+                try:
+                    await self.index.set_cursor(last.seq, last.stamp, expected=cursor)
+                    cursor = last.seq
+                except CursorConflictError as exc:
+                    cursor = await self._overlapped(changes, exc)
                 applied += len(changes)
                 metrics.CHANGES_APPLIED.inc(len(changes))
         if applied:
@@ -100,11 +157,38 @@ class IndexSyncer:
         metrics.INDEX_LAG.set(0)
         return applied
 
-    async def lag(self) -> int:
-        """Change-log entries not yet applied to the index."""
+    async def _overlapped(self, changes: Sequence[Change], exc: CursorConflictError) -> int:
+        """Another pass moved the cursor while this one applied ``changes``: its writes and ours
+        may have interleaved. Reconcile what this batch touched again (reading Postgres now, after
+        both passes' writes) and go on from the stored cursor."""
+        metrics.SYNC_OVERLAPS.inc()
+        log.warning(
+            "two index sync passes overlapped: the sync lock did not exclude them (do the region's workers read "
+            "different databases, or go through a transaction-mode pooler?); reconciling the batch again",
+            error=str(exc),
+        )
+        await self._reconcile([c for c in changes if c.document_id is not None])
+        for tenant, collection in sorted({(c.tenant, c.collection) for c in changes if c.op == "delete_collection"}):
+            await self._reconcile_collection(tenant, collection)
+        return (await self.index.read_cursor()).seq
+
+    async def _reconcile_collection(self, tenant: str, collection: str) -> None:
+        chunks = await self.store.collection_indexable_chunks(tenant, collection)
+        if chunks:
+            await self.index.upsert([to_point(c) for c in chunks])
+        indexed = await self.index.point_ids(SearchFilter(tenant=tenant, collections=[collection]))
+        stale = indexed - {c.chunk_id for c in chunks}
+        if stale:
+            await self.index.delete_points(sorted(stale))
+
+    async def lag(self, tenant: str | None = None) -> int:
+        """Change-log entries not yet applied to the index (``tenant``'s only, when given)."""
         self.require_open()
-        pending = await self.store.pending_changes(await self.index.get_cursor())
-        metrics.INDEX_LAG.set(pending)
+        cursor = await self.index.read_cursor()
+        await self.check_history(cursor)
+        pending = await self.store.pending_changes(cursor.seq, tenant)
+        if tenant is None:
+            metrics.INDEX_LAG.set(pending)
         return pending
 
     async def follow(self, interval: float, *, stop: anyio.Event | None = None) -> None:
@@ -112,7 +196,13 @@ class IndexSyncer:
         failures = 0
         while stop is None or not stop.is_set():
             try:
-                await self.catch_up()
+                try:
+                    await self.catch_up()
+                except IndexDivergedError as exc:
+                    log.error("rebuilding the index from Postgres", reason=str(exc))
+                    metrics.INDEX_REBUILDS.inc()
+                    written = await self.reindex(only_if_diverged=True)
+                    log.info("index rebuilt after the change log's history changed", points=written)
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -124,17 +214,32 @@ class IndexSyncer:
                 else:
                     await anyio.sleep(interval)
 
-    async def reindex(self) -> int:
-        """Rebuild the index from Postgres alone; returns the number of points written."""
+    async def reindex(self, *, only_if_diverged: bool = False) -> int:
+        """Rebuild the index from Postgres alone; returns the number of points written.
+
+        ``only_if_diverged``: first check again, under the sync lock, that the index still does
+        not match the change log (another worker of the region may have rebuilt it meanwhile)."""
         async with self._lock, self.store.sync_lock():
             await self._ensure_open()
-            upto = await self.store.last_change_seq()
-            await self.index.clear()
-            written = 0
-            async for batch in self.store.iter_indexable_chunks(self.batch_size):
-                await self.index.upsert([to_point(c) for c in batch])
-                written += len(batch)
-            await self.index.set_cursor(upto)
+            if only_if_diverged:
+                try:
+                    await self.check_history(await self.index.read_cursor())
+                    return 0
+                except IndexDivergedError:
+                    pass
+            self.rebuilding = True
+            try:
+                upto = await self.store.last_change_seq()
+                stamp = await self.store.log_stamp(upto) if upto else ""
+                await self.index.clear()  # resets the cursor durably first: an interrupted rebuild restarts from 0
+                written = 0
+                async for batch in self.store.iter_indexable_chunks(self.batch_size):
+                    await self.index.upsert([to_point(c) for c in batch])
+                    written += len(batch)
+                await self.index.set_cursor(upto, stamp or "", expected=0)
+                self.diverged = ""
+            finally:
+                self.rebuilding = False
         await self.catch_up()  # whatever was committed while we rebuilt
         return written
 

@@ -36,6 +36,7 @@ EXTRA_ARGS = {
     "memory": ("--load-seconds", "1"),
     "coldstart": ("--setups", "external"),
     "retrieval": (),
+    "listing": (),
 }
 
 
@@ -143,6 +144,17 @@ def test_retrieval(bench_env: Callable[[str], Lines]) -> None:
         assert 0 < line["ndcg_at_10"] <= 1
         assert 0 < line["recall_at_100"] <= 1
         positive(line, "queries")
+
+
+def test_listing(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("listing")
+    pages = of(lines, "page")
+    assert {line["case"] for line in pages} == {
+        "first page", "random keyset", "one collection, random keyset", "source prefix"}
+    for line in pages:
+        positive(line, "p50_ms", "p95_ms")
+    [plan] = of(lines, "plan")
+    assert plan["index_range_scan"] is True
 
 
 def test_report_keeps_the_rest_of_the_page(bench_env: Callable[[str], Lines], tmp_path: Path) -> None:

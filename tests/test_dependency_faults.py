@@ -35,6 +35,7 @@ from qdrant_client import QdrantClient
 
 from mcp_rag.embedding import Embedder
 from mcp_rag.index.base import (
+    Cursor,
     Hit,
     IndexPoint,
     IndexQuery,
@@ -288,13 +289,13 @@ class FlakyIndex(VectorIndex):
         self._check()
         return await self.inner.point_ids(filter)
 
-    async def get_cursor(self) -> int:
+    async def read_cursor(self) -> Cursor:
         self._check()
-        return await self.inner.get_cursor()
+        return await self.inner.read_cursor()
 
-    async def set_cursor(self, seq: int) -> None:
+    async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
         self._check()
-        await self.inner.set_cursor(seq)
+        await self.inner.set_cursor(seq, origin, expected=expected)
 
     async def clear(self) -> None:
         self._check()

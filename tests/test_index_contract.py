@@ -22,6 +22,8 @@ import pytest
 from qdrant_client import QdrantClient
 
 from mcp_rag.index.base import (
+    Cursor,
+    CursorConflictError,
     FusionParams,
     Hit,
     IndexPoint,
@@ -415,6 +417,32 @@ async def test_cursor_round_trip_and_persistence(index: VectorIndex, backend: Ba
         await again.close()
 
 
+async def test_cursor_keeps_its_origin(index: VectorIndex, backend: Backend) -> None:
+    assert await index.read_cursor() == Cursor()
+    await index.set_cursor(12, "12@1764500000000001")
+    assert await index.read_cursor() == Cursor(12, "12@1764500000000001")
+    again = await reopen(index, backend)
+    try:
+        assert await again.read_cursor() == Cursor(12, "12@1764500000000001")
+        assert await again.get_cursor() == 12
+    finally:
+        await again.close()
+
+
+async def test_cursor_compare_and_set(index: VectorIndex, backend: Backend) -> None:
+    await index.set_cursor(5, "5@1")
+    await index.set_cursor(8, "8@2", expected=5)  # still 5: applied
+    assert await index.read_cursor() == Cursor(8, "8@2")
+    with pytest.raises(CursorConflictError, match="expected 5"):
+        await index.set_cursor(9, "9@3", expected=5)  # another writer moved it to 8 meanwhile
+    assert await index.read_cursor() == Cursor(8, "8@2")  # nothing changed
+    again = await reopen(index, backend)
+    try:
+        assert await again.read_cursor() == Cursor(8, "8@2")
+    finally:
+        await again.close()
+
+
 async def test_reopen_keeps_points(index: VectorIndex, backend: Backend) -> None:
     await index.upsert(FILTER_CORPUS)
     again = await reopen(index, backend)
@@ -447,10 +475,10 @@ async def test_reopening_with_another_model_fails(index: VectorIndex, backend: B
 
 async def test_clear(index: VectorIndex, backend: Backend) -> None:
     await index.upsert(FILTER_CORPUS)
-    await index.set_cursor(7)
+    await index.set_cursor(7, "7@1")
     await index.clear()
     assert await index.count() == 0
-    assert await index.get_cursor() == 0
+    assert await index.read_cursor() == Cursor()
     await index.upsert([pt(1, vec(a0=1.0), sparse({3: 1.0}))])  # still usable afterwards
     assert ids(await index.query(IndexQuery(SearchFilter("a"), limit=5, sparse=sparse({3: 1.0})))) == [1]
     again = await reopen(index, backend)
@@ -563,10 +591,10 @@ async def test_edge_second_instance_in_the_same_process(tmp_path: Path) -> None:
 async def test_edge_meta_file_is_plain_json(tmp_path: Path) -> None:
     index = EdgeIndex(tmp_path)
     await index.open(MODEL)
-    await index.set_cursor(9)
+    await index.set_cursor(9, "9@1700000000000000")
     await index.close()
     meta = json.loads((tmp_path / "index_meta.json").read_text())
-    assert meta == {"model_name": MODEL.name, "dimension": DIM, "cursor": 9}
+    assert meta == {"model_name": MODEL.name, "dimension": DIM, "cursor": 9, "origin": "9@1700000000000000"}
     assert not list(tmp_path.glob("*.tmp"))
 
 

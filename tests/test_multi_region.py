@@ -14,6 +14,7 @@ observations and printed at the end of the module (run with ``-s`` to see them).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -35,15 +36,17 @@ from mcp_rag.embedding import Embedder
 from mcp_rag.errors import NotFoundError, UnavailableError
 from mcp_rag.extract import SourceDocument
 from mcp_rag.http import create_app
-from mcp_rag.index.base import SearchFilter, VectorIndex
+from mcp_rag.index.base import IndexUnavailableError, SearchFilter, VectorIndex
 from mcp_rag.index.qdrant_edge import EdgeIndex
 from mcp_rag.index.qdrant_server import QdrantServerIndex
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.service import RagService, SearchFilters
 from mcp_rag.settings import Settings
 from mcp_rag.store.migrate import migrate
+from mcp_rag.store.postgres import Store
 from mcp_rag.sync import IndexSyncer
 from tests.pgcluster import PgServer
+from tests.test_store import make_write
 
 TENANT = "default"
 DATABASE = "mcp_rag"
@@ -666,3 +669,116 @@ async def test_failover_region_b_serves_reads_without_the_primary_then_its_promo
             replica.destroy()
         primary.destroy()
 
+
+@pytest.mark.parametrize(
+    ("engine", "overtaken"), [("qdrant-edge", False), ("qdrant-server", False), ("qdrant-edge", True)]
+)
+async def test_failover_that_lost_writes_is_detected_and_the_index_rebuilt(
+    engine: str, overtaken: bool, embedder: Embedder, model_dir: Path, tmp_path: Path
+) -> None:
+    """The index of a region reading the primary has applied writes its replica never received.
+    The primary dies, the replica is promoted, and the region points at it with the same index:
+    seq and chunk ids resume below the index's cursor. The region must not report ready with that
+    index (the cursor's entry is not in the new history): it names the divergence, search refuses,
+    and the sync worker rebuilds the index from Postgres, after which it is ready and exact.
+    ``overtaken``: the new primary has taken so many writes before the region reconnects that its
+    log reaches past the cursor: the entry at the cursor's seq exists, but is another one."""
+    primary = PgServer().init(replication=True).start()
+    replica: PgServer | None = None
+    try:
+        primary_dsn = primary.create_database(DATABASE)
+        await migrate(primary_dsn)
+        replica = standby_of(primary)
+        replica_dsn = replica.dsn(DATABASE)
+        collection = "mr-lost"
+        index = EdgeIndex(tmp_path / "index") if engine == "qdrant-edge" else qdrant_memory_index()
+
+        settings_a = region_settings(tmp_path / "a", model_dir, region="us-east", database_url=primary_dsn)
+        async with open_runtime(settings_a, index=index, embedder=embedder, follow_changes=False) as region:
+            kept = await ingest(
+                region,
+                collection,
+                [
+                    (f"mr://lost/kept-{i}", f"Kept {i}", f"Beekeepers inspect hive frame {i} for brood and honey.")
+                    for i in range(3)
+                ],
+            )
+            await wait_replayed(primary_dsn, replica_dsn)
+            replica.stop()  # replication stops here: what follows exists on the primary only
+            lost = await ingest(
+                region,
+                collection,
+                [
+                    (f"mr://lost/lost-{i}", f"Lost {i}", f"Potters trim leather-hard bowl {i} on the wheel.")
+                    for i in range(40)  # more than a sequence's WAL-logged cache: ids get reused later
+                ],
+            )
+            cursor_before = await index.get_cursor()
+            assert cursor_before == await query_one(primary_dsn, "SELECT max(seq) FROM change_log")
+        primary.stop("immediate")
+        replica.start()
+        replica.promote()
+
+        async def promoted() -> bool:
+            return await query_one(replica_dsn, "SELECT NOT pg_is_in_recovery()") is True
+
+        await poll(promoted, "the replica to leave recovery")
+        assert await query_one(replica_dsn, "SELECT max(seq) FROM change_log") < cursor_before
+        if overtaken:
+            writer = Store(replica_dsn)
+            await writer.open()
+            try:
+                for i in range(cursor_before):
+                    await writer.write_documents(
+                        [
+                            make_write(
+                                embedder, f"mr://lost/new-{i}", [f"Note {i}."], tenant=TENANT, collection=collection
+                            )
+                        ]
+                    )
+            finally:
+                await writer.close()
+            assert await query_one(replica_dsn, "SELECT max(seq) FROM change_log") > cursor_before
+
+        settings_b = region_settings(
+            tmp_path / "a", model_dir, region="us-east", database_url=replica_dsn, sync_interval_seconds=0.1
+        )
+        async with open_runtime(settings_b, index=index, embedder=embedder, follow_changes=False) as region:
+            # New writes on the new timeline: their seq and chunk ids are below the old ones.
+            fresh = await region.service.ingest_text(
+                TENANT,
+                "Glassblowers gather molten glass on a blowpipe and shape it by turning.",
+                collection=collection,
+                title="Glass",
+                source_uri="mr://lost/glass",
+            )
+            new_seq = await query_one(replica_dsn, "SELECT max(seq) FROM change_log")
+            observe("new seq after a lossy promotion minus the index cursor", float(new_seq - cursor_before))
+
+            reasons = await region.readiness()
+            assert any("index diverged from the database" in r for r in reasons), reasons
+            with pytest.raises(IndexUnavailableError, match="diverged"):
+                await region.service.search(
+                    TENANT, "shaping molten glass", filters=SearchFilters(collection=collection)
+                )
+
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(region.syncer.follow, 0.1, stop=stop))
+
+                async def ready() -> bool:
+                    return await region.readiness() == []
+
+                _, waited = await poll(ready, "the sync worker to rebuild the index", interval=0.1)
+                observe(f"divergence detected to rebuilt and ready ({engine})", waited)
+                stop.set()
+            assert await index.point_ids() == await region.store.all_chunk_ids()
+            assert await index.get_cursor() == await query_one(replica_dsn, "SELECT max(seq) FROM change_log")
+            found = await doc_ids_found(region, "shaping molten glass", collection)
+            assert found[:1] == [fresh.document_id]
+            assert not set(await doc_ids_found(region, "trimming a bowl on the wheel", collection)) & set(lost.values())
+            assert (await doc_ids_found(region, "beekeepers inspecting hive frames", collection))[0] in kept.values()
+    finally:
+        if replica is not None:
+            replica.destroy()
+        primary.destroy()

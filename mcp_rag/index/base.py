@@ -12,6 +12,8 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import CursorConflictError as CursorConflictError
+from ..errors import IndexDivergedError as IndexDivergedError
 from ..errors import IndexError_ as IndexError_
 from ..errors import IndexUnavailableError as IndexUnavailableError
 from ..errors import ModelMismatchError as ModelMismatchError
@@ -19,6 +21,17 @@ from ..types import Fusion, MetadataValue, ModelIdentity, SparseVector
 
 DENSE_VECTOR = "dense"
 SPARSE_VECTOR = "bm25"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """How far the index has applied the change log, and which history of the log that was."""
+
+    seq: int = 0
+    """The last change-log sequence number applied (0: nothing yet)."""
+    origin: str = ""
+    """The stamp of change-log entry ``seq`` (``Store.log_stamp``); "" when unknown (a new index,
+    or one written before stamps were recorded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +152,21 @@ class VectorIndex(abc.ABC):
         """Ids of the points matching ``filter`` (all when None); for consistency checks."""
 
     @abc.abstractmethod
+    async def read_cursor(self) -> Cursor:
+        """The stored cursor (``Cursor()`` when new)."""
+
     async def get_cursor(self) -> int:
         """The last change-log sequence number applied to this index (0 when new)."""
+        return (await self.read_cursor()).seq
 
     @abc.abstractmethod
-    async def set_cursor(self, seq: int) -> None: ...
+    async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
+        """Store the cursor durably. With ``expected``, only if the stored ``seq`` still equals it
+        (compare-and-set); otherwise raise CursorConflictError and change nothing."""
 
     @abc.abstractmethod
     async def clear(self) -> None:
-        """Drop every point and reset the cursor to 0 (for a rebuild); keeps the model identity."""
+        """Drop every point and reset the cursor to ``Cursor()`` (for a rebuild); keeps the model identity.
+
+        The reset is durable *before* any point is destroyed: an interruption at any step leaves
+        an index whose cursor is 0, which a catch-up or reindex fills from Postgres."""

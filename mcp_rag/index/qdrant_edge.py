@@ -3,7 +3,8 @@
 Layout of ``directory``:
 
 * ``shard/``          the EdgeShard (segments + WAL; the engine locks the WAL exclusively)
-* ``index_meta.json`` model identity and change-log cursor, replaced atomically
+* ``index_meta.json`` model identity, change-log cursor (seq + origin) and a ``clearing``
+  flag, replaced atomically (write, fsync, rename, fsync the directory)
 * ``owner.pid``       flock-ed by the process that has the index open, holds its pid
 
 Durability: every update is appended to the shard's WAL before ``update`` returns, and
@@ -59,6 +60,8 @@ from mcp_rag.errors import IndexInUseError, IndexUnavailableError, ModelMismatch
 from mcp_rag.index.base import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
+    Cursor,
+    CursorConflictError,
     Hit,
     IndexPoint,
     IndexQuery,
@@ -85,7 +88,7 @@ class EdgeIndex(VectorIndex):
         self._shard: EdgeShard | None = None
         self._owner_fd: int | None = None
         self._model: ModelIdentity | None = None
-        self._cursor = 0
+        self._cursor = Cursor()
         # Queries run concurrently (they release the GIL); writes, flushes and meta
         # updates are serialised.
         self._write_lock = threading.Lock()
@@ -105,13 +108,15 @@ class EdgeIndex(VectorIndex):
             if meta is not None and meta[0] != model:
                 raise ModelMismatchError(mismatch_message(str(self._dir), meta[0], model))
             has_shard = self._shard_path.is_dir() and any(self._shard_path.iterdir())
-            if meta is None or not has_shard:
-                # New index, or one half of it is missing: the index is derived data, so
-                # start afresh (meta first: a shard never exists without its identity).
-                self._write_meta(model, 0)
+            if meta is None or not has_shard or meta[2]:
+                # New index, one half of it missing, or a clear() that was interrupted: the
+                # index is derived data, so start afresh (meta first: a shard never exists
+                # without its identity, and never with a cursor it does not hold).
+                self._write_meta(model, Cursor(), clearing=True)
                 shutil.rmtree(self._shard_path, ignore_errors=True)
                 self._shard = _create_shard(self._shard_path, model)
-                self._cursor = 0
+                self._write_meta(model, Cursor())
+                self._cursor = Cursor()
             else:
                 self._shard = self._load_shard()
                 self._cursor = meta[1]
@@ -188,15 +193,24 @@ class EdgeIndex(VectorIndex):
 
     # -- meta: model identity and cursor --------------------------------------------
 
-    def _read_meta(self) -> tuple[ModelIdentity, int] | None:
+    def _read_meta(self) -> tuple[ModelIdentity, Cursor, bool] | None:
+        """(model, cursor, clearing) or None when there is no meta file."""
         try:
             data = json.loads(self._meta_path.read_text())
         except FileNotFoundError:
             return None
-        return ModelIdentity(str(data["model_name"]), int(data["dimension"])), int(data["cursor"])
+        model = ModelIdentity(str(data["model_name"]), int(data["dimension"]))
+        return model, Cursor(int(data["cursor"]), str(data.get("origin", ""))), bool(data.get("clearing", False))
 
-    def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
-        data = {"model_name": model.name, "dimension": model.dimension, "cursor": cursor}
+    def _write_meta(self, model: ModelIdentity, cursor: Cursor, *, clearing: bool = False) -> None:
+        data: dict[str, Any] = {
+            "model_name": model.name,
+            "dimension": model.dimension,
+            "cursor": cursor.seq,
+            "origin": cursor.origin,
+        }
+        if clearing:
+            data["clearing"] = True
         tmp = self._meta_path.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -209,16 +223,21 @@ class EdgeIndex(VectorIndex):
         finally:
             os.close(dir_fd)
 
-    async def get_cursor(self) -> int:
+    async def read_cursor(self) -> Cursor:
         return self._cursor
 
-    async def set_cursor(self, seq: int) -> None:
+    async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
         def set_cursor() -> None:
             with self._write_lock:
                 if self._model is None:
                     raise IndexUnavailableError(f"edge index {self._dir} is not open")
-                self._write_meta(self._model, seq)
-                self._cursor = seq
+                if expected is not None and self._cursor.seq != expected:
+                    raise CursorConflictError(
+                        f"edge index {self._dir}: cursor is {self._cursor.seq}, expected {expected}"
+                    )
+                cursor = Cursor(seq, origin)
+                self._write_meta(self._model, cursor)
+                self._cursor = cursor
 
         await anyio.to_thread.run_sync(set_cursor)
 
@@ -253,12 +272,16 @@ class EdgeIndex(VectorIndex):
                 # A fresh shard rather than deleting every point: the engine keeps counting
                 # deleted points in its IDF statistics until segments are optimised. The
                 # owner lock stays held, so no other process can slip in meanwhile.
+                # The reset cursor (and the flag that an open must finish the clear) is
+                # durable before anything is destroyed: a kill at any later step reopens
+                # as an empty index at cursor 0, never as a partial one at the old cursor.
+                self._write_meta(model, Cursor(), clearing=True)
+                self._cursor = Cursor()
                 shard.close()
                 self._shard = None
                 shutil.rmtree(self._shard_path)
-                self._write_meta(model, 0)
-                self._cursor = 0
                 self._shard = _create_shard(self._shard_path, model)
+                self._write_meta(model, Cursor())
 
         await anyio.to_thread.run_sync(clear)
 

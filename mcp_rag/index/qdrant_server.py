@@ -30,6 +30,8 @@ from mcp_rag.errors import IndexUnavailableError, ModelMismatchError
 from mcp_rag.index.base import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
+    Cursor,
+    CursorConflictError,
     Hit,
     IndexPoint,
     IndexQuery,
@@ -49,7 +51,7 @@ _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class QdrantServerIndex(VectorIndex):
-    """Chunks in ``collection``; model identity and cursor in ``<collection>__meta``."""
+    """Chunks in ``collection``; model identity, cursor and the ``clearing`` flag in ``<collection>__meta``."""
 
     def __init__(self, client: QdrantClient, collection: str = "mcp_rag_chunks") -> None:
         self._client = client
@@ -104,6 +106,10 @@ class QdrantServerIndex(VectorIndex):
         meta = self._read_meta() if c.collection_exists(self._meta) else None
         if meta is not None and meta[0] != model:
             raise ModelMismatchError(mismatch_message(self._collection, meta[0], model))
+        if meta is not None and meta[2] and exists:
+            # A clear() was interrupted after it reset the cursor: finish it.
+            c.delete_collection(self._collection)
+            exists = False
         if meta is None and exists:
             # Chunks without a model identity (meta lost): adopt them only if the sizes
             # agree, and start over from cursor 0 (upserts then overwrite every point).
@@ -116,9 +122,9 @@ class QdrantServerIndex(VectorIndex):
             if not c.collection_exists(self._meta):
                 one_d = models.VectorParams(size=1, distance=models.Distance.DOT)
                 c.create_collection(self._meta, vectors_config=one_d)
-            self._write_meta(model, 0)
+            self._write_meta(model, Cursor())
         elif not exists:
-            self._set_cursor(0)  # the chunks are gone: the cursor must not claim otherwise
+            self._write_meta(model, Cursor())  # the chunks are gone: the cursor must not claim otherwise
 
     def _create_chunks(self, model: ModelIdentity) -> None:
         c = self._client
@@ -156,27 +162,55 @@ class QdrantServerIndex(VectorIndex):
 
     # -- meta: model identity and cursor --------------------------------------------
 
-    def _read_meta(self) -> tuple[ModelIdentity, int] | None:
+    def _read_meta(self) -> tuple[ModelIdentity, Cursor, bool] | None:
+        """(model, cursor, clearing) or None when the meta point is missing."""
         records = self._client.retrieve(self._meta, [_META_POINT_ID], with_payload=True)
         if not records or records[0].payload is None:
             return None
         p = records[0].payload
-        return ModelIdentity(str(p["model_name"]), int(p["dimension"])), int(p["cursor"])
+        model = ModelIdentity(str(p["model_name"]), int(p["dimension"]))
+        return model, Cursor(int(p["cursor"]), str(p.get("origin", ""))), bool(p.get("clearing", False))
 
-    def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
-        payload = {"model_name": model.name, "dimension": model.dimension, "cursor": cursor}
+    def _write_meta(
+        self, model: ModelIdentity, cursor: Cursor, *, clearing: bool = False, expected: int | None = None
+    ) -> None:
+        """Replace the meta point (one atomic point write). With ``expected``, a conditional
+        update: applied only if the stored cursor still is ``expected`` (checked by reading back)."""
+        payload = {
+            "model_name": model.name,
+            "dimension": model.dimension,
+            "cursor": cursor.seq,
+            "origin": cursor.origin,
+            "clearing": clearing,
+        }
         point = models.PointStruct(id=_META_POINT_ID, vector=[1.0], payload=payload)
-        self._client.upsert(self._meta, [point], wait=True)
+        if expected is None:
+            self._client.upsert(self._meta, [point], wait=True)
+            return
+        still = models.Filter(must=[models.FieldCondition(key="cursor", match=models.MatchValue(value=expected))])
+        self._client.upsert(
+            self._meta, [point], wait=True, update_filter=still, update_mode=models.UpdateMode.UPDATE_ONLY
+        )
+        meta = self._read_meta()
+        if meta is None or meta[1] != cursor:
+            found = "missing" if meta is None else str(meta[1].seq)
+            raise CursorConflictError(f"index '{self._collection}': cursor is {found}, expected {expected}")
 
-    def _set_cursor(self, seq: int) -> None:
-        self._client.set_payload(self._meta, {"cursor": seq}, points=[_META_POINT_ID], wait=True)
-
-    async def get_cursor(self) -> int:
+    async def read_cursor(self) -> Cursor:
         meta = await self._call(self._read_meta)
-        return 0 if meta is None else meta[1]
+        return Cursor() if meta is None else meta[1]
 
-    async def set_cursor(self, seq: int) -> None:
-        await self._call(lambda: self._set_cursor(seq))
+    async def set_cursor(self, seq: int, origin: str = "", *, expected: int | None = None) -> None:
+        def set_cursor() -> None:
+            meta = self._read_meta()
+            if meta is None:
+                raise IndexUnavailableError(f"index '{self._collection}' at {self._where} is not open")
+            if expected is not None and meta[1].seq != expected:
+                raise CursorConflictError(f"index '{self._collection}': cursor is {meta[1].seq}, expected {expected}")
+            # The conditional write (checked by reading back) covers a writer between the two requests.
+            self._write_meta(meta[0], Cursor(seq, origin), expected=expected)
+
+        await self._call(set_cursor)
 
     # -- writes --------------------------------------------------------------------
 
@@ -220,9 +254,13 @@ class QdrantServerIndex(VectorIndex):
             if meta is None:
                 raise IndexUnavailableError(f"index '{self._collection}' at {self._where} is not open")
             # Recreating (rather than deleting every point) also resets the IDF statistics.
+            # The reset cursor and the flag that an open must finish the clear are written
+            # first: an interruption at any later step leaves cursor 0, never an emptied
+            # collection under the old cursor.
+            self._write_meta(meta[0], Cursor(), clearing=True)
             self._client.delete_collection(self._collection)
             self._create_chunks(meta[0])
-            self._set_cursor(0)
+            self._write_meta(meta[0], Cursor())
 
         await self._call(clear)
 

@@ -9,28 +9,37 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..errors import InvalidInputError, NotFoundError, UnavailableError
+from ..errors import ConflictError, InvalidInputError, NotFoundError, RagError, UnavailableError
+from ..logging import get_logger
 from ..types import ModelIdentity, SparseVector
+
+log = get_logger(__name__)
+T = TypeVar("T")
 
 CHANGE_LOG_LOCK_KEY = 0x6D63_7072_6167_0002
 """Writers serialise on this lock just before logging a change, so seq order is commit order."""
 SYNC_LOCK_KEY = 0x6D63_7072_6167_0003
 """Index sync passes of one region take turns on this lock (on the read database)."""
 SYNC_LOCK_WAIT = 30.0
+SYNC_LOCK_POLL = 0.1
+WRITE_ATTEMPTS = 5
+"""A write transaction chosen as a deadlock victim (or failing serialisation) is run again this many times."""
 
 Metadata = dict[str, Any]
 
@@ -118,6 +127,8 @@ class Change:
     collection: str
     document_id: str | None
     op: str
+    stamp: str = ""
+    """Identifies this entry within the change log's history (see ``Store.log_stamp``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +170,16 @@ def _translate(exc: Exception) -> UnavailableError:
     return UnavailableError(
         f"the database is unavailable ({type(exc).__name__}: {str(exc).strip()[:200]}); retry shortly"
     )
+
+
+def _translate_refusal(exc: psycopg.Error) -> RagError:
+    """A database error that is not an outage, in the caller's terms (no psycopg class reaches a client)."""
+    detail = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    if isinstance(exc, psycopg.errors.TransactionRollback | psycopg.errors.IntegrityError):
+        return ConflictError(f"the write conflicted with a concurrent change ({detail}); retry it")
+    if isinstance(exc, psycopg.errors.DataError):
+        return InvalidInputError(f"the database rejected a value ({detail})")
+    return RagError(f"the database refused the operation ({detail})")
 
 
 class Store:
@@ -279,6 +300,22 @@ class Store:
 
     # --- writes ------------------------------------------------------------------------
 
+    async def _write_transaction(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction on the primary; a deadlock victim (or a serialisation
+        failure) is rolled back and run again, a few times, before it is reported as a conflict."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                async with _guarded(self._write, self._timeout, self._probe, retrying=True) as conn, conn.transaction():
+                    return await work(conn)
+            except psycopg.errors.TransactionRollback as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise _translate_refusal(exc) from exc
+                log.info(
+                    "write transaction rolled back by a conflict; retrying", error=type(exc).__name__, attempt=attempt
+                )
+                await anyio.sleep(random.uniform(0.005, 0.05) * attempt)  # noqa: S311 (jitter)
+        raise AssertionError("unreachable")
+
     async def existing_hashes(self, tenant: str, collection: str, source_uris: Sequence[str]) -> dict[str, str]:
         """source_uri -> content_hash of the documents already stored (read from the primary)."""
         if not source_uris:
@@ -292,67 +329,36 @@ class Store:
             return {row[0]: row[1] for row in await cur.fetchall()}
 
     async def write_documents(self, writes: Sequence[DocumentWrite]) -> list[WriteResult]:
-        """Store documents and replace their chunks, all in one transaction, and log each change."""
+        """Store documents and replace their chunks, all in one transaction, and log each change.
+
+        Rows are locked in one global order, whatever the caller's order: first each collection
+        row (``FOR KEY SHARE``, so ``delete_collection`` waits for this transaction and this one
+        never meets a half-deleted collection), then the documents sorted by key. Two batches over
+        the same documents therefore queue instead of deadlocking. Results are in caller order.
+        """
         if not writes:
             return []
-        results: list[WriteResult] = []
-        async with self._writing() as conn, conn.transaction():
+        order = sorted(range(len(writes)), key=lambda i: (writes[i].tenant, writes[i].collection, writes[i].source_uri))
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> list[WriteResult]:
             for key in sorted({(w.tenant, w.collection) for w in writes}):
-                await conn.execute("INSERT INTO collections (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", key)
-            for w in writes:
-                cur = await conn.execute(
-                    """INSERT INTO documents (id, tenant, collection, source_uri, title, metadata, content,
-                                              content_hash, chunk_count)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-                       ON CONFLICT (tenant, collection, source_uri) DO UPDATE SET
-                           title = excluded.title, metadata = excluded.metadata, content = excluded.content,
-                           content_hash = excluded.content_hash, chunk_count = excluded.chunk_count,
-                           updated_at = now()
-                       RETURNING id, (xmax = 0) AS inserted""",
-                    (
-                        uuid.uuid4(),
-                        w.tenant,
-                        w.collection,
-                        w.source_uri,
-                        w.title,
-                        json.dumps(w.metadata),
-                        w.content,
-                        w.content_hash,
-                        len(w.chunks),
-                    ),
-                )
-                row = await cur.fetchone()
-                assert row is not None
-                doc_id, inserted = row
-                if not inserted:
-                    await conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
-                async with conn.cursor().copy(
-                    "COPY chunks (document_id, position, text, start_char, end_char, heading_path, dense,"
-                    " sparse_indices, sparse_values) FROM STDIN"
-                ) as copy:
-                    for c in w.chunks:
-                        await copy.write_row(
-                            (
-                                doc_id,
-                                c.position,
-                                c.text,
-                                c.start_char,
-                                c.end_char,
-                                list(c.heading_path),
-                                c.dense.astype("<f4").tobytes(),
-                                list(c.sparse.indices),
-                                list(c.sparse.values),
-                            )
-                        )
-                results.append(WriteResult(str(doc_id), "added" if inserted else "updated", len(w.chunks)))
+                await _lock_collection(conn, *key)
+            results: dict[int, WriteResult] = {}
+            for i in order:
+                results[i] = await _write_document(conn, writes[i])
+            ordered = [results[i] for i in range(len(writes))]
             await _log_changes(
-                conn, [(w.tenant, w.collection, r.document_id, "upsert") for w, r in zip(writes, results, strict=True)]
+                conn,
+                [(writes[i].tenant, writes[i].collection, results[i].document_id, "upsert") for i in order],
             )
-        return results
+            return ordered
+
+        return await self._write_transaction(work)
 
     async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
         doc_uuid = _parse_uuid(document_id)
-        async with self._writing() as conn, conn.transaction():
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> DocumentInfo:
             cur = await conn.execute(
                 "DELETE FROM documents WHERE tenant = %s AND id = %s RETURNING " + _DOC_COLUMNS,
                 (tenant, doc_uuid),
@@ -362,23 +368,34 @@ class Store:
                 raise NotFoundError(f"no document with id {document_id!r}; use list_documents to find ids")
             info = _doc_info(row)
             await _log_changes(conn, [(tenant, info.collection, document_id, "delete")])
-        return info
+            return info
+
+        return await self._write_transaction(work)
 
     async def delete_collection(self, tenant: str, collection: str) -> int:
-        """Delete a collection with its documents; returns how many documents went."""
-        async with self._writing() as conn, conn.transaction():
+        """Delete a collection with its documents; returns how many documents went.
+
+        The collection row is locked first: writers into the collection hold it ``FOR KEY SHARE``
+        until they commit, so this waits for them, and the count (taken after the lock) includes
+        every document that was committed into the collection before it went.
+        """
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(
+                "SELECT 1 FROM collections WHERE tenant = %s AND name = %s FOR UPDATE", (tenant, collection)
+            )
+            if await cur.fetchone() is None:
+                raise NotFoundError(f"no collection named {collection!r}; use list_collections to see them")
             cur = await conn.execute(
                 "SELECT count(*) FROM documents WHERE tenant = %s AND collection = %s", (tenant, collection)
             )
             row = await cur.fetchone()
             count = int(row[0]) if row else 0
-            cur = await conn.execute(
-                "DELETE FROM collections WHERE tenant = %s AND name = %s RETURNING name", (tenant, collection)
-            )
-            if await cur.fetchone() is None:
-                raise NotFoundError(f"no collection named {collection!r}; use list_collections to see them")
+            await conn.execute("DELETE FROM collections WHERE tenant = %s AND name = %s", (tenant, collection))
             await _log_changes(conn, [(tenant, collection, None, "delete_collection")])
-        return count
+            return count
+
+        return await self._write_transaction(work)
 
     # --- reads -------------------------------------------------------------------------
 
@@ -404,23 +421,9 @@ class Store:
         cursor: str | None = None,
     ) -> Page:
         after: tuple[str, str] | None = _decode_cursor(cursor) if cursor else None
-        clauses = ["tenant = %s"]
-        params: list[Any] = [tenant]
-        if collection is not None:
-            clauses.append("collection = %s")
-            params.append(collection)
-        if source_prefix:
-            clauses.append("source_uri LIKE %s")
-            params.append(_like_prefix(source_prefix))
-        if after is not None:
-            clauses.append("(source_uri, id) > (%s, %s)")
-            params.extend([after[0], _parse_uuid(after[1])])
-        params.append(limit + 1)
+        sql, params = _list_documents_query(tenant, collection, source_prefix, limit, after)
         async with self._reading() as conn:
-            cur = await conn.execute(
-                f"SELECT {_DOC_COLUMNS} FROM documents WHERE {' AND '.join(clauses)} ORDER BY source_uri, id LIMIT %s",
-                params,
-            )
+            cur = await conn.execute(sql, params)
             rows = await cur.fetchall()
         docs = [_doc_info(r) for r in rows[:limit]]
         next_cursor = _encode_cursor(docs[-1].source_uri, docs[-1].id) if len(rows) > limit else None
@@ -489,34 +492,73 @@ class Store:
     async def sync_lock(self) -> AsyncIterator[None]:
         """Held while one sync pass applies changes to the region's index.
 
-        A session advisory lock on the read database (advisory locks work on a hot standby,
-        and every worker of a region reads from the same one), waited for at most
-        ``SYNC_LOCK_WAIT`` seconds.
+        A session advisory lock on the read database (advisory locks work on a hot standby),
+        polled with ``pg_try_advisory_lock`` for at most ``SYNC_LOCK_WAIT`` seconds: nothing
+        changes the session's settings, so a pass cancelled while it waits is just cancelled.
+        The lock excludes only the passes that read the same database over session-mode
+        connections; the index cursor's compare-and-set (``sync.py``) detects any other overlap.
         """
         async with self._reading() as conn:
-            await conn.execute(f"SET lock_timeout = '{int(SYNC_LOCK_WAIT * 1000)}ms'")
-            try:
-                await conn.execute("SELECT pg_advisory_lock(%s)", (SYNC_LOCK_KEY,))
-            except psycopg.errors.LockNotAvailable:
-                raise UnavailableError("another index sync pass has held the sync lock too long; retrying") from None
-            finally:
-                await conn.execute("RESET lock_timeout")
+            deadline = time.monotonic() + SYNC_LOCK_WAIT
+            while True:
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (SYNC_LOCK_KEY,))
+                row = await cur.fetchone()
+                if row is not None and row[0]:
+                    break
+                if time.monotonic() >= deadline:
+                    raise UnavailableError("another index sync pass has held the sync lock too long; retrying")
+                await anyio.sleep(SYNC_LOCK_POLL)
             try:
                 yield
             finally:
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (SYNC_LOCK_KEY,))
+                # Shielded: a cancelled pass must still release the lock, or the pooled session keeps it.
+                # A connection that fails here is closed: the pool discards it and the lock goes with
+                # the session (never an error in place of the pass's own outcome).
+                with anyio.CancelScope(shield=True):
+                    try:
+                        with anyio.fail_after(self._timeout):
+                            await conn.execute("SELECT pg_advisory_unlock(%s)", (SYNC_LOCK_KEY,))
+                    except (psycopg.Error, TimeoutError, OSError):
+                        await conn.close()
 
     async def changes_after(self, seq: int, limit: int) -> list[Change]:
         async with self._reading() as conn:
             cur = await conn.execute(
-                "SELECT seq, tenant, collection, document_id, op FROM change_log WHERE seq > %s ORDER BY seq LIMIT %s",
+                f"SELECT seq, tenant, collection, document_id, op, {_STAMP_SQL} FROM change_log"
+                " WHERE seq > %s ORDER BY seq LIMIT %s",
                 (seq, limit),
             )
-            return [Change(r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4]) for r in await cur.fetchall()]
+            return [
+                Change(r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4], _stamp(r[0], r[5]))
+                for r in await cur.fetchall()
+            ]
 
-    async def pending_changes(self, seq: int) -> int:
+    async def log_stamp(self, seq: int) -> str | None:
+        """The stamp of change-log entry ``seq`` (None when the log has no such entry).
+
+        A stamp names one entry of one history of the log: its seq and the commit-time clock of
+        the transaction that wrote it. After a failover that lost writes, a point-in-time
+        restore, or with an index pointed at another database, the entry at a given seq is
+        missing or has another stamp. On a failover without loss it is the same entry.
+        """
         async with self._reading() as conn:
-            cur = await conn.execute("SELECT count(*) FROM change_log WHERE seq > %s", (seq,))
+            cur = await conn.execute(f"SELECT {_STAMP_SQL} FROM change_log WHERE seq = %s", (seq,))
+            row = await cur.fetchone()
+        return None if row is None else _stamp(seq, row[0])
+
+    async def log_state(self) -> tuple[int, bool]:
+        """(last seq in the change log, whether the read database is a replica still in recovery)."""
+        async with self._reading() as conn:
+            cur = await conn.execute("SELECT coalesce(max(seq), 0), pg_is_in_recovery() FROM change_log")
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), bool(row[1])
+
+    async def pending_changes(self, seq: int, tenant: str | None = None) -> int:
+        """Change-log entries after ``seq``: every tenant's, or only ``tenant``'s."""
+        where, params = ("AND tenant = %s", (seq, tenant)) if tenant is not None else ("", (seq,))
+        async with self._reading() as conn:
+            cur = await conn.execute(f"SELECT count(*) FROM change_log WHERE seq > %s {where}", params)
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
@@ -532,6 +574,13 @@ class Store:
         async with self._reading() as conn:
             cur = await conn.execute(
                 _INDEXABLE_SQL + " WHERE d.id = ANY(%s)", ([_parse_uuid(d) for d in document_ids],)
+            )
+            return [_indexable(r) for r in await cur.fetchall()]
+
+    async def collection_indexable_chunks(self, tenant: str, collection: str) -> list[IndexableChunk]:
+        async with self._reading() as conn:
+            cur = await conn.execute(
+                _INDEXABLE_SQL + " WHERE d.tenant = %s AND d.collection = %s", (tenant, collection)
             )
             return [_indexable(r) for r in await cur.fetchall()]
 
@@ -556,11 +605,39 @@ class Store:
             return {r[0] for r in await cur.fetchall()}
 
 
+_STAMP_SQL = "floor(extract(epoch FROM created_at) * 1000000)::bigint"
+
+
+def _stamp(seq: int, micros: int) -> str:
+    return f"{seq}@{micros}"
+
+
 _DOC_COLUMNS = "id, tenant, collection, source_uri, title, metadata, content_hash, chunk_count, created_at, updated_at"
 
 _INDEXABLE_SQL = """SELECT c.id, d.id, d.tenant, d.collection, d.source_uri, d.metadata, c.dense, c.sparse_indices,
                            c.sparse_values
                     FROM chunks c JOIN documents d ON d.id = c.document_id"""
+
+
+def _list_documents_query(
+    tenant: str, collection: str | None, source_prefix: str | None, limit: int, after: tuple[str, str] | None
+) -> tuple[str, list[Any]]:
+    """One page of documents in (source_uri in byte order, id) order, after the keyset ``after``:
+    an index range scan on ``documents_listing_idx`` (or its per-collection twin, migration 3)."""
+    clauses = ["tenant = %s"]
+    params: list[Any] = [tenant]
+    if collection is not None:
+        clauses.append("collection = %s")
+        params.append(collection)
+    if source_prefix:
+        clauses.append('source_uri COLLATE "C" LIKE %s')
+        params.append(_like_prefix(source_prefix))
+    if after is not None:
+        clauses.append('(source_uri COLLATE "C", id) > (%s, %s)')
+        params.extend([after[0], _parse_uuid(after[1])])
+    params.append(limit + 1)
+    sql = f'SELECT {_DOC_COLUMNS} FROM documents WHERE {" AND ".join(clauses)} ORDER BY source_uri COLLATE "C", id LIMIT %s'
+    return sql, params
 
 
 def _indexable(r: Any) -> IndexableChunk:
@@ -590,6 +667,71 @@ def _doc_info(row: Any) -> DocumentInfo:
         updated_at=row[9],
         content=row[10] if len(row) > 10 else None,
     )
+
+
+async def _lock_collection(conn: psycopg.AsyncConnection[Any], tenant: str, collection: str) -> None:
+    """Create the collection if needed and hold its row ``FOR KEY SHARE`` until commit.
+
+    If a ``delete_collection`` commits between the insert and the lock, the row is gone and the
+    collection is created again (a write after a delete starts a new collection)."""
+    for _ in range(10):
+        await conn.execute(
+            "INSERT INTO collections (tenant, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (tenant, collection)
+        )
+        cur = await conn.execute(
+            "SELECT 1 FROM collections WHERE tenant = %s AND name = %s FOR KEY SHARE", (tenant, collection)
+        )
+        if await cur.fetchone() is not None:
+            return
+    raise ConflictError(f"collection {collection!r} kept being deleted while this write ran; retry it")
+
+
+async def _write_document(conn: psycopg.AsyncConnection[Any], w: DocumentWrite) -> WriteResult:
+    cur = await conn.execute(
+        """INSERT INTO documents (id, tenant, collection, source_uri, title, metadata, content,
+                                  content_hash, chunk_count)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (tenant, collection, source_uri) DO UPDATE SET
+               title = excluded.title, metadata = excluded.metadata, content = excluded.content,
+               content_hash = excluded.content_hash, chunk_count = excluded.chunk_count,
+               updated_at = now()
+           RETURNING id, (xmax = 0) AS inserted""",
+        (
+            uuid.uuid4(),
+            w.tenant,
+            w.collection,
+            w.source_uri,
+            w.title,
+            json.dumps(w.metadata),
+            w.content,
+            w.content_hash,
+            len(w.chunks),
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    doc_id, inserted = row
+    if not inserted:
+        await conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
+    async with conn.cursor().copy(
+        "COPY chunks (document_id, position, text, start_char, end_char, heading_path, dense,"
+        " sparse_indices, sparse_values) FROM STDIN"
+    ) as copy:
+        for c in w.chunks:
+            await copy.write_row(
+                (
+                    doc_id,
+                    c.position,
+                    c.text,
+                    c.start_char,
+                    c.end_char,
+                    list(c.heading_path),
+                    c.dense.astype("<f4").tobytes(),
+                    list(c.sparse.indices),
+                    list(c.sparse.values),
+                )
+            )
+    return WriteResult(str(doc_id), "added" if inserted else "updated", len(w.chunks))
 
 
 async def _log_changes(conn: psycopg.AsyncConnection[Any], changes: Sequence[tuple[str, str, str | None, str]]) -> None:
@@ -654,7 +796,10 @@ class _ProbeIfIdle:
 class _guarded:
     """``async with`` a pool connection, turning connection failures into UnavailableError."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any], timeout: float, probe: _ProbeIfIdle) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Any], timeout: float, probe: _ProbeIfIdle, *, retrying: bool = False
+    ) -> None:
+        self._retrying = retrying  # the caller runs the transaction again after a rollback by conflict
         self._pool = pool
         self._timeout = timeout
         self._probe = probe
@@ -676,9 +821,15 @@ class _guarded:
         try:
             result: bool | None = await self._cm.__aexit__(exc_type, exc, tb)
         except (psycopg.OperationalError, OSError) as err:
+            if exc is not None and not isinstance(exc, Exception):
+                return None  # a cancellation stays a cancellation (the pool discards the connection)
             raise _translate(err) from err
+        if self._retrying and isinstance(exc, psycopg.errors.TransactionRollback):
+            return result  # a deadlock victim: ``_write_transaction`` runs it again
         if isinstance(exc, psycopg.OperationalError | PoolTimeout):
             raise _translate(exc) from exc
+        if isinstance(exc, psycopg.Error):
+            raise _translate_refusal(exc) from exc
         return result
 
 
