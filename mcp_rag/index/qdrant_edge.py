@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -69,6 +68,7 @@ from mcp_rag.index.base import (
     VectorIndex,
     mismatch_message,
 )
+from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
 from mcp_rag.types import MetadataValue, ModelIdentity
 
 if TYPE_CHECKING:  # aliases that exist in the type stubs only
@@ -77,7 +77,6 @@ if TYPE_CHECKING:  # aliases that exist in the type stubs only
 T = TypeVar("T")
 
 _SCROLL_PAGE = 1000
-_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class EdgeIndex(VectorIndex):
@@ -320,7 +319,7 @@ class EdgeIndex(VectorIndex):
         else:
             return []  # an empty sparse query (e.g. only stop words) matches nothing
         points = await self._read(lambda shard: shard.query(request))
-        return [Hit(id=_int_id(p.id), score=p.score) for p in points]
+        return [Hit(id=int_id(p.id), score=p.score) for p in points]
 
     async def count(self, filter: SearchFilter | None = None) -> int:
         request = CountRequest(exact=True, filter=_filter(filter) if filter is not None else None)
@@ -337,7 +336,7 @@ class EdgeIndex(VectorIndex):
                     offset=offset, limit=_SCROLL_PAGE, filter=flt, with_payload=False, with_vector=False
                 )
                 records, offset = shard.scroll(request)
-                ids.update(_int_id(r.id) for r in records)
+                ids.update(int_id(r.id) for r in records)
                 if offset is None:
                     return ids
 
@@ -357,66 +356,48 @@ def _create_shard(path: Path, model: ModelIdentity) -> EdgeShard:
     return shard
 
 
-def _int_id(point_id: PointId) -> int:
-    if isinstance(point_id, int):
-        return point_id
-    raise TypeError(f"unexpected non-integer point id {point_id!r}")
-
-
 def _point(p: IndexPoint) -> Point:
-    q = p.payload
-    metadata = {k: v if isinstance(v, str | int | float | bool) else list(v) for k, v in q.metadata.items()}
-    payload: dict[str, Any] = {
-        "tenant": q.tenant,
-        "collection": q.collection,
-        "document_id": q.document_id,
-        "source_uri": q.source_uri,
-        "metadata": metadata,
-    }
     vectors: dict[str, NamedVector] = {
         DENSE_VECTOR: list(p.dense),
         SPARSE_VECTOR: SparseVector(list(p.sparse.indices), list(p.sparse.values)),
     }
-    return Point(p.id, vectors, payload)
+    return Point(p.id, vectors, payload_of(p.payload))
 
 
-def _metadata_key(key: str) -> str:
-    if _SIMPLE_KEY.fullmatch(key):
-        return f"metadata.{key}"
-    if '"' in key:
-        raise ValueError(f"metadata key {key!r} cannot be filtered on (contains a double quote)")
-    return f'metadata."{key}"'  # quoted JSON path segment: dots, spaces, ... are literal
+class _EdgeConditions:
+    """qdrant-edge's condition constructors, for ``payload.conditions_of``."""
 
+    def match(self, key: str, value: str | int | bool) -> ConditionType:
+        if isinstance(value, bool):
+            # qdrant-edge 0.9 turns a Python bool into the integer 1/0 (bool is an int
+            # subclass), which never matches a boolean payload; numpy.bool_ is converted
+            # as a real boolean.
+            return FieldCondition(key, match=MatchValue(cast(bool, np.bool_(value))))
+        return FieldCondition(key, match=MatchValue(value))
 
-def _equals(key: str, value: MetadataValue) -> FieldCondition:
-    if isinstance(value, bool):
-        # qdrant-edge 0.9 turns a Python bool into the integer 1/0 (bool is an int
-        # subclass), which never matches a boolean payload; numpy.bool_ is converted
-        # as a real boolean.
-        return FieldCondition(key, match=MatchValue(cast(bool, np.bool_(value))))
-    if isinstance(value, float):  # MatchValue takes str/int/bool only
+    def match_float(self, key: str, value: float) -> ConditionType:
         return FieldCondition(key, range=RangeFloat(gte=value, lte=value))
-    return FieldCondition(key, match=MatchValue(value))
+
+    def match_any(self, key: str, values: list[str] | list[int]) -> ConditionType:
+        return FieldCondition(key, match=MatchAny(values))
+
+    def prefix(self, key: str, prefix: str) -> ConditionType:
+        return FieldCondition(key, match=MatchPrefix(prefix))
+
+    def any_of(self, conditions: list[ConditionType]) -> ConditionType:
+        return Filter(should=conditions)
+
+
+_CONDITIONS = _EdgeConditions()
+
+
+def _equals(key: str, value: MetadataValue) -> ConditionType:
+    return equals(_CONDITIONS, key, value)
 
 
 def _any_of(key: str, values: Sequence[MetadataValue]) -> ConditionType:
-    values = list(values)
-    if all(isinstance(v, str) for v in values):  # also the empty list, which matches nothing
-        return FieldCondition(key, match=MatchAny([str(v) for v in values]))
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return FieldCondition(key, match=MatchAny([int(v) for v in values]))
-    return Filter(should=[_equals(key, v) for v in values])  # mixed types, floats, bools
+    return one_of(_CONDITIONS, key, values)
 
 
 def _filter(f: SearchFilter) -> Filter:
-    must: list[ConditionType] = [_equals("tenant", f.tenant)]
-    if f.collections is not None:
-        must.append(_any_of("collection", f.collections))
-    if f.document_ids is not None:
-        must.append(_any_of("document_id", f.document_ids))
-    if f.source_prefix is not None:
-        must.append(FieldCondition("source_uri", match=MatchPrefix(f.source_prefix)))
-    for key, value in f.metadata.items():
-        path = _metadata_key(key)
-        must.append(_equals(path, value) if isinstance(value, str | int | float | bool) else _any_of(path, value))
-    return Filter(must=must)
+    return Filter(must=conditions_of(_CONDITIONS, f))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -35,11 +34,11 @@ from mcp_rag.index.base import (
     Hit,
     IndexPoint,
     IndexQuery,
-    PointPayload,
     SearchFilter,
     VectorIndex,
     mismatch_message,
 )
+from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
 from mcp_rag.types import MetadataValue, ModelIdentity
 
 T = TypeVar("T")
@@ -47,7 +46,6 @@ T = TypeVar("T")
 _META_POINT_ID = 0
 _UPSERT_BATCH = 256
 _SCROLL_PAGE = 1000
-_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class QdrantServerIndex(VectorIndex):
@@ -222,7 +220,7 @@ class QdrantServerIndex(VectorIndex):
                     DENSE_VECTOR: list(p.dense),
                     SPARSE_VECTOR: models.SparseVector(indices=list(p.sparse.indices), values=list(p.sparse.values)),
                 },
-                payload=_payload(p.payload),
+                payload=payload_of(p.payload),
             )
             for p in points
         ]
@@ -303,7 +301,7 @@ class QdrantServerIndex(VectorIndex):
                 self._collection, query_filter=flt, limit=query.limit, with_payload=False, **kwargs
             )
         )
-        return [Hit(id=_int_id(p.id), score=p.score) for p in response.points]
+        return [Hit(id=int_id(p.id), score=p.score) for p in response.points]
 
     async def count(self, filter: SearchFilter | None = None) -> int:
         flt = _filter(filter) if filter is not None else None
@@ -321,62 +319,42 @@ class QdrantServerIndex(VectorIndex):
                     self._collection, scroll_filter=flt, limit=_SCROLL_PAGE, offset=offset,
                     with_payload=False, with_vectors=False,
                 )  # fmt: skip
-                ids.update(_int_id(r.id) for r in records)
+                ids.update(int_id(r.id) for r in records)
                 if offset is None:
                     return ids
 
         return await self._call(scroll_all)
 
 
-def _int_id(point_id: models.ExtendedPointId) -> int:
-    if isinstance(point_id, int):
-        return point_id
-    raise TypeError(f"unexpected non-integer point id {point_id!r}")
+class _ServerConditions:
+    """qdrant-client's condition constructors, for ``payload.conditions_of``."""
+
+    def match(self, key: str, value: str | int | bool) -> models.Condition:
+        return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+    def match_float(self, key: str, value: float) -> models.Condition:
+        return models.FieldCondition(key=key, range=models.Range(gte=value, lte=value))
+
+    def match_any(self, key: str, values: list[str] | list[int]) -> models.Condition:
+        return models.FieldCondition(key=key, match=models.MatchAny(any=values))
+
+    def prefix(self, key: str, prefix: str) -> models.Condition:
+        return models.FieldCondition(key=key, match=models.MatchPrefix(prefix=prefix))
+
+    def any_of(self, conditions: list[models.Condition]) -> models.Condition:
+        return models.Filter(should=conditions)
 
 
-def _payload(p: PointPayload) -> dict[str, Any]:
-    metadata = {k: v if isinstance(v, str | int | float | bool) else list(v) for k, v in p.metadata.items()}
-    return {
-        "tenant": p.tenant,
-        "collection": p.collection,
-        "document_id": p.document_id,
-        "source_uri": p.source_uri,
-        "metadata": metadata,
-    }
-
-
-def _metadata_key(key: str) -> str:
-    if _SIMPLE_KEY.fullmatch(key):
-        return f"metadata.{key}"
-    if '"' in key:
-        raise ValueError(f"metadata key {key!r} cannot be filtered on (contains a double quote)")
-    return f'metadata."{key}"'  # quoted JSON path segment: dots, spaces, ... are literal
+_CONDITIONS = _ServerConditions()
 
 
 def _equals(key: str, value: MetadataValue) -> models.Condition:
-    if isinstance(value, float):  # MatchValue takes str/int/bool only
-        return models.FieldCondition(key=key, range=models.Range(gte=value, lte=value))
-    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+    return equals(_CONDITIONS, key, value)
 
 
 def _any_of(key: str, values: Sequence[MetadataValue]) -> models.Condition:
-    values = list(values)
-    if all(isinstance(v, str) for v in values):  # also the empty list, which matches nothing
-        return models.FieldCondition(key=key, match=models.MatchAny(any=[str(v) for v in values]))
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return models.FieldCondition(key=key, match=models.MatchAny(any=[int(v) for v in values]))
-    return models.Filter(should=[_equals(key, v) for v in values])  # mixed types, floats, bools
+    return one_of(_CONDITIONS, key, values)
 
 
 def _filter(f: SearchFilter) -> models.Filter:
-    must = [_equals("tenant", f.tenant)]
-    if f.collections is not None:
-        must.append(_any_of("collection", f.collections))
-    if f.document_ids is not None:
-        must.append(_any_of("document_id", f.document_ids))
-    if f.source_prefix is not None:
-        must.append(models.FieldCondition(key="source_uri", match=models.MatchPrefix(prefix=f.source_prefix)))
-    for key, value in f.metadata.items():
-        path = _metadata_key(key)
-        must.append(_equals(path, value) if isinstance(value, str | int | float | bool) else _any_of(path, value))
-    return models.Filter(must=must)
+    return models.Filter(must=conditions_of(_CONDITIONS, f))

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import anyio
 import numpy as np
 import psycopg
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import ConflictError, InvalidInputError, NotFoundError, RagError, UnavailableError
@@ -831,6 +830,3 @@ class _guarded:
         if isinstance(exc, psycopg.Error):
             raise _translate_refusal(exc) from exc
         return result
-
-
-__all__ = ["DocumentInfo", "DocumentWrite", "NewChunk", "Store", "dict_row"]
