@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 Lines = list[dict[str, Any]]
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 EXTRA_ARGS = {
     "ingest": (),

@@ -23,6 +23,8 @@ from mcp_rag.store.migrate import available_migrations
 from mcp_rag.store.postgres import Store
 from tests.pgcluster import PgServer
 
+pytestmark = pytest.mark.integration
+
 MCP_RAG = Path(sys.executable).parent / "mcp-rag"
 TENANT = "default"
 

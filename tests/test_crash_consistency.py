@@ -69,6 +69,8 @@ _WORDS = (
     "juniper", "kestrel", "lagoon",
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 
 def _paragraph(seed: int, n: int = 60) -> str:
     words = [_WORDS[(seed * 7 + i * 13 + (i * i) % 11) % len(_WORDS)] for i in range(n)]

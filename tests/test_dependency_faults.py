@@ -60,6 +60,8 @@ from tests.reliability_support import (
     wait_until,
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 CALL_GUARD = 90.0
 """Client-side bound on one call: a hang fails the test. Not a timing assertion."""
 

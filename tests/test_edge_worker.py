@@ -35,6 +35,8 @@ from mcp_rag.runtime import open_runtime
 from mcp_rag.settings import Settings
 from tests.pgcluster import PgServer, free_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 EDGE_DIR = Path(__file__).resolve().parents[1] / "deploy" / "edge"
 START_TIMEOUT = 120.0
 NODE_TEST_TIMEOUT = 600.0

@@ -125,6 +125,7 @@ async def test_run_evaluation_refuses_incomplete_datasets(runtime: Runtime, tmp_
     assert (await runtime.store.stats()).documents == 0
 
 
+@pytest.mark.integration
 async def test_eval_command(database_url: str, model_dir: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MCP_RAG_")} | {
         "MCP_RAG_DATABASE_URL": database_url,

@@ -36,6 +36,8 @@ from mcp_rag.settings import Settings
 from tests.pgcluster import PgServer
 from tests.reliability_support import ServerProc, base_env, http_client, tool_text
 
+pytestmark = pytest.mark.integration
+
 TOKEN_A = "acme-writer-" + uuid.uuid4().hex
 TOKEN_B = "globex-writer-" + uuid.uuid4().hex
 TOKEN_S = "acme-sessions-" + uuid.uuid4().hex

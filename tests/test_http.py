@@ -26,6 +26,8 @@ from tests.mcp_calls import call, call_error, text_of
 from tests.pgcluster import PgServer
 from tests.serverproc import MCP_RAG, ServerProcess, base_env, mcp_http, mcp_sse, scratch_database
 
+pytestmark = pytest.mark.integration
+
 TOKEN_A = "acme-rw-" + "a" * 24
 TOKEN_A_READ = "acme-ro-" + "r" * 24
 TOKEN_B = "globex-rw-" + "b" * 22

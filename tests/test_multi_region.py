@@ -48,6 +48,8 @@ from mcp_rag.sync import IndexSyncer
 from tests.pgcluster import PgServer
 from tests.test_store import make_write
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 TENANT = "default"
 DATABASE = "mcp_rag"
 DEADLINE = 60.0

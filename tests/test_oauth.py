@@ -49,6 +49,8 @@ from tests.pgcluster import PgServer, free_port
 from tests.serverproc import ServerProcess, base_env, mcp_http, mcp_sse, scratch_database
 from tests.test_transports_integration import inspector, run_inspector  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.integration
+
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 RS_CLIENT = ("mcp-rag-resource-server", "rs-secret-" + "s" * 32)
 API_KEY = "oauth-test-api-key-" + "k" * 16

@@ -32,6 +32,8 @@ from mcp_rag.settings import Settings
 from mcp_rag.store.postgres import Store
 from mcp_rag.sync import IndexSyncer
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 REPO = Path(__file__).resolve().parents[1]
 TENANT = "default"
 

@@ -12,9 +12,13 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
+
 from bench.common import http_server, server_env
 from bench.soak import FD_SLACK, RSS_GROWTH, soak
 from tests.pgcluster import PgServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SECONDS = 24.0
 WARMUP = 8.0

@@ -26,6 +26,8 @@ from mcp_rag.runtime import Runtime
 from tests.pgcluster import PgServer
 from tests.serverproc import MCP_RAG, ServerProcess, base_env, mcp_http, mcp_sse, scratch_database
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "transport-test-" + "t" * 20
 API_KEYS = [{"token": TOKEN, "tenant": "acme", "scopes": ["read", "write"]}]
 ALL_TOOLS = {"search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_text",
