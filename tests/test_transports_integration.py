@@ -19,7 +19,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, ResourceLink, TextContent
 
 from mcp_rag.extract import SourceDocument
 from mcp_rag.runtime import Runtime
@@ -65,9 +65,18 @@ async def end_to_end(client: Client, label: str) -> str:
     assert out["added"] == 1
     doc_id = out["documents"][0]["document_id"]
 
-    found = await call(client, "search", query="why do basalt columns form", collection=collection)
+    result = await client.call_tool("search", {"query": "why do basalt columns form", "collection": collection})
+    found = result.structured_content
     assert [h["document_id"] for h in found["results"]] == [doc_id]
     assert found["results"][0]["metadata"] == {"transport": label}
+    # What the agent's model reads: compact, citable text, and a link to the document that resolves.
+    assert text_of(result).startswith(f"[1] Basalt via {label}\nnotes://{collection} · document {doc_id} · chunk 0\n")
+    [link] = [c for c in result.content if isinstance(c, ResourceLink)]
+    assert str(link.uri) == f"rag://documents/{doc_id}"
+    [resource] = (await client.read_resource(str(link.uri))).contents
+    assert doc_id in resource.text  # type: ignore[union-attr]
+    around = await call(client, "get_chunks", document_id=doc_id, around=0)
+    assert [c["text"] for c in around["returned"]] == [found["results"][0]["text"]]
 
     doc = await call(client, "get_document", document_id=doc_id)
     assert doc["text"] == text
