@@ -54,6 +54,11 @@ class ConfigurationError(RagError):
     """The configuration cannot work (reported at start-up)."""
 
 
+class EmbeddingUnavailableError(UnavailableError):
+    """The embedding provider did not give usable vectors: it is down, timed out, kept failing, or
+    answered something that is not an embeddings response (wrong dimension, an HTML error page)."""
+
+
 class IndexError_(RagError):  # the underscore: the builtin IndexError is something else
     """The vector index failed."""
 

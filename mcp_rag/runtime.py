@@ -15,7 +15,7 @@ import anyio
 
 from . import metrics
 from .embedding import Embedder
-from .errors import ConfigurationError, IndexError_, IndexUnavailableError, RagError
+from .errors import ConfigurationError, EmbeddingUnavailableError, IndexError_, IndexUnavailableError, RagError
 from .index.base import VectorIndex, model_mismatch_message
 from .logging import get_logger
 from .service import RagService
@@ -24,6 +24,7 @@ from .store.embedded import EmbeddedPostgres
 from .store.migrate import migrate
 from .store.postgres import ReplicationStatus, Store
 from .sync import IndexSyncer
+from .types import ModelIdentity
 
 log = get_logger(__name__)
 
@@ -72,7 +73,7 @@ class Runtime:
         if self.draining:
             return ["shutting down"]
         if not self.embedder.loaded:
-            reasons.append("embedding model not loaded")
+            reasons.append(f"embedding provider: {self.syncer.open_error or 'model not loaded'}")
         try:
             with anyio.fail_after(self.settings.db_timeout + 1):
                 await self.store.ping(include_primary=False)
@@ -81,7 +82,8 @@ class Runtime:
         except TimeoutError:
             reasons.append(f"postgres: no answer within {self.settings.db_timeout + 1:.0f}s")
         if not self.syncer.index_open:
-            reasons.append(f"index: {self.syncer.open_error}")
+            if self.embedder.loaded:
+                reasons.append(f"index: {self.syncer.open_error}")
         else:
             try:
                 with anyio.fail_after(self.settings.qdrant_timeout + 1):
@@ -145,16 +147,33 @@ async def open_runtime(
         await store.open()
         stack.push_async_callback(store.close)
 
-        embedder = embedder or Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
-        identity = await embedder.load()
-        stored_model = await store.claim_model(identity)
-        if stored_model != identity:
-            raise ConfigurationError(model_mismatch_message(stored_model, identity))
-        index = index or build_index(settings)
+        if embedder is None:
+            embedder = Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
+            stack.callback(embedder.provider.close)
         follow = settings.sync_in_server if follow_changes is None else follow_changes
+
+        async def identify() -> ModelIdentity:
+            identity = await embedder.load()
+            stored_model = await store.claim_model(identity)
+            if not stored_model.matches(identity):
+                raise ConfigurationError(model_mismatch_message(stored_model, identity))
+            return identity
+
+        index = index or build_index(settings)
         unreachable: str | None = None
+        provider_down: str | None = None
         try:
-            await index.open(identity)
+            identity = await identify()
+        except EmbeddingUnavailableError as exc:
+            # A remote embedding provider that does not answer may come back: a server process
+            # starts without it and reports not-ready with the reason; the sync worker retries
+            # (the model identity, and so the index, wait for its first answer).
+            if not follow:
+                raise ConfigurationError(str(exc)) from exc
+            provider_down = str(exc)
+        try:
+            if provider_down is None:
+                await index.open(identity)
         except IndexUnavailableError as exc:
             # A Qdrant server that does not answer may come back by itself: a server process
             # (which runs the sync worker) starts without it, reports not-ready, keeps taking
@@ -168,7 +187,10 @@ async def open_runtime(
         stack.push_async_callback(index.close)
 
         syncer = IndexSyncer(store, index)
-        if unreachable is not None:
+        if provider_down is not None:
+            syncer.defer_open(identify, provider_down)
+            log.warning("the embedding provider does not answer; starting without it", error=provider_down)
+        elif unreachable is not None:
             syncer.defer_open(identity, unreachable)
             log.warning(
                 "the index does not answer; starting without it (search fails until it does)", error=unreachable

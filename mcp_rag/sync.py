@@ -12,12 +12,12 @@ one thing a region can always write.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
 from . import metrics
-from .errors import IndexError_, IndexUnavailableError
+from .errors import IndexError_, IndexUnavailableError, RagError
 from .index.base import IndexPoint, PointPayload, VectorIndex
 from .logging import get_logger
 from .store.postgres import Change, IndexableChunk, Store
@@ -47,13 +47,16 @@ class IndexSyncer:
         self.index = index
         self.batch_size = batch_size
         self._lock = anyio.Lock()
-        self._pending_open: ModelIdentity | None = None
+        self._pending_open: ModelIdentity | Callable[[], Awaitable[ModelIdentity]] | None = None
         self.open_error = ""
 
     # --- an index that could not be opened at start (a Qdrant server that does not answer) ---
 
-    def defer_open(self, model: ModelIdentity, error: str) -> None:
-        """The index could not be opened yet: every catch_up (so the sync worker) tries again."""
+    def defer_open(self, model: ModelIdentity | Callable[[], Awaitable[ModelIdentity]], error: str) -> None:
+        """The index could not be opened yet: every catch_up (so the sync worker) tries again.
+
+        ``model`` may be a coroutine function that finds the model identity first (an embedding
+        provider that did not answer at start): it is called until it returns one."""
         self._pending_open = model
         self.open_error = error
 
@@ -71,6 +74,13 @@ class IndexSyncer:
         model = self._pending_open
         if model is None:
             return
+        if callable(model):
+            try:
+                model = await model()
+            except RagError as exc:
+                self.open_error = str(exc)
+                raise
+            self._pending_open = model
         try:
             await self.index.open(model)
         except IndexError_ as exc:

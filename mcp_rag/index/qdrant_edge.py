@@ -64,6 +64,8 @@ from mcp_rag.index.base import (
     IndexQuery,
     SearchFilter,
     VectorIndex,
+    identity_from_meta,
+    identity_meta,
     mismatch_message,
 )
 from mcp_rag.types import MetadataValue, ModelIdentity
@@ -102,7 +104,7 @@ class EdgeIndex(VectorIndex):
         self._owner_fd = self._lock_owner()
         try:
             meta = self._read_meta()
-            if meta is not None and meta[0] != model:
+            if meta is not None and not meta[0].matches(model):
                 raise ModelMismatchError(mismatch_message(str(self._dir), meta[0], model))
             has_shard = self._shard_path.is_dir() and any(self._shard_path.iterdir())
             if meta is None or not has_shard:
@@ -193,10 +195,10 @@ class EdgeIndex(VectorIndex):
             data = json.loads(self._meta_path.read_text())
         except FileNotFoundError:
             return None
-        return ModelIdentity(str(data["model_name"]), int(data["dimension"])), int(data["cursor"])
+        return identity_from_meta(data), int(data["cursor"])
 
     def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
-        data = {"model_name": model.name, "dimension": model.dimension, "cursor": cursor}
+        data = {**identity_meta(model), "cursor": cursor}
         tmp = self._meta_path.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)

@@ -36,6 +36,8 @@ from mcp_rag.index.base import (
     PointPayload,
     SearchFilter,
     VectorIndex,
+    identity_from_meta,
+    identity_meta,
     mismatch_message,
 )
 from mcp_rag.types import MetadataValue, ModelIdentity
@@ -102,7 +104,7 @@ class QdrantServerIndex(VectorIndex):
         c = self._client
         exists = c.collection_exists(self._collection)
         meta = self._read_meta() if c.collection_exists(self._meta) else None
-        if meta is not None and meta[0] != model:
+        if meta is not None and not meta[0].matches(model):
             raise ModelMismatchError(mismatch_message(self._collection, meta[0], model))
         if meta is None and exists:
             # Chunks without a model identity (meta lost): adopt them only if the sizes
@@ -161,10 +163,10 @@ class QdrantServerIndex(VectorIndex):
         if not records or records[0].payload is None:
             return None
         p = records[0].payload
-        return ModelIdentity(str(p["model_name"]), int(p["dimension"])), int(p["cursor"])
+        return identity_from_meta(p), int(p["cursor"])
 
     def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
-        payload = {"model_name": model.name, "dimension": model.dimension, "cursor": cursor}
+        payload = {**identity_meta(model), "cursor": cursor}
         point = models.PointStruct(id=_META_POINT_ID, vector=[1.0], payload=payload)
         self._client.upsert(self._meta, [point], wait=True)
 
