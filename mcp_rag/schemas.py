@@ -33,6 +33,12 @@ class SearchOutput(BaseModel):
     query: str
     mode: str
     results: list[SearchHit]
+    reranked: bool | None = Field(
+        default=None,
+        description="True: ordered and scored by the reranker; false: the reranker failed and the results are in "
+        "fused order (see notice); null: no reranker is configured.",
+    )
+    notice: str | None = Field(default=None, description="Why the results are not reranked, when the reranker failed.")
 
 
 class IngestedDocument(BaseModel):

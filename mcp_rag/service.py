@@ -21,6 +21,7 @@ from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, Una
 from .extract import SourceDocument, read_file
 from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
+from .rerank import create_reranker, rerank_results
 from .settings import Settings
 from .sources import Source, SourceFailure, confined_files, fetch_document, read_sources
 from .store.postgres import ChunkHit, DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
@@ -56,6 +57,16 @@ class SearchResult(ChunkHit):
     """A chunk as a search found it, with its score (comparable only within one result list)."""
 
     score: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchAnswer:
+    """A search's results and what the optional reranker did with them."""
+
+    results: list[SearchResult]
+    reranked: bool | None = None
+    """True: reordered by the reranker; False: it failed and the order is the fused one; None: no reranker."""
+    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +114,7 @@ class RagService:
         self.index = index
         self.embedder = embedder
         self.syncer = syncer
+        self.reranker = create_reranker(settings)
 
     # --- ingestion -------------------------------------------------------------------
 
@@ -348,6 +360,12 @@ class RagService:
     async def search(
         self, tenant: str, query: str, *, mode: str = "hybrid", top_k: int = 10, filters: SearchFilters | None = None
     ) -> list[SearchResult]:
+        return (await self.search_answer(tenant, query, mode=mode, top_k=top_k, filters=filters)).results
+
+    async def search_answer(
+        self, tenant: str, query: str, *, mode: str = "hybrid", top_k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchAnswer:
+        """``search`` with what the reranker (if one is configured) did."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("query is empty: pass the words or question to search for")
         if len(query) > MAX_QUERY_CHARS:
@@ -357,12 +375,26 @@ class RagService:
             raise InvalidInputError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
-        return await self.search_unbounded(tenant, query, mode=mode, limit=top_k, filters=filters)
+        return await self._search(tenant, query, mode=mode, limit=top_k, filters=filters)
 
     async def search_unbounded(
         self, tenant: str, query: str, *, mode: SearchMode, limit: int, filters: SearchFilters | None = None
     ) -> list[SearchResult]:
         """Search without the tool's top_k bound (evaluation needs the top 100)."""
+        return (await self._search(tenant, query, mode=mode, limit=limit, filters=filters)).results
+
+    async def _search(
+        self, tenant: str, query: str, *, mode: SearchMode, limit: int, filters: SearchFilters | None = None
+    ) -> SearchAnswer:
+        fetched = limit if self.reranker is None else max(limit, self.reranker.candidates)
+        results = await self._fused(tenant, query, mode=mode, limit=fetched, filters=filters)
+        if self.reranker is None:
+            return SearchAnswer(results[:limit])
+        return await rerank_results(self.reranker, query, results, limit)
+
+    async def _fused(
+        self, tenant: str, query: str, *, mode: SearchMode, limit: int, filters: SearchFilters | None = None
+    ) -> list[SearchResult]:
         search_filter = self._index_filter(tenant, filters or SearchFilters())
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")

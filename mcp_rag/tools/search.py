@@ -48,7 +48,7 @@ async def search(
     Use this before answering any question the stored documents may cover; cite source_uri/title.
     Each result is a passage (chunk) of a document with its position and character offsets."""
     call = current()
-    results = await call.service.search(
+    answer = await call.service.search_answer(
         call.tenant,
         query,
         mode=mode,
@@ -57,4 +57,10 @@ async def search(
             collection=collection, document_ids=document_ids, source_prefix=source_prefix, metadata=metadata or {}
         ),
     )
-    return SearchOutput(query=query, mode=mode, results=[SearchHit.of(r) for r in results])
+    return SearchOutput(
+        query=query,
+        mode=mode,
+        results=[SearchHit.of(r) for r in answer.results],
+        reranked=answer.reranked,
+        notice=answer.notice,
+    )
