@@ -31,11 +31,15 @@ log = get_logger(__name__)
 
 def build_index(settings: Settings) -> VectorIndex:
     if settings.resolved_index_backend == "qdrant":
-        from .index.qdrant_server import QdrantServerIndex
+        from .index.qdrant_server import QdrantServerIndex, cluster_params
 
         assert settings.qdrant_url is not None
         return QdrantServerIndex.from_url(
-            settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_collection, settings.qdrant_timeout
+            settings.qdrant_url,
+            settings.qdrant_api_key,
+            settings.qdrant_collection,
+            settings.qdrant_timeout,
+            cluster=cluster_params(settings),
         )
     from .index.qdrant_edge import EdgeIndex
 

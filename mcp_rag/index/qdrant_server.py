@@ -20,6 +20,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -40,6 +41,7 @@ from mcp_rag.index.base import (
     identity_meta,
     mismatch_message,
 )
+from mcp_rag.settings import Settings
 from mcp_rag.types import MetadataValue, ModelIdentity
 
 T = TypeVar("T")
@@ -50,11 +52,43 @@ _SCROLL_PAGE = 1000
 _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterParams:
+    """How the collections are laid out on a Qdrant cluster, and how writes are acknowledged.
+
+    The defaults suit a three-node cluster: three shards, each on two nodes, a write acknowledged
+    by one replica and ordered through a dynamically elected leader, so reads and writes go on when
+    one node is lost (``strong`` ordering would stop while the permanent leader is down, and a write
+    consistency factor equal to the replication factor would fail writes to the lost node's shards).
+    A single-node server (or local mode) takes the same arguments."""
+
+    shards: int = 3
+    replication_factor: int = 2
+    write_consistency_factor: int = 1
+    ordering: str = "medium"
+
+    def write_ordering(self) -> models.WriteOrdering:
+        return models.WriteOrdering(self.ordering)
+
+
+def cluster_params(settings: Settings) -> ClusterParams:
+    return ClusterParams(
+        shards=settings.qdrant_shards,
+        replication_factor=settings.qdrant_replication_factor,
+        write_consistency_factor=settings.qdrant_write_consistency_factor,
+        ordering=settings.qdrant_write_ordering,
+    )
+
+
 class QdrantServerIndex(VectorIndex):
     """Chunks in ``collection``; model identity and cursor in ``<collection>__meta``."""
 
-    def __init__(self, client: QdrantClient, collection: str = "mcp_rag_chunks") -> None:
+    def __init__(
+        self, client: QdrantClient, collection: str = "mcp_rag_chunks", cluster: ClusterParams | None = None
+    ) -> None:
         self._client = client
+        self._cluster = cluster or ClusterParams()
+        self._ordering = self._cluster.write_ordering()
         self._collection = collection
         self._meta = f"{collection}__meta"
         self._owns_client = False
@@ -72,10 +106,11 @@ class QdrantServerIndex(VectorIndex):
         api_key: str | None = None,
         collection: str = "mcp_rag_chunks",
         timeout: float = 10.0,
+        cluster: ClusterParams | None = None,
     ) -> QdrantServerIndex:
         # check_compatibility=False: it would make a blocking request right here.
         client = QdrantClient(url=url, api_key=api_key, timeout=max(1, math.ceil(timeout)), check_compatibility=False)
-        index = cls(client, collection)
+        index = cls(client, collection, cluster)
         index._owns_client = True
         return index
 
@@ -117,7 +152,13 @@ class QdrantServerIndex(VectorIndex):
         if meta is None:
             if not c.collection_exists(self._meta):
                 one_d = models.VectorParams(size=1, distance=models.Distance.DOT)
-                c.create_collection(self._meta, vectors_config=one_d)
+                c.create_collection(
+                    self._meta,
+                    vectors_config=one_d,
+                    shard_number=1,
+                    replication_factor=self._cluster.replication_factor,
+                    write_consistency_factor=self._cluster.write_consistency_factor,
+                )
             self._write_meta(model, 0)
         elif not exists:
             self._set_cursor(0)  # the chunks are gone: the cursor must not claim otherwise
@@ -128,6 +169,9 @@ class QdrantServerIndex(VectorIndex):
             self._collection,
             vectors_config={DENSE_VECTOR: models.VectorParams(size=model.dimension, distance=models.Distance.COSINE)},
             sparse_vectors_config={SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+            shard_number=self._cluster.shards,
+            replication_factor=self._cluster.replication_factor,
+            write_consistency_factor=self._cluster.write_consistency_factor,
         )
         if self._local:
             return  # local mode ignores payload indexes and warns about them
@@ -168,10 +212,12 @@ class QdrantServerIndex(VectorIndex):
     def _write_meta(self, model: ModelIdentity, cursor: int) -> None:
         payload = {**identity_meta(model), "cursor": cursor}
         point = models.PointStruct(id=_META_POINT_ID, vector=[1.0], payload=payload)
-        self._client.upsert(self._meta, [point], wait=True)
+        self._client.upsert(self._meta, [point], wait=True, ordering=self._ordering)
 
     def _set_cursor(self, seq: int) -> None:
-        self._client.set_payload(self._meta, {"cursor": seq}, points=[_META_POINT_ID], wait=True)
+        self._client.set_payload(
+            self._meta, {"cursor": seq}, points=[_META_POINT_ID], wait=True, ordering=self._ordering
+        )
 
     async def get_cursor(self) -> int:
         meta = await self._call(self._read_meta)
@@ -196,7 +242,9 @@ class QdrantServerIndex(VectorIndex):
         ]
         for start in range(0, len(structs), _UPSERT_BATCH):
             batch = structs[start : start + _UPSERT_BATCH]
-            await self._call(functools.partial(self._client.upsert, self._collection, batch, wait=True))
+            await self._call(
+                functools.partial(self._client.upsert, self._collection, batch, wait=True, ordering=self._ordering)
+            )
 
     async def delete_points(self, ids: Sequence[int]) -> None:
         if ids:
@@ -214,7 +262,9 @@ class QdrantServerIndex(VectorIndex):
         await self._delete(models.FilterSelector(filter=models.Filter(must=must)))
 
     async def _delete(self, selector: models.PointIdsList | models.FilterSelector) -> None:
-        await self._call(lambda: self._client.delete(self._collection, points_selector=selector, wait=True))
+        await self._call(
+            lambda: self._client.delete(self._collection, points_selector=selector, wait=True, ordering=self._ordering)
+        )
 
     async def clear(self) -> None:
         def clear() -> None:
