@@ -154,3 +154,34 @@ def running(model_dir: Path) -> Iterator[EmbeddingServer]:
         yield server
     finally:
         server.stop()
+
+
+def main() -> None:
+    """``python -m tests.embedding_server --model-dir DIR [--port N]``: serve until killed (benchmarks)."""
+    import argparse
+    import signal
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="ONNX threads of the served model (default: all cores)")
+    args = p.parse_args()
+    server = EmbeddingServer(args.model_dir)
+    if args.threads != 1:
+        server.model = TextEmbedding(DEFAULT_MODEL, specific_model_path=str(args.model_dir), threads=args.threads)
+    if args.port:
+        server.port = args.port
+        server._server.config.port = args.port
+    server.start()
+    print(f"ready {server.port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
