@@ -12,6 +12,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from mcp_rag.embedding import Embedder
+from mcp_rag.embedding.tokens import CharacterBudget
 from mcp_rag.errors import ConfigurationError, ModelMismatchError
 from mcp_rag.index.base import VectorIndex
 from mcp_rag.index.qdrant_edge import EdgeIndex
@@ -246,3 +247,10 @@ async def test_runtime_over_a_database_of_another_model_is_a_configuration_error
             pass
     assert "the database holds vectors of model fastembed:other/model (384-d" in str(info.value)
     assert "sentence-transformers/all-MiniLM-L6-v2" in str(info.value)
+
+
+def test_a_character_budget_counts_and_clips_by_characters() -> None:
+    budget = CharacterBudget(window_tokens=100, chars_per_token=3.0)
+    assert budget.window_tokens == 100
+    assert budget.count(["", "abc", "abcd", "x" * 300]) == [0, 1, 2, 100]
+    assert budget.clip(["abcdefgh", "ab"], 2) == ["abcdef", "ab"]

@@ -6,6 +6,7 @@ fingerprint, and a provider that does not answer at start."""
 
 from __future__ import annotations
 
+import email.utils
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -172,6 +173,12 @@ def test_429_waits_for_retry_after(loaded: Callable[..., Embedder], served: Embe
     vectors = remote.embed_passages_sync(PASSAGES[:2])
     assert time.monotonic() - started >= 1.0
     assert len(vectors) == 2 and len(served.requests) == 2
+    # Retry-After as an HTTP date.
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)
+    served.script(Fault(status=503, headers={"Retry-After": when}))
+    started = time.monotonic()
+    remote.embed_query_sync("a query")
+    assert time.monotonic() - started >= 0.9  # the date has one-second resolution
 
 
 def test_500s_are_retried_then_reported(loaded: Callable[..., Embedder], served: EmbeddingServer) -> None:
