@@ -22,6 +22,7 @@ from . import metrics
 from .errors import RagError
 from .logging import get_logger
 from .settings import Settings
+from .types import MAX_TOP_K
 
 if TYPE_CHECKING:
     from .service import SearchAnswer, SearchResult
@@ -97,23 +98,30 @@ def _order(payload: Any, n: int) -> list[tuple[int, float]]:
 
 async def rerank_results(reranker: Reranker, query: str, results: list[SearchResult], limit: int) -> SearchAnswer:
     """The best ``limit`` of ``results`` in the reranker's order, scored by it; on failure the fused
-    order, with a notice saying why."""
+    order, with a notice saying why.
+
+    The reranker sees the first ``candidates`` results (or ``limit``, up to the tool's bound, if
+    more): a longer list (an evaluation's top 100) keeps its fused order after them, scored at the
+    lowest reranked score."""
     from .service import SearchAnswer
 
     if not results:
         return SearchAnswer([], reranked=True)
+    window = max(reranker.candidates, min(limit, MAX_TOP_K))
+    head = results[:window]
     try:
         with metrics.RERANK_SECONDS.time():
-            order = await reranker.rerank(query, [r.text for r in results])
+            order = await reranker.rerank(query, [r.text for r in head])
     except RerankError as exc:
         metrics.RERANK_FAILURES.inc()
         log.warning("reranker failed; answering in fused order", error=str(exc))
         return SearchAnswer(results[:limit], reranked=False, notice=f"reranker failed ({exc}); results in fused order")
-    ranked = [replace(results[i], score=score) for i, score in order]
-    # A reranker that returned fewer than asked: the rest follow in fused order, below its scores.
-    missing = sorted(set(range(len(results))) - {i for i, _ in order})
+    ranked = [replace(head[i], score=score) for i, score in order]
+    # What the reranker did not return (fewer than asked), then the rest: in fused order, below.
+    returned = {i for i, _ in order}
     floor = min((score for _, score in order), default=0.0)
-    ranked += [replace(results[i], score=floor) for i in missing]
+    rest = [r for i, r in enumerate(head) if i not in returned] + results[window:]
+    ranked += [replace(r, score=floor) for r in rest]
     return SearchAnswer(ranked[:limit], reranked=True)
 
 

@@ -6,6 +6,7 @@ fingerprint, and a provider that does not answer at start."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 import uuid
@@ -28,7 +29,7 @@ from mcp_rag.settings import Settings
 from mcp_rag.types import FINGERPRINT_TOLERANCE
 from tests.embedding_server import EmbeddingServer, Fault
 from tests.mcp_calls import call, call_error
-from tests.pgcluster import PgServer, free_port
+from tests.pgcluster import PgServer
 from tests.serverproc import ServerProcess, base_env, scratch_database
 
 pytestmark = pytest.mark.timeout(120)
@@ -341,37 +342,50 @@ async def test_an_index_refuses_a_model_whose_fingerprint_differs(
 # --- a provider that does not answer at start -------------------------------------------------
 
 
-async def test_an_unreachable_provider_at_start_is_not_ready_with_the_reason(
-    pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path, embedding_server: EmbeddingServer
+async def test_an_unreachable_provider_at_start_is_not_ready_with_the_reason_then_recovers(
+    pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
 ) -> None:
+    late = EmbeddingServer(model_dir)  # its port is chosen, nothing listens on it yet
     _, dsn = scratch_database(pg_server, template_db)
-    dead = f"http://127.0.0.1:{free_port()}/v1"
     env = base_env(
         database_url=dsn,
         model_dir=model_dir,
         data_dir=tmp_path / "data",
         embedding_provider="openai",
-        embedding_base_url=dead,
+        embedding_base_url=late.base_url,
         embedding_model="all-minilm",
         embedding_retries=0,
         embedding_timeout=1.0,
+        sync_interval_seconds=0.2,
     )
     proc = ServerProcess(env, tmp_path / "srv").start()
     try:
-        deadline = time.monotonic() + 60
-        body: dict[str, Any] = {}
         async with httpx.AsyncClient(base_url=proc.base_url, timeout=10) as http:
-            while time.monotonic() < deadline:
-                try:
-                    response = await http.get("/ready")
-                except httpx.TransportError:
-                    time.sleep(0.2)
-                    continue
-                assert response.status_code == 503
-                body = response.json()
-                break
-        reasons = " ".join(body.get("reasons", []))
-        assert f"embedding provider: embedding server at {dead}/embeddings: cannot reach it" in reasons, body
+            response = await poll(http, lambda r: r.status_code == 503)
+            reasons = " ".join(response.json()["reasons"])
+            assert f"embedding provider: embedding server at {late.base_url}/embeddings: cannot reach it" in reasons
+            assert (await http.get("/health")).status_code == 200  # not-ready, not dead: no restart wanted
+            late.start()
+            try:
+                response = await poll(http, lambda r: r.status_code == 200)
+                assert response.json()["status"] == "ready"
+                assert late.requests, "the server loaded the model from the provider once it answered"
+            finally:
+                late.stop()
     finally:
         proc.stop()
     assert "Traceback" not in proc.log()
+
+
+async def poll(http: httpx.AsyncClient, done: Callable[[httpx.Response], bool], seconds: float = 60) -> httpx.Response:
+    deadline = time.monotonic() + seconds
+    last: httpx.Response | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = await http.get("/ready")
+            if done(last):
+                return last
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"/ready never got there: {last.status_code if last else None} {last.text if last else ''}")
