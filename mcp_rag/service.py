@@ -275,6 +275,7 @@ class RagService:
     async def _prepare(
         self, tenant: str, collection: str, sources: Iterable[Source], raise_on_failure: bool
     ) -> AsyncIterator[_Prepared]:
+        self.syncer.require_model()  # never store vectors of a model the database has not accepted
         budget = self.settings.ingest_batch_chunks
         pending: dict[str, tuple[SourceDocument, str]] = {}
         failures: list[SourceFailure] = []
@@ -396,6 +397,7 @@ class RagService:
         self, tenant: str, query: str, *, mode: SearchMode, limit: int, filters: SearchFilters | None = None
     ) -> list[SearchResult]:
         search_filter = self._index_filter(tenant, filters or SearchFilters())
+        self.syncer.require_model()
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")
         s = self.settings

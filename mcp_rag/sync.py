@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from . import metrics
-from .errors import IndexError_, IndexUnavailableError, RagError
+from .errors import EmbeddingUnavailableError, IndexError_, IndexUnavailableError, RagError
 from .index.base import IndexPoint, PointPayload, VectorIndex
 from .logging import get_logger
 from .store.postgres import Change, IndexableChunk, Store
@@ -63,6 +63,11 @@ class IndexSyncer:
     @property
     def index_open(self) -> bool:
         return self._pending_open is None
+
+    def require_model(self) -> None:
+        """Raise EmbeddingUnavailableError while the model identity is not yet known and accepted."""
+        if callable(self._pending_open):
+            raise EmbeddingUnavailableError(f"the embedding model is not loaded yet ({self.open_error}); retry shortly")
 
     def require_open(self) -> None:
         """Raise IndexUnavailableError while the index has not been opened."""

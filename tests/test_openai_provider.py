@@ -30,7 +30,7 @@ from mcp_rag.types import FINGERPRINT_TOLERANCE
 from tests.embedding_server import EmbeddingServer, Fault
 from tests.mcp_calls import call, call_error
 from tests.pgcluster import PgServer
-from tests.serverproc import ServerProcess, base_env, scratch_database
+from tests.serverproc import ServerProcess, base_env, mcp_http, scratch_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -365,11 +365,20 @@ async def test_an_unreachable_provider_at_start_is_not_ready_with_the_reason_the
             reasons = " ".join(response.json()["reasons"])
             assert f"embedding provider: embedding server at {late.base_url}/embeddings: cannot reach it" in reasons
             assert (await http.get("/health")).status_code == 200  # not-ready, not dead: no restart wanted
+            async with mcp_http(proc.base_url + "/mcp") as client:
+                error = await call_error(client, "ingest_text", text="Written while the provider is down.")
+                assert "the embedding model is not loaded yet" in error and "cannot reach it" in error
+                error = await call_error(client, "search", query="anything")
+                assert "the embedding model is not loaded yet" in error
             late.start()
             try:
                 response = await poll(http, lambda r: r.status_code == 200)
                 assert response.json()["status"] == "ready"
                 assert late.requests, "the server loaded the model from the provider once it answered"
+                async with mcp_http(proc.base_url + "/mcp") as client:
+                    await call(client, "ingest_text", text="Written once the provider answers.", source_uri="mem://x")
+                    found = await call(client, "search", query="once the provider answers")
+                    assert [r["source_uri"] for r in found["results"]] == ["mem://x"]
             finally:
                 late.stop()
     finally:
