@@ -17,8 +17,10 @@ from mcp import Client
 
 from mcp_rag.embedding import Embedder
 from mcp_rag.index.qdrant_edge import EdgeIndex
+from mcp_rag.rerank import Reranker, rerank_results
 from mcp_rag.runtime import open_runtime
 from mcp_rag.server import build_server
+from mcp_rag.service import SearchResult
 from mcp_rag.settings import Settings
 from tests.embedding_server import EmbeddingServer
 from tests.mcp_calls import call
@@ -132,3 +134,34 @@ async def test_a_failing_reranker_leaves_the_fused_order(
     }
     assert expected[fault] in answer["notice"] and "fused order" in answer["notice"]
     assert elapsed < 2.0
+
+
+async def test_a_long_list_is_reranked_at_its_head_and_keeps_its_tail(reranker: EmbeddingServer) -> None:
+    """An evaluation asks for 100: the reranker sees the first 50 (the tool's bound), the rest
+    follows in fused order, scored no higher than the reranked ones."""
+    results = [
+        SearchResult(
+            i,
+            f"d{i}",
+            "c",
+            f"mem://{i}",
+            "",
+            {},
+            0,
+            f"passage {i} about {'coffee' if i % 7 else 'cats'}",
+            0,
+            10,
+            (),
+            score=1.0 - i / 100,
+        )
+        for i in range(55)
+    ]
+    rr = Reranker(url=reranker.rerank_url, model=None, api_key=None, timeout=10, candidates=2)
+    answer = await rerank_results(rr, "cats", results, 60)
+    [sent] = reranker.rerank_requests
+    assert len(sent["documents"]) == 50
+    assert answer.reranked is True and len(answer.results) == 55
+    assert {r.chunk_id for r in answer.results[:50]} == set(range(50))
+    assert answer.results[0].text.endswith("cats")
+    assert [r.chunk_id for r in answer.results[50:]] == list(range(50, 55))
+    assert max(r.score for r in answer.results[50:]) <= min(r.score for r in answer.results[:50])
