@@ -106,6 +106,22 @@ async def ingest_level(settings: Any, docs: list[dict[str, Any]], clients: int) 
     return {"docs": len(docs), "chunks": chunks, "seconds": seconds, "docs_per_s": len(docs) / seconds}
 
 
+def raw_embedding(settings: Any, texts: list[str]) -> dict[str, Any]:
+    """The dense + BM25 embedding alone (no chunking, no store): passages per second."""
+    from mcp_rag.embedding import Embedder
+
+    embedder = Embedder(settings)
+    try:
+        embedder.load_sync()
+        embedder.embed_passages_sync(texts[:8])  # warm-up
+        started = time.perf_counter()
+        embedder.embed_passages_sync(texts)
+        seconds = time.perf_counter() - started
+    finally:
+        embedder.provider.close()
+    return {"passages": len(texts), "seconds": seconds, "passages_per_s": len(texts) / seconds}
+
+
 async def search_latency(settings: Any, docs: list[dict[str, Any]], queries: list[str]) -> dict[str, Any]:
     from mcp_rag.runtime import open_runtime
 
@@ -176,6 +192,11 @@ def main() -> None:
                 finally:
                     pg.drop(name)
                 emit(BENCH, "ingest", provider=provider, clients=clients, **figures)
+        texts = [f"{d.get('title', '')}\n{d['text']}"[:600] for d in docs]  # within the window
+        for provider in ("fastembed", "openai"):
+            settings = settings_for(provider, port, "postgresql://unused", fresh_dir(work / f"raw-{provider}"), model)
+            log(f"raw embedding: {provider}, {len(texts)} passages")
+            emit(BENCH, "embed", provider=provider, **raw_embedding(settings, texts))
         search_docs = docs[: min(len(docs), 60)]
         for label, provider, extra in (
             ("local", "fastembed", {}),

@@ -170,6 +170,10 @@ def test_providers(bench_env: Callable[[str], Lines]) -> None:
                                                                for c in (1, 4, 16)]
     for line in ingest:
         positive(line, "docs", "chunks", "docs_per_s")
+    embed = of(lines, "embed")
+    assert [x["provider"] for x in embed] == ["fastembed", "openai"]
+    for line in embed:
+        positive(line, "passages", "passages_per_s")
     search = of(lines, "search")
     assert [x["setup"] for x in search] == ["local", "remote", "remote + rerank", "local + rerank"]
     for line in search:
