@@ -19,10 +19,13 @@ import httpx
 import numpy as np
 import pytest
 from mcp import Client
+from qdrant_client import QdrantClient
 
 from mcp_rag.embedding import Embedder
 from mcp_rag.errors import ConfigurationError, EmbeddingUnavailableError, ModelMismatchError, TooLargeError
+from mcp_rag.index.base import VectorIndex
 from mcp_rag.index.qdrant_edge import EdgeIndex
+from mcp_rag.index.qdrant_server import QdrantServerIndex
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.server import build_server
 from mcp_rag.settings import Settings
@@ -316,8 +319,9 @@ async def test_another_model_under_the_same_name_is_refused(
     assert "another model served under that name" in message
 
 
+@pytest.mark.parametrize("engine", ["qdrant-edge", "qdrant-server"])
 async def test_an_index_refuses_a_model_whose_fingerprint_differs(
-    remote_settings: Callable[..., Settings], served: EmbeddingServer, tmp_path: Path
+    remote_settings: Callable[..., Settings], served: EmbeddingServer, tmp_path: Path, engine: str
 ) -> None:
     genuine = remote_embedder(remote_settings())
     impostor = remote_embedder(remote_settings())
@@ -329,10 +333,15 @@ async def test_an_index_refuses_a_model_whose_fingerprint_differs(
         genuine.provider.close()
         impostor.provider.close()
     assert bad.fingerprint_distance(good) > 10 * FINGERPRINT_TOLERANCE
-    index = EdgeIndex(tmp_path / "index")
+    client = QdrantClient(":memory:")  # both handles of the server engine share one local Qdrant
+
+    def handle() -> VectorIndex:
+        return EdgeIndex(tmp_path / "index") if engine == "qdrant-edge" else QdrantServerIndex(client)
+
+    index = handle()
     await index.open(good)
     await index.close()
-    again = EdgeIndex(tmp_path / "index")
+    again = handle()
     with pytest.raises(ModelMismatchError, match="another model served under that name"):
         await again.open(bad)
     await again.open(good)  # the genuine model still opens it
