@@ -202,7 +202,11 @@ def main() -> None:
             ("local", "fastembed", {}),
             ("remote", "openai", {}),
             ("remote + rerank", "openai", {"reranker_url": f"http://127.0.0.1:{port}/rerank", "reranker_timeout": 60}),
-            ("local + rerank", "fastembed", {"reranker_url": f"http://127.0.0.1:{port}/rerank", "reranker_timeout": 60}),
+            (
+                "local + rerank",
+                "fastembed",
+                {"reranker_url": f"http://127.0.0.1:{port}/rerank", "reranker_timeout": 60},
+            ),
         ):
             name = f"bench_prov_search_{provider}_{len(extra)}"
             dsn = pg.create(name)
