@@ -59,6 +59,11 @@ class ConflictError(RagError):
     change won over this one after retries: running it again (once the other is done) will do."""
 
 
+class EmbeddingUnavailableError(UnavailableError):
+    """The embedding provider did not give usable vectors: it is down, timed out, kept failing, or
+    answered something that is not an embeddings response (wrong dimension, an HTML error page)."""
+
+
 class IndexError_(RagError):  # the underscore: the builtin IndexError is something else
     """The vector index failed."""
 

@@ -35,6 +35,15 @@ REPLICATION_LAG = Gauge(
     "replayed all it received; otherwise an upper bound that grows while the replica is cut off.",
     registry=REGISTRY,
 )
+RERANK_SECONDS = Histogram(
+    "mcp_rag_rerank_seconds",
+    "Time the reranker took per search (failures included).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+    registry=REGISTRY,
+)
+RERANK_FAILURES = Counter(
+    "mcp_rag_rerank_failures", "Searches answered in fused order because the reranker failed.", registry=REGISTRY
+)
 CHANGES_APPLIED = Counter("mcp_rag_changes_applied", "Change-log entries applied to the index.", registry=REGISTRY)
 SYNC_OVERLAPS = Counter(
     "mcp_rag_sync_overlaps",

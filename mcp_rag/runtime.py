@@ -22,6 +22,7 @@ from .embedding import Embedder
 from .errors import (
     ConfigurationError,
     ConflictError,
+    EmbeddingUnavailableError,
     IndexError_,
     IndexInUseError,
     IndexUnavailableError,
@@ -36,6 +37,7 @@ from .store.embedded import EmbeddedPostgres
 from .store.migrate import migrate
 from .store.postgres import ReplicationStatus, Store
 from .sync import IndexSyncer
+from .types import ModelIdentity
 
 log = get_logger(__name__)
 
@@ -71,11 +73,15 @@ def prepare_data_dir(path: Path) -> None:
 
 def build_index(settings: Settings) -> VectorIndex:
     if settings.resolved_index_backend == "qdrant":
-        from .index.qdrant_server import QdrantServerIndex
+        from .index.qdrant_server import QdrantServerIndex, cluster_params
 
         assert settings.qdrant_url is not None
         return QdrantServerIndex.from_url(
-            settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_collection, settings.qdrant_timeout
+            settings.qdrant_url,
+            settings.qdrant_api_key,
+            settings.qdrant_collection,
+            settings.qdrant_timeout,
+            cluster=cluster_params(settings),
         )
     from .index.qdrant_edge import EdgeIndex
 
@@ -113,7 +119,7 @@ class Runtime:
         if self.draining:
             return ["shutting down"]
         if not self.embedder.loaded:
-            reasons.append("embedding model not loaded")
+            reasons.append(f"embedding provider: {self.syncer.open_error or 'model not loaded'}")
         try:
             with anyio.fail_after(self.settings.db_timeout + 1):
                 await self.store.ping(include_primary=False)
@@ -122,7 +128,8 @@ class Runtime:
         except TimeoutError:
             reasons.append(f"postgres: no answer within {self.settings.db_timeout + 1:.0f}s")
         if not self.syncer.index_open:
-            reasons.append(f"index: {self.syncer.open_error}")
+            if self.embedder.loaded:
+                reasons.append(f"index: {self.syncer.open_error}")
         elif self.syncer.diverged:
             state = "being rebuilt" if self.syncer.rebuilding else "not rebuilt yet"
             reasons.append(f"index: {self.syncer.diverged} ({state})")
@@ -191,16 +198,33 @@ async def open_runtime(
         await store.open()
         stack.push_async_callback(store.close)
 
-        embedder = embedder or Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
-        identity = await embedder.load()
-        stored_model = await store.claim_model(identity)
-        if stored_model != identity:
-            raise ConfigurationError(model_mismatch_message(stored_model, identity))
-        index = index or build_index(settings)
+        if embedder is None:
+            embedder = Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
+            stack.callback(embedder.provider.close)
         follow = settings.sync_in_server if follow_changes is None else follow_changes
+
+        async def identify() -> ModelIdentity:
+            identity = await embedder.load()
+            stored_model = await store.claim_model(identity)
+            if not stored_model.matches(identity):
+                raise ConfigurationError(model_mismatch_message(stored_model, identity))
+            return identity
+
+        index = index or build_index(settings)
         unreachable: str | None = None
+        provider_down: str | None = None
         try:
-            await index.open(identity)
+            identity = await identify()
+        except EmbeddingUnavailableError as exc:
+            # A remote embedding provider that does not answer may come back: a server process
+            # starts without it and reports not-ready with the reason; the sync worker retries
+            # (the model identity, and so the index, wait for its first answer).
+            if not follow:
+                raise
+            provider_down = str(exc)
+        try:
+            if provider_down is None:
+                await index.open(identity)
         except IndexInUseError as exc:
             raise ConflictError(str(exc)) from exc
         except IndexUnavailableError as exc:
@@ -215,7 +239,10 @@ async def open_runtime(
         stack.push_async_callback(index.close)
 
         syncer = IndexSyncer(store, index)
-        if unreachable is not None:
+        if provider_down is not None:
+            syncer.defer_open(identify, provider_down)
+            log.warning("the embedding provider does not answer; starting without it", error=provider_down)
+        elif unreachable is not None:
             syncer.defer_open(identity, unreachable)
             log.warning(
                 "the index does not answer; starting without it (search fails until it does)", error=unreachable

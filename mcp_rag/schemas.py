@@ -96,6 +96,12 @@ class SearchOutput(BaseModel):
     query: str
     mode: str
     results: list[SearchHit]
+    reranked: bool | None = Field(
+        default=None,
+        description="True: ordered and scored by the reranker; false: the reranker failed and the results are in "
+        "fused order (see notice); null: no reranker is configured.",
+    )
+    notice: str | None = Field(default=None, description="Why the results are not reranked, when the reranker failed.")
 
     def links(self) -> list[tuple[str, str]]:
         """(resource URI, name) of each document in the results, in rank order."""
@@ -105,9 +111,10 @@ class SearchOutput(BaseModel):
         return list(seen.items())
 
     def as_text(self) -> str:
+        note = f"Note: {self.notice}\n\n" if self.notice else ""
         if not self.results:
-            return f"No results for {self.query!r}."
-        return "\n\n".join(hit.as_text(rank) for rank, hit in enumerate(self.results, start=1))
+            return f"{note}No results for {self.query!r}."
+        return note + "\n\n".join(hit.as_text(rank) for rank, hit in enumerate(self.results, start=1))
 
 
 class IngestedDocument(BaseModel):

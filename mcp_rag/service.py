@@ -22,6 +22,7 @@ from .extract import SourceDocument, read_file
 from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
 from .paths import roots_for
+from .rerank import create_reranker, rerank_results
 from .settings import Settings
 from .sources import Source, SourceFailure, confined_files, fetch_document, read_sources
 from .store.postgres import ChunkHit, DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
@@ -65,6 +66,16 @@ class SearchResult(ChunkHit):
 
     score: float = 0.0
     passages: tuple[SearchResult, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SearchAnswer:
+    """A search's results and what the optional reranker did with them."""
+
+    results: list[SearchResult]
+    reranked: bool | None = None
+    """True: reordered by the reranker; False: it failed and the order is the fused one; None: no reranker."""
+    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +123,7 @@ class RagService:
         self.index = index
         self.embedder = embedder
         self.syncer = syncer
+        self.reranker = create_reranker(settings)
 
     # --- ingestion -------------------------------------------------------------------
 
@@ -271,6 +283,7 @@ class RagService:
     async def _prepare(
         self, tenant: str, collection: str, sources: Iterable[Source], raise_on_failure: bool
     ) -> AsyncIterator[_Prepared]:
+        self.syncer.require_model()  # never store vectors of a model the database has not accepted
         budget = self.settings.ingest_batch_chunks
         pending: dict[str, tuple[SourceDocument, str]] = {}
         failures: list[SourceFailure] = []
@@ -367,6 +380,22 @@ class RagService:
         """The ``top_k`` best documents, each as its best chunk with up to ``per_document - 1`` more of its
         chunks as passages; ``per_document=None`` returns the ``top_k`` best chunks as they rank (a
         document may then fill several places)."""
+        answer = await self.search_answer(
+            tenant, query, mode=mode, top_k=top_k, filters=filters, per_document=per_document
+        )
+        return answer.results
+
+    async def search_answer(
+        self,
+        tenant: str,
+        query: str,
+        *,
+        mode: str = "hybrid",
+        top_k: int = 10,
+        filters: SearchFilters | None = None,
+        per_document: int | None = 1,
+    ) -> SearchAnswer:
+        """``search`` with what the reranker (if one is configured) did."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("query is empty: pass the words or question to search for")
         if len(query) > MAX_QUERY_CHARS:
@@ -384,9 +413,7 @@ class RagService:
             raise InvalidInputError(
                 f"passages per document must be an integer from 1 to {MAX_PASSAGES_PER_DOCUMENT}, got {per_document!r}"
             )
-        return await self.search_unbounded(
-            tenant, query, mode=mode, limit=top_k, filters=filters, per_document=per_document
-        )
+        return await self._search(tenant, query, mode=mode, limit=top_k, filters=filters, per_document=per_document)
 
     async def search_unbounded(
         self,
@@ -399,20 +426,44 @@ class RagService:
         per_document: int | None = None,
     ) -> list[SearchResult]:
         """Search without the tool's top_k bound (evaluation needs the top 100); ``per_document`` as in
-        ``search``. Grouping by document fetches more chunks than it returns, and more again (up to
-        MAX_CHUNKS_FETCHED) while a few documents hold all the best chunks."""
+        ``search``."""
+        answer = await self._search(tenant, query, mode=mode, limit=limit, filters=filters, per_document=per_document)
+        return answer.results
+
+    async def _search(
+        self,
+        tenant: str,
+        query: str,
+        *,
+        mode: SearchMode,
+        limit: int,
+        filters: SearchFilters | None,
+        per_document: int | None,
+    ) -> SearchAnswer:
+        """Fused chunks from the index, reranked when a reranker is configured, then grouped by document.
+
+        Grouping fetches more chunks than it returns, and more again (up to MAX_CHUNKS_FETCHED) while a few
+        documents hold all the best chunks."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
+        self.syncer.require_model()
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")
-        fetch = limit if per_document is None else min(limit * DOCUMENT_OVERFETCH, MAX_CHUNKS_FETCHED)
+        wanted = limit if per_document is None else min(limit * DOCUMENT_OVERFETCH, MAX_CHUNKS_FETCHED)
+        fetch = wanted if self.reranker is None else max(wanted, self.reranker.candidates)
         while True:
             chunks, exhausted = await self._ranked_chunks(tenant, search_filter, embedding, mode, fetch)
-            if per_document is None:
-                return chunks
-            documents = group_by_document(chunks, limit, per_document)
-            if len(documents) >= limit or exhausted or fetch >= MAX_CHUNKS_FETCHED:
-                return documents
+            enough = per_document is None or len({c.document_id for c in chunks}) >= limit
+            if enough or exhausted or fetch >= MAX_CHUNKS_FETCHED:
+                break
             fetch = min(fetch * 4, MAX_CHUNKS_FETCHED)
+        answer = (
+            SearchAnswer(chunks)
+            if self.reranker is None
+            else await rerank_results(self.reranker, query, chunks, len(chunks))
+        )
+        if per_document is None:
+            return replace(answer, results=answer.results[:limit])
+        return replace(answer, results=group_by_document(answer.results, limit, per_document))
 
     async def _ranked_chunks(
         self, tenant: str, search_filter: SearchFilter, embedding: QueryEmbedding, mode: SearchMode, limit: int

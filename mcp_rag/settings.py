@@ -20,6 +20,8 @@ from pydantic_settings import (
 )
 
 IndexBackend = Literal["embedded", "qdrant"]
+EmbeddingProvider = Literal["fastembed", "openai"]
+WriteOrdering = Literal["weak", "medium", "strong"]
 Scope = Literal["read", "write", "metrics"]
 
 OAUTH_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
@@ -128,6 +130,15 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = None
     qdrant_collection: str = Field(default="mcp_rag_chunks", pattern=r"^[A-Za-z0-9_-]{1,128}$")
     qdrant_timeout: float = Field(default=5.0, gt=0)
+    qdrant_shards: int = Field(default=3, ge=1, le=256)
+    """Shards of a collection the server creates (one per node of a three-node cluster)."""
+    qdrant_replication_factor: int = Field(default=2, ge=1, le=16)
+    """Copies of each shard: 2 keeps every shard on a second node when one node is lost."""
+    qdrant_write_consistency_factor: int = Field(default=1, ge=1, le=16)
+    """Replicas that must acknowledge a write: at most replication_factor - 1 for writes to survive a lost node."""
+    qdrant_write_ordering: WriteOrdering = "medium"
+    """Ordering of index writes: ``medium`` goes through a dynamically elected leader per shard, so writes keep
+    their order and go on when a node is lost (``strong`` stops while the permanent leader's node is down)."""
 
     # --- embeddings ----------------------------------------------------------------
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -136,6 +147,31 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(default=8, ge=1, le=1024)
     """Passages per model call. On CPU, 8 embeds as fast as 32 and its activations need ~370 MiB less."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)
+    embedding_provider: EmbeddingProvider = "fastembed"
+    """``fastembed`` (the model in this process) or ``openai`` (any server speaking ``POST /v1/embeddings``)."""
+    embedding_base_url: str | None = None
+    """The openai provider's API base, up to and including ``/v1`` (e.g. ``http://ollama:11434/v1``)."""
+    embedding_api_key: str | None = None
+    """Bearer token for the openai provider."""
+    embedding_api_key_file: Path | None = None
+    """A file holding that token (a mounted secret); read at start."""
+    embedding_dimension: int | None = Field(default=None, ge=1, le=65536)
+    """The remote model's dimension. Unset: taken from a probe call at start (and checked on every answer)."""
+    embedding_request_inputs: int = Field(default=32, ge=1, le=2048)
+    """Passages per ``/v1/embeddings`` request."""
+    embedding_concurrency: int = Field(default=4, ge=1, le=64)
+    """Requests in flight to the provider at once (over every ingest and search of this process)."""
+    embedding_timeout: float = Field(default=30.0, gt=0)
+    """Seconds one request to the provider may take."""
+    embedding_retries: int = Field(default=4, ge=0, le=20)
+    """Retries of a request that failed with 429, 5xx, a timeout or a dropped connection (exponential backoff
+    with jitter, or the server's Retry-After)."""
+    embedding_tokenizer: Path | None = None
+    """The remote model's ``tokenizer.json``: chunks are measured in its tokens. Unset: a character budget."""
+    embedding_window_tokens: int = Field(default=256, ge=32, le=131072)
+    """The remote model's input window in tokens: a text over it is refused, never cut."""
+    embedding_chars_per_token: float = Field(default=3.0, ge=1.0, le=16.0)
+    """Without a tokenizer: characters counted as one token (3 errs on the long side for English)."""
 
     # --- ingestion -----------------------------------------------------------------
     chunk_tokens: int = Field(default=200, ge=32, le=256)
@@ -162,6 +198,16 @@ class Settings(BaseSettings):
     dense_weight: float = Field(default=1.0, ge=0)
     sparse_weight: float = Field(default=1.0, ge=0)
     prefetch_limit: int = Field(default=200, ge=1, le=1000)
+
+    reranker_url: str | None = None
+    """A rerank endpoint (``POST``, e.g. ``http://tei-reranker:8080/rerank``) applied after fusion. Unset: none."""
+    reranker_model: str | None = None
+    reranker_api_key: str | None = None
+    reranker_api_key_file: Path | None = None
+    reranker_timeout: float = Field(default=2.0, gt=0)
+    """Seconds the reranker may take; beyond it the search answers in fused order and says so."""
+    reranker_candidates: int = Field(default=30, ge=1, le=200)
+    """Fused results sent to the reranker (at least top_k): it reorders them and the best top_k are returned."""
 
     # --- server --------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -292,7 +338,7 @@ class Settings(BaseSettings):
     def _optional_token(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("qdrant_url")
+    @field_validator("qdrant_url", "embedding_base_url", "reranker_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -369,6 +415,16 @@ class Settings(BaseSettings):
             )
         if self.oauth_introspection_client_id and not self.oauth_issuer:
             raise ValueError("MCP_RAG_OAUTH_INTROSPECTION_CLIENT_ID needs MCP_RAG_OAUTH_ISSUER as well")
+        if self.embedding_provider == "openai" and self.embedding_base_url is None:
+            raise ValueError("MCP_RAG_EMBEDDING_PROVIDER is 'openai' but MCP_RAG_EMBEDDING_BASE_URL is not set")
+        if self.embedding_api_key and self.embedding_api_key_file:
+            raise ValueError("set MCP_RAG_EMBEDDING_API_KEY or MCP_RAG_EMBEDDING_API_KEY_FILE, not both")
+        if self.reranker_api_key and self.reranker_api_key_file:
+            raise ValueError("set MCP_RAG_RERANKER_API_KEY or MCP_RAG_RERANKER_API_KEY_FILE, not both")
+        if self.qdrant_write_consistency_factor > self.qdrant_replication_factor:
+            raise ValueError(
+                "MCP_RAG_QDRANT_WRITE_CONSISTENCY_FACTOR must not exceed MCP_RAG_QDRANT_REPLICATION_FACTOR"
+            )
         tokens = [key.token for key in self.api_keys]
         if len(set(tokens)) != len(tokens):
             raise ValueError("MCP_RAG_API_KEYS lists the same token twice")
@@ -387,6 +443,15 @@ class Settings(BaseSettings):
         if self.index_backend is not None:
             return self.index_backend
         return "qdrant" if self.qdrant_url else "embedded"
+
+    def secret(self, value: str | None, file: Path | None, name: str) -> str | None:
+        """A secret given inline or as a file (a mounted secret), stripped of surrounding whitespace."""
+        if file is None:
+            return value
+        try:
+            return file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ValueError(f"cannot read {name} {str(file)!r}: {exc.strerror or exc}") from None
 
     @property
     def oauth_enabled(self) -> bool:

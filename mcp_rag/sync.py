@@ -27,12 +27,20 @@ Two guards do not rely on that lock:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
 from . import metrics
-from .errors import CursorConflictError, IndexDivergedError, IndexError_, IndexUnavailableError, UnavailableError
+from .errors import (
+    CursorConflictError,
+    EmbeddingUnavailableError,
+    IndexDivergedError,
+    IndexError_,
+    IndexUnavailableError,
+    RagError,
+    UnavailableError,
+)
 from .index.base import Cursor, IndexPoint, PointPayload, SearchFilter, VectorIndex
 from .logging import get_logger
 from .store.postgres import Change, IndexableChunk, Store
@@ -62,7 +70,7 @@ class IndexSyncer:
         self.index = index
         self.batch_size = batch_size
         self._lock = anyio.Lock()
-        self._pending_open: ModelIdentity | None = None
+        self._pending_open: ModelIdentity | Callable[[], Awaitable[ModelIdentity]] | None = None
         self.open_error = ""
         self.diverged = ""
         """Why the index does not belong to the database's change-log history ("" when it does)."""
@@ -70,14 +78,22 @@ class IndexSyncer:
 
     # --- an index that could not be opened at start (a Qdrant server that does not answer) ---
 
-    def defer_open(self, model: ModelIdentity, error: str) -> None:
-        """The index could not be opened yet: every catch_up (so the sync worker) tries again."""
+    def defer_open(self, model: ModelIdentity | Callable[[], Awaitable[ModelIdentity]], error: str) -> None:
+        """The index could not be opened yet: every catch_up (so the sync worker) tries again.
+
+        ``model`` may be a coroutine function that finds the model identity first (an embedding
+        provider that did not answer at start): it is called until it returns one."""
         self._pending_open = model
         self.open_error = error
 
     @property
     def index_open(self) -> bool:
         return self._pending_open is None
+
+    def require_model(self) -> None:
+        """Raise EmbeddingUnavailableError while the model identity is not yet known and accepted."""
+        if callable(self._pending_open):
+            raise EmbeddingUnavailableError(f"the embedding model is not loaded yet ({self.open_error}); retry shortly")
 
     def require_open(self) -> None:
         """Raise IndexUnavailableError while the index has not been opened, or cannot be trusted."""
@@ -122,6 +138,13 @@ class IndexSyncer:
         model = self._pending_open
         if model is None:
             return
+        if callable(model):
+            try:
+                model = await model()
+            except RagError as exc:
+                self.open_error = str(exc)
+                raise
+            self._pending_open = model
         try:
             await self.index.open(model)
         except IndexError_ as exc:

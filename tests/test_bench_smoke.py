@@ -37,6 +37,7 @@ EXTRA_ARGS = {
     "coldstart": ("--setups", "external"),
     "retrieval": (),
     "listing": (),
+    "providers": ("--docs", "6", "--queries", "3"),
 }
 
 
@@ -172,3 +173,25 @@ def test_report_keeps_the_rest_of_the_page(bench_env: Callable[[str], Lines], tm
     assert "| ingest |" in text
     for heading in ("Ingest", "Search latency", "Concurrency", "Memory", "Cold start", "Retrieval quality, `mcp-rag"):
         assert f"### {heading}" in text
+
+
+def test_providers(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("providers")
+    ingest = of(lines, "ingest")
+    assert [(x["provider"], x["clients"]) for x in ingest] == [(p, c) for p in ("fastembed", "openai")
+                                                               for c in (1, 4, 16)]
+    for line in ingest:
+        positive(line, "docs", "chunks", "docs_per_s")
+    embed = of(lines, "embed")
+    assert [x["provider"] for x in embed] == ["fastembed", "openai"]
+    for line in embed:
+        positive(line, "passages", "passages_per_s")
+    search = of(lines, "search")
+    assert [x["setup"] for x in search] == ["local", "remote", "remote + rerank", "local + rerank"]
+    for line in search:
+        positive(line, "queries", "p50_ms")
+        assert line["reranked"] == (line["queries"] if "rerank" in line["setup"] else 0)
+    evals = of(lines, "eval")
+    assert [x["setup"] for x in evals] == ["fused", "reranked"]
+    for line in evals:
+        positive(line, "queries", "recall_at_100")

@@ -12,6 +12,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from mcp_rag.embedding import Embedder
+from mcp_rag.embedding.tokens import CharacterBudget
 from mcp_rag.errors import ConfigurationError, ModelMismatchError
 from mcp_rag.index.base import VectorIndex
 from mcp_rag.index.qdrant_edge import EdgeIndex
@@ -19,7 +20,7 @@ from mcp_rag.index.qdrant_server import QdrantServerIndex
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.settings import Settings
 from mcp_rag.store.postgres import Store
-from mcp_rag.types import ModelIdentity
+from mcp_rag.types import FINGERPRINT_PROBE, ModelIdentity, fingerprint_of
 
 
 def two_handles(kind: str, directory: Path) -> tuple[VectorIndex, VectorIndex]:
@@ -50,7 +51,15 @@ def weights(embedder: Embedder, text: str) -> dict[int, float]:
 
 def test_identity_and_dimension(embedder: Embedder) -> None:
     assert embedder.loaded
-    assert embedder.identity == ModelIdentity("sentence-transformers/all-MiniLM-L6-v2", 384)
+    identity = embedder.identity
+    assert (identity.provider, identity.name, identity.dimension) == (
+        "fastembed", "sentence-transformers/all-MiniLM-L6-v2", 384)
+    # The fingerprint: the leading components of the unit vector of a fixed probe text.
+    [probe] = embedder.embed_passages_sync([FINGERPRINT_PROBE])
+    assert identity.fingerprint == fingerprint_of(probe.dense.tolist())
+    assert len(identity.fingerprint) == 16
+    assert identity.matches(ModelIdentity(identity.name, 384))  # recorded before fingerprints: matches on the rest
+    assert not identity.matches(ModelIdentity(identity.name, 384, provider="openai", fingerprint=identity.fingerprint))
     [e] = embedder.embed_passages_sync(["anything at all"])
     assert e.dense.shape == (384,)
     assert e.dense.dtype == np.float32
@@ -236,5 +245,12 @@ async def test_runtime_over_a_database_of_another_model_is_a_configuration_error
     with pytest.raises(ConfigurationError) as info:
         async with open_runtime(make_settings(data_dir=make_settings().data_dir / "fresh"), embedder=embedder):
             pass
-    assert "the database holds vectors of model other/model" in str(info.value)
+    assert "the database holds vectors of model fastembed:other/model (384-d" in str(info.value)
     assert "sentence-transformers/all-MiniLM-L6-v2" in str(info.value)
+
+
+def test_a_character_budget_counts_and_clips_by_characters() -> None:
+    budget = CharacterBudget(window_tokens=100, chars_per_token=3.0)
+    assert budget.window_tokens == 100
+    assert budget.count(["", "abc", "abcd", "x" * 300]) == [0, 1, 2, 100]
+    assert budget.clip(["abcdefgh", "ab"], 2) == ["abcdef", "ab"]

@@ -535,3 +535,23 @@ def test_server_left_by_a_killed_process_is_reused_then_stopped(pgdata: Path) ->
     assert query(dsn)[1] == started  # reused, not restarted
     heir.stop()  # the dead process no longer counts as a user
     assert server_pid(pgdata) is None
+
+
+async def test_a_model_claimed_before_fingerprints_gets_one_and_keeps_it(database_url: str) -> None:
+    """A row recorded before migration 0005 (fastembed, no fingerprint) is completed by the first
+    process that loads the same model; after that a different fingerprint is what the store returns."""
+    store = Store(database_url, min_size=0, max_size=1)
+    await store.open()
+    try:
+        old = ModelIdentity("org/model-a", 3)
+        assert await store.claim_model(old) == old
+        assert await count_rows(database_url, "embedding_model") == 1
+        loaded = ModelIdentity("org/model-a", 3, provider="fastembed", fingerprint=(0.5, -0.25, 0.125))
+        assert await store.claim_model(loaded) == loaded  # the fingerprint is filled in
+        impostor = ModelIdentity("org/model-a", 3, provider="fastembed", fingerprint=(0.25, 0.5, 0.125))
+        recorded = await store.claim_model(impostor)
+        assert recorded == loaded and not recorded.matches(impostor)
+        other = ModelIdentity("org/model-a", 3, provider="openai", fingerprint=(0.5, -0.25, 0.125))
+        assert await store.claim_model(other) == loaded  # another provider never overwrites it
+    finally:
+        await store.close()

@@ -18,6 +18,17 @@ DenseVector = npt.NDArray[np.float32]
 class DenseProvider(abc.ABC):
     """A dense model. Every method blocks (the embedder calls them in a worker thread)."""
 
+    serial: bool = True
+    """Calls must not overlap (a local model already uses every core); a remote provider that
+    bounds its own concurrency sets this False."""
+
+    def passages_per_call(self, default: int) -> int:
+        """How many passages the embedder hands over per ``embed_passages`` call."""
+        return default
+
+    def close(self) -> None:  # noqa: B027 - an optional hook
+        """Release connections or sessions (the process is ending)."""
+
     @abc.abstractmethod
     def load(self) -> ModelIdentity:
         """Make the model ready (idempotent) and say what it is; raise ``ConfigurationError`` if it cannot load."""

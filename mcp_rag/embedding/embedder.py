@@ -7,16 +7,18 @@ worker thread in batches, one batch at a time (the ONNX session already uses eve
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 
+from ..errors import ConfigurationError
 from ..logging import get_logger
 from ..settings import Settings
-from ..types import ModelIdentity, SparseVector
+from ..types import FINGERPRINT_PROBE, ModelIdentity, SparseVector, fingerprint_of
 from .base import DenseProvider, DenseVector
 from .bm25 import Bm25
 from .factory import create_provider
@@ -78,11 +80,18 @@ class Embedder:
                 return self._identity
             started = time.perf_counter()
             identity = self.provider.load()
+            probe = self.provider.embed_passages([FINGERPRINT_PROBE])[0]
+            if probe.shape[0] != identity.dimension:
+                raise ConfigurationError(
+                    f"embedding model {identity.describe()} answered a {probe.shape[0]}-d vector for the probe text"
+                )
+            identity = replace(identity, fingerprint=fingerprint_of(probe.tolist()))
             self._bm25.load()
             self._budget = self.provider.token_budget()
             self._identity = identity
             log.info(
                 "embedding model loaded",
+                provider=identity.provider,
                 model=identity.name,
                 dimension=identity.dimension,
                 seconds=round(time.perf_counter() - started, 3),
@@ -102,19 +111,21 @@ class Embedder:
 
     def embed_passages_sync(self, texts: Sequence[str]) -> list[Embedding]:
         self.load_sync()
-        batch = self._batch_size
+        batch = self.provider.passages_per_call(self._batch_size)
         # A batch is padded to its longest text: batching texts of similar length (sorted by
         # characters, a cheap proxy for tokens) wastes far less compute on padding. The results
         # go back in the caller's order (docs/benchmarks.md has the measurements).
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Embedding | None] = [None] * len(texts)
-        with self._lock:
+        serial = self._lock if self.provider.serial else contextlib.nullcontext()
+        with serial:
             for start in range(0, len(order), batch):
                 positions = order[start : start + batch]
                 part = [texts[i] for i in positions]
                 began = time.perf_counter()
                 dense = self.provider.embed_passages(part)
-                sparse = self._bm25.embed_passages(part)
+                with self._lock if not self.provider.serial else contextlib.nullcontext():
+                    sparse = self._bm25.embed_passages(part)
                 if self._on_batch is not None:
                     self._on_batch(len(part), time.perf_counter() - began)
                 for i, d, s in zip(positions, dense, sparse, strict=True):

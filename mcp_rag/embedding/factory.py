@@ -9,6 +9,7 @@ from ..errors import ConfigurationError
 from ..settings import Settings
 from .base import DenseProvider
 from .fastembed import DEFAULT_MODEL, FastembedProvider
+from .tokens import CharacterBudget, TokenBudget, tokenizer_budget_from_file
 
 
 def _fastembed(settings: Settings) -> DenseProvider:
@@ -21,10 +22,41 @@ def _fastembed(settings: Settings) -> DenseProvider:
     )
 
 
-PROVIDERS: dict[str, Callable[[Settings], DenseProvider]] = {"fastembed": _fastembed}
+def _openai(settings: Settings) -> DenseProvider:
+    from .openai import OpenAIProvider, check_window
+
+    assert settings.embedding_base_url is not None  # the settings refuse openai without it
+    window = settings.embedding_window_tokens
+    check_window(settings.chunk_tokens, window)
+    budget: TokenBudget
+    if settings.embedding_tokenizer is not None:
+        budget = tokenizer_budget_from_file(settings.embedding_tokenizer, window)
+    else:
+        budget = CharacterBudget(window, settings.embedding_chars_per_token)
+    try:
+        api_key = settings.secret(
+            settings.embedding_api_key, settings.embedding_api_key_file, "MCP_RAG_EMBEDDING_API_KEY_FILE"
+        )
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return OpenAIProvider(
+        base_url=settings.embedding_base_url,
+        model=settings.embedding_model,
+        budget=budget,
+        api_key=api_key,
+        dimension=settings.embedding_dimension,
+        request_inputs=settings.embedding_request_inputs,
+        concurrency=settings.embedding_concurrency,
+        timeout=settings.embedding_timeout,
+        retries=settings.embedding_retries,
+    )
 
 
-def create_provider(settings: Settings, name: str = "fastembed") -> DenseProvider:
+PROVIDERS: dict[str, Callable[[Settings], DenseProvider]] = {"fastembed": _fastembed, "openai": _openai}
+
+
+def create_provider(settings: Settings, name: str | None = None) -> DenseProvider:
+    name = name or settings.embedding_provider
     try:
         make = PROVIDERS[name]
     except KeyError:

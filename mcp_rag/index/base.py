@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import CursorConflictError as CursorConflictError
 from ..errors import IndexDivergedError as IndexDivergedError
@@ -92,10 +93,40 @@ class Hit:
     score: float
 
 
+def identity_meta(model: ModelIdentity) -> dict[str, Any]:
+    """The model identity as an index engine stores it beside its cursor."""
+    return {
+        "model_name": model.name,
+        "dimension": model.dimension,
+        "provider": model.provider,
+        "fingerprint": list(model.fingerprint),
+    }
+
+
+def identity_from_meta(data: Mapping[str, Any]) -> ModelIdentity:
+    """Read back ``identity_meta`` (meta written before providers and fingerprints: fastembed, none)."""
+    return ModelIdentity(
+        str(data["model_name"]),
+        int(data["dimension"]),
+        provider=str(data.get("provider") or "fastembed"),
+        fingerprint=tuple(float(v) for v in data.get("fingerprint") or ()),
+    )
+
+
+def _difference(built: ModelIdentity, configured: ModelIdentity) -> str:
+    same = (built.provider, built.name, built.dimension) == (configured.provider, configured.name, configured.dimension)
+    if same:
+        return (
+            " — same name, but the vector of a fixed probe text differs by "
+            f"{built.fingerprint_distance(configured):.4f} (another model served under that name, or another build of it)"
+        )
+    return ""
+
+
 def mismatch_message(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
     return (
-        f"index '{index}' was built with model {built.name} ({built.dimension}-d) but the server is "
-        f"configured with {configured.name} ({configured.dimension}-d): their vectors are not comparable. "
+        f"index '{index}' was built with model {built.describe()} but the server is "
+        f"configured with {configured.describe()}{_difference(built, configured)}: their vectors are not comparable. "
         "Configure the model the index was built with; to switch models, ingest the documents again into "
         "a new database and index (the stored vectors belong to the old model)"
     )
@@ -103,10 +134,10 @@ def mismatch_message(index: str, built: ModelIdentity, configured: ModelIdentity
 
 def model_mismatch_message(stored: ModelIdentity, configured: ModelIdentity) -> str:
     return (
-        f"the database holds vectors of model {stored.name} ({stored.dimension}-d) but the server is "
-        f"configured with {configured.name} ({configured.dimension}-d): their vectors are not comparable, "
-        "and a reindex would copy the old model's vectors. Configure the model the database was built with; "
-        "to switch models, ingest the documents again into a new database and index"
+        f"the database holds vectors of model {stored.describe()} but the server is "
+        f"configured with {configured.describe()}{_difference(stored, configured)}: their vectors are not "
+        "comparable, and a reindex would copy the old model's vectors. Configure the model the database was built "
+        "with; to switch models, ingest the documents again into a new database and index"
     )
 
 

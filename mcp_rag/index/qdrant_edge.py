@@ -66,6 +66,8 @@ from mcp_rag.index.base import (
     IndexQuery,
     SearchFilter,
     VectorIndex,
+    identity_from_meta,
+    identity_meta,
     mismatch_message,
 )
 from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
@@ -104,7 +106,7 @@ class EdgeIndex(VectorIndex):
         self._owner_fd = self._lock_owner()
         try:
             meta = self._read_meta()
-            if meta is not None and meta[0] != model:
+            if meta is not None and not meta[0].matches(model):
                 raise ModelMismatchError(mismatch_message(str(self._dir), meta[0], model))
             has_shard = self._shard_path.is_dir() and any(self._shard_path.iterdir())
             if meta is None or not has_shard or meta[2]:
@@ -198,16 +200,11 @@ class EdgeIndex(VectorIndex):
             data = json.loads(self._meta_path.read_text())
         except FileNotFoundError:
             return None
-        model = ModelIdentity(str(data["model_name"]), int(data["dimension"]))
+        model = identity_from_meta(data)
         return model, Cursor(int(data["cursor"]), str(data.get("origin", ""))), bool(data.get("clearing", False))
 
     def _write_meta(self, model: ModelIdentity, cursor: Cursor, *, clearing: bool = False) -> None:
-        data: dict[str, Any] = {
-            "model_name": model.name,
-            "dimension": model.dimension,
-            "cursor": cursor.seq,
-            "origin": cursor.origin,
-        }
+        data: dict[str, Any] = {**identity_meta(model), "cursor": cursor.seq, "origin": cursor.origin}
         if clearing:
             data["clearing"] = True
         tmp = self._meta_path.with_suffix(".json.tmp")

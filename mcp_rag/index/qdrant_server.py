@@ -19,6 +19,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -36,9 +37,12 @@ from mcp_rag.index.base import (
     IndexQuery,
     SearchFilter,
     VectorIndex,
+    identity_from_meta,
+    identity_meta,
     mismatch_message,
 )
 from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
+from mcp_rag.settings import Settings
 from mcp_rag.types import MetadataValue, ModelIdentity
 
 T = TypeVar("T")
@@ -48,11 +52,43 @@ _UPSERT_BATCH = 256
 _SCROLL_PAGE = 1000
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterParams:
+    """How the collections are laid out on a Qdrant cluster, and how writes are acknowledged.
+
+    The defaults suit a three-node cluster: three shards, each on two nodes, a write acknowledged
+    by one replica and ordered through a dynamically elected leader, so reads and writes go on when
+    one node is lost (``strong`` ordering would stop while the permanent leader is down, and a write
+    consistency factor equal to the replication factor would fail writes to the lost node's shards).
+    A single-node server (or local mode) takes the same arguments."""
+
+    shards: int = 3
+    replication_factor: int = 2
+    write_consistency_factor: int = 1
+    ordering: str = "medium"
+
+    def write_ordering(self) -> models.WriteOrdering:
+        return models.WriteOrdering(self.ordering)
+
+
+def cluster_params(settings: Settings) -> ClusterParams:
+    return ClusterParams(
+        shards=settings.qdrant_shards,
+        replication_factor=settings.qdrant_replication_factor,
+        write_consistency_factor=settings.qdrant_write_consistency_factor,
+        ordering=settings.qdrant_write_ordering,
+    )
+
+
 class QdrantServerIndex(VectorIndex):
     """Chunks in ``collection``; model identity, cursor and the ``clearing`` flag in ``<collection>__meta``."""
 
-    def __init__(self, client: QdrantClient, collection: str = "mcp_rag_chunks") -> None:
+    def __init__(
+        self, client: QdrantClient, collection: str = "mcp_rag_chunks", cluster: ClusterParams | None = None
+    ) -> None:
         self._client = client
+        self._cluster = cluster or ClusterParams()
+        self._ordering = self._cluster.write_ordering()
         self._collection = collection
         self._meta = f"{collection}__meta"
         self._owns_client = False
@@ -70,10 +106,11 @@ class QdrantServerIndex(VectorIndex):
         api_key: str | None = None,
         collection: str = "mcp_rag_chunks",
         timeout: float = 10.0,
+        cluster: ClusterParams | None = None,
     ) -> QdrantServerIndex:
         # check_compatibility=False: it would make a blocking request right here.
         client = QdrantClient(url=url, api_key=api_key, timeout=max(1, math.ceil(timeout)), check_compatibility=False)
-        index = cls(client, collection)
+        index = cls(client, collection, cluster)
         index._owns_client = True
         return index
 
@@ -102,7 +139,7 @@ class QdrantServerIndex(VectorIndex):
         c = self._client
         exists = c.collection_exists(self._collection)
         meta = self._read_meta() if c.collection_exists(self._meta) else None
-        if meta is not None and meta[0] != model:
+        if meta is not None and not meta[0].matches(model):
             raise ModelMismatchError(mismatch_message(self._collection, meta[0], model))
         if meta is not None and meta[2] and exists:
             # A clear() was interrupted after it reset the cursor: finish it.
@@ -119,7 +156,13 @@ class QdrantServerIndex(VectorIndex):
         if meta is None:
             if not c.collection_exists(self._meta):
                 one_d = models.VectorParams(size=1, distance=models.Distance.DOT)
-                c.create_collection(self._meta, vectors_config=one_d)
+                c.create_collection(
+                    self._meta,
+                    vectors_config=one_d,
+                    shard_number=1,
+                    replication_factor=self._cluster.replication_factor,
+                    write_consistency_factor=self._cluster.write_consistency_factor,
+                )
             self._write_meta(model, Cursor())
         elif not exists:
             self._write_meta(model, Cursor())  # the chunks are gone: the cursor must not claim otherwise
@@ -130,6 +173,9 @@ class QdrantServerIndex(VectorIndex):
             self._collection,
             vectors_config={DENSE_VECTOR: models.VectorParams(size=model.dimension, distance=models.Distance.COSINE)},
             sparse_vectors_config={SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+            shard_number=self._cluster.shards,
+            replication_factor=self._cluster.replication_factor,
+            write_consistency_factor=self._cluster.write_consistency_factor,
         )
         if self._local:
             return  # local mode ignores payload indexes and warns about them
@@ -166,7 +212,7 @@ class QdrantServerIndex(VectorIndex):
         if not records or records[0].payload is None:
             return None
         p = records[0].payload
-        model = ModelIdentity(str(p["model_name"]), int(p["dimension"]))
+        model = identity_from_meta(p)
         return model, Cursor(int(p["cursor"]), str(p.get("origin", ""))), bool(p.get("clearing", False))
 
     def _write_meta(
@@ -175,19 +221,23 @@ class QdrantServerIndex(VectorIndex):
         """Replace the meta point (one atomic point write). With ``expected``, a conditional
         update: applied only if the stored cursor still is ``expected`` (checked by reading back)."""
         payload = {
-            "model_name": model.name,
-            "dimension": model.dimension,
+            **identity_meta(model),
             "cursor": cursor.seq,
             "origin": cursor.origin,
             "clearing": clearing,
         }
         point = models.PointStruct(id=_META_POINT_ID, vector=[1.0], payload=payload)
         if expected is None:
-            self._client.upsert(self._meta, [point], wait=True)
+            self._client.upsert(self._meta, [point], wait=True, ordering=self._ordering)
             return
         still = models.Filter(must=[models.FieldCondition(key="cursor", match=models.MatchValue(value=expected))])
         self._client.upsert(
-            self._meta, [point], wait=True, update_filter=still, update_mode=models.UpdateMode.UPDATE_ONLY
+            self._meta,
+            [point],
+            wait=True,
+            update_filter=still,
+            update_mode=models.UpdateMode.UPDATE_ONLY,
+            ordering=self._ordering,
         )
         meta = self._read_meta()
         if meta is None or meta[1] != cursor:
@@ -226,7 +276,9 @@ class QdrantServerIndex(VectorIndex):
         ]
         for start in range(0, len(structs), _UPSERT_BATCH):
             batch = structs[start : start + _UPSERT_BATCH]
-            await self._call(functools.partial(self._client.upsert, self._collection, batch, wait=True))
+            await self._call(
+                functools.partial(self._client.upsert, self._collection, batch, wait=True, ordering=self._ordering)
+            )
 
     async def delete_points(self, ids: Sequence[int]) -> None:
         if ids:
@@ -244,7 +296,9 @@ class QdrantServerIndex(VectorIndex):
         await self._delete(models.FilterSelector(filter=models.Filter(must=must)))
 
     async def _delete(self, selector: models.PointIdsList | models.FilterSelector) -> None:
-        await self._call(lambda: self._client.delete(self._collection, points_selector=selector, wait=True))
+        await self._call(
+            lambda: self._client.delete(self._collection, points_selector=selector, wait=True, ordering=self._ordering)
+        )
 
     async def clear(self) -> None:
         def clear() -> None:

@@ -286,16 +286,25 @@ class Store:
 
     async def claim_model(self, model: ModelIdentity) -> ModelIdentity:
         """Record ``model`` as the one the stored vectors belong to unless one already is;
-        returns the recorded one (``model`` itself on first use, whatever concurrent callers do)."""
+        returns the recorded one (``model`` itself on first use, whatever concurrent callers do).
+
+        A row recorded before fingerprints existed gets ``model``'s fingerprint when the rest agrees."""
+        fingerprint = list(model.fingerprint) or None
         async with self._writing() as conn:
             await conn.execute(
-                "INSERT INTO embedding_model (name, dimension) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (model.name, model.dimension),
+                "INSERT INTO embedding_model (name, dimension, provider, fingerprint) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (model.name, model.dimension, model.provider, fingerprint),
             )
-            cur = await conn.execute("SELECT name, dimension FROM embedding_model")
+            await conn.execute(
+                "UPDATE embedding_model SET fingerprint = %s"
+                " WHERE fingerprint IS NULL AND name = %s AND dimension = %s AND provider = %s",
+                (fingerprint, model.name, model.dimension, model.provider),
+            )
+            cur = await conn.execute("SELECT name, dimension, provider, fingerprint FROM embedding_model")
             row = await cur.fetchone()
         assert row is not None
-        return ModelIdentity(row[0], row[1])
+        return ModelIdentity(row[0], row[1], provider=row[2], fingerprint=tuple(row[3] or ()))
 
     # --- writes ------------------------------------------------------------------------
 

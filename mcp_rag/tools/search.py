@@ -61,7 +61,7 @@ async def search(
     Use this before answering any question the stored documents may cover, and cite title and source.
     Each result names its document (read more with get_chunks around its chunk, or get_document)."""
     call = current()
-    results = await call.service.search(
+    answer = await call.service.search_answer(
         call.tenant,
         query,
         mode=mode,
@@ -71,4 +71,10 @@ async def search(
         ),
         per_document=None if raw_chunks else passages_per_document,
     )
-    return SearchOutput(query=query, mode=mode, results=[SearchHit.of(r) for r in results])
+    return SearchOutput(
+        query=query,
+        mode=mode,
+        results=[SearchHit.of(r) for r in answer.results],
+        reranked=answer.reranked,
+        notice=answer.notice,
+    )
