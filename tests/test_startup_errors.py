@@ -38,11 +38,15 @@ def run(env: dict[str, str], *args: str, cwd: Path, stdin: str | None = None) ->
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
-def one_line(done: subprocess.CompletedProcess[str], status: int, pattern: str) -> str:
-    """The command failed with ``status`` and its whole stderr is one line matching ``pattern``."""
+def one_line(done: subprocess.CompletedProcess[str], status: int, pattern: str, *, after_work: bool = False) -> str:
+    """The command failed with ``status`` and its whole stderr is one line matching ``pattern`` (or, when
+    the failure comes ``after_work`` such as loading the model, that line follows only INFO log lines)."""
     assert done.returncode == status, f"exit {done.returncode}\nstderr:\n{done.stderr}"
     assert "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
+    if after_work:
+        assert all("[info     ]" in line for line in lines[:-1]), done.stderr
+        lines = lines[-1:]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("mcp-rag: "), lines[0]
     assert re.search(pattern, lines[0]), lines[0]
@@ -198,3 +202,16 @@ def test_missing_allowed_root(database_url: str, model_dir: Path, tmp_path: Path
 def test_missing_model(database_url: str, tmp_path: Path) -> None:
     env = base_env(tmp_path / "no-model", tmp_path / "data", database_url=database_url)
     one_line(run(env, "stats", cwd=tmp_path), 2, r"MCP_RAG_EMBEDDING_MODEL_DIR")
+
+
+def test_stored_vectors_of_another_model(database_url: str, model_dir: Path, tmp_path: Path) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(b"INSERT INTO embedding_model (name, dimension, provider) VALUES ('other/model', 768, 'fastembed')")
+    env = base_env(model_dir, tmp_path / "data", database_url=database_url)
+    one_line(run(env, "stats", cwd=tmp_path), 2, r"other/model.*768.*all-MiniLM-L6-v2.*384", after_work=True)
+
+
+def test_qdrant_that_does_not_answer(database_url: str, model_dir: Path, tmp_path: Path) -> None:
+    qdrant = f"http://127.0.0.1:{free_port()}"
+    env = base_env(model_dir, tmp_path / "data", database_url=database_url, qdrant_url=qdrant, qdrant_timeout="2")
+    one_line(run(env, "stats", cwd=tmp_path), 4, rf"cannot reach Qdrant at {re.escape(qdrant)}", after_work=True)
