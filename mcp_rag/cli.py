@@ -13,17 +13,18 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pydantic import ValidationError
 
 from .errors import ConfigurationError, RagError, describe
 from .logging import configure_logging, get_logger
-from .service import SearchFilters
 from .settings import Settings
-from .sources import collect_files
 from .types import SEARCH_MODES
+
+if TYPE_CHECKING:
+    from .service import SearchFilters
 
 log = get_logger(__name__)
 
@@ -58,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings()
         configure_logging(settings.log_format, settings.log_level)
+        from .local.commands import forward
+
+        status = forward(settings, args, sys.argv[1:] if argv is None else argv)  # to the data directory's holder
+        if status is not None:
+            sys.exit(status)
         args.func(settings, args)
     except RagError as exc:
         failure = describe(exc)
@@ -65,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(failure.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _parser()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,13 +146,9 @@ def _parser() -> argparse.ArgumentParser:
 def _run(
     settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False, catch_up: bool = True
 ) -> None:
-    from .runtime import open_runtime
+    from .local.commands import run_body  # here, as the data directory's holder, or in the holder
 
-    async def go() -> None:
-        async with open_runtime(settings, follow_changes=follow, catch_up=catch_up) as runtime:
-            await body(runtime)
-
-    anyio.run(go)
+    run_body(settings, body, follow=follow, catch_up=catch_up)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -161,6 +167,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def _ingest(settings: Settings, args: argparse.Namespace) -> None:
     from tqdm import tqdm
+
+    from .sources import collect_files
 
     files = collect_files(args.paths, args.include, args.exclude)
     if not files:
@@ -192,6 +200,8 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def parse_filters(items: Sequence[str], collection: str | None) -> SearchFilters:
+    from .service import SearchFilters
+
     metadata: dict[str, Any] = {}
     source = None
     documents: list[str] = []

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from .http import RuntimeHolder, create_app
+from .local import shared
 from .logging import get_logger
 from .runtime import open_runtime
 from .server import build_server
@@ -29,6 +30,11 @@ log = get_logger(__name__)
 
 
 def run_stdio(settings: Settings) -> None:
+    if shared(settings):  # one process holds the data directory; the others relay to it
+        from .local.stdio import run_stdio_shared
+
+        run_stdio_shared(settings)
+        return
     holder = RuntimeHolder()
 
     @asynccontextmanager
@@ -101,7 +107,13 @@ class _DrainingServer(uvicorn.Server):
 
 def run_http(settings: Settings, *, sse_only: bool = False) -> None:
     holder = RuntimeHolder()
-    app = create_app(settings, holder=holder, sse_only=sse_only)
+    if shared(settings):
+        from .local.stdio import held_runtime_factory, hold_for_http
+
+        factory = held_runtime_factory(hold_for_http(settings))
+        app = create_app(settings, holder=holder, sse_only=sse_only, runtime_factory=factory)  # type: ignore[arg-type]
+    else:
+        app = create_app(settings, holder=holder, sse_only=sse_only)
     config = uvicorn.Config(
         app,
         host=settings.host,
