@@ -23,7 +23,7 @@ from mcp.client.stdio import stdio_client
 from mcp_rag.local.address import address
 from mcp_rag.local.election import holder_info
 from tests.mcp_calls import call
-from tests.reliability_support import MCP_RAG, base_env, run_cli
+from tests.reliability_support import MCP_RAG, ServerProc, base_env, http_client, run_cli, server_process
 
 pytestmark = pytest.mark.integration
 
@@ -388,3 +388,34 @@ def test_an_embedded_postgres_that_cannot_start_is_one_line(model_dir: Path, tmp
         assert len(lines) == 1, done.stderr
         assert lines[0].startswith("mcp-rag: could not start the embedded PostgreSQL")
         assert "Traceback" not in done.stderr
+
+
+async def test_the_http_server_holds_and_stdio_servers_and_the_cli_use_it(
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    env = base_env(model_dir, data, database_url)
+    with server_process(env, tmp_path / "http.stderr") as http:
+        async with AsyncExitStack() as stack:
+            web = await stack.enter_async_context(http_client(http.url))
+            clients = [await stack.enter_async_context(stdio_server(env, tmp_path, f"s{i}")) for i in range(3)]
+            assert holder_pid(data) == http.pid
+            await call(web, "ingest_text", text="Over HTTP: the narwhal.", source_uri="note://http")
+            for i, client in enumerate(clients):
+                await call(client, "ingest_text", text=f"Over stdio {i}: the narwhal.", source_uri=f"note://s/{i}")
+            doc = write_doc(tmp_path / "docs", "n.md", "From the terminal: the narwhal and its tusk.")
+            done = run_cli("ingest", str(doc), env=env)
+            assert done.returncode == 0, done.stderr
+            expected = {"note://http", doc.as_uri(), *(f"note://s/{i}" for i in range(3))}
+            for client in (web, *clients):
+                assert (
+                    search_sources(await call(client, "search", query="narwhal", mode="lexical", top_k=10)) == expected
+                )
+            cli = run_cli("search", "narwhal", "--mode", "lexical", "--top-k", "10", "--json", env=env)
+            assert {r["source_uri"] for r in json.loads(cli.stdout)} == expected
+        # A second HTTP server on the same data directory says what to do in one line.
+        second = ServerProc(env, tmp_path / "second.stderr")
+        assert second.popen.wait(timeout=60) == 2
+        lines = second.stderr_text().strip().splitlines()
+        assert len(lines) == 1 and "is held by another mcp-rag process" in lines[0], lines
+        second.close()
