@@ -156,6 +156,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     if updates:
         settings = settings.model_copy(update=updates)
     if args.transport == "stdio":
+        from .local import shared
+
+        if shared(settings):  # hold the data directory, or relay to the process that does (stays small)
+            from .local.stdio import run_stdio_shared
+
+            run_stdio_shared(settings)
+            return
         from .transports import run_stdio
 
         run_stdio(settings)

@@ -229,9 +229,14 @@ def test_five_processes_started_at_the_same_instant_elect_one_holder(
             proc.stdin.close()
         codes = [proc.wait(timeout=60) for proc in procs]
     texts = [log.read_text() for log in logs]
-    assert sum("holding the data directory" in t for t in texts) == 1, texts
+    holders = [
+        t
+        for t in texts
+        if any("holding the data directory" in line and "[mcp_rag.local.holder]" in line for line in t.splitlines())
+    ]
+    assert len(holders) == 1, texts
     assert sum("embedding model loaded" in t for t in texts) == 1  # one model in memory
-    assert not any("Traceback" in t or "error" in t.lower() for t in texts), texts
+    assert not any("Traceback" in t or "[error" in t for t in texts), texts
     assert codes == [0] * 5
 
 
@@ -419,3 +424,40 @@ async def test_the_http_server_holds_and_stdio_servers_and_the_cli_use_it(
         lines = second.stderr_text().strip().splitlines()
         assert len(lines) == 1 and "is held by another mcp-rag process" in lines[0], lines
         second.close()
+
+
+def test_a_relaying_stdio_server_stays_small_and_loads_no_model(
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = base_env(model_dir, tmp_path / "data", database_url)
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [MCP_RAG, "serve", "--transport", "stdio"],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(tmp_path / f"{name}.stderr").open("wb"),
+        )
+
+    holder = start("holder")
+    relay = None
+    try:
+        raw_session(holder, ("ingest_text", {"text": "The axolotl regrows its limbs.", "source_uri": "note://ax"}))
+        relay = start("relay")
+        answer = raw_session(relay, ("search", {"query": "axolotl", "mode": "hybrid"}))[0]
+        assert answer["result"]["structuredContent"]["results"][0]["source_uri"] == "note://ax"
+        maps = Path(f"/proc/{relay.pid}/maps").read_text()
+        for engine in ("onnxruntime", "qdrant_edge", "tokenizers"):
+            assert engine not in maps, f"the relaying process loaded {engine}"
+        assert "onnxruntime" in Path(f"/proc/{holder.pid}/maps").read_text()
+        status = Path(f"/proc/{relay.pid}/status").read_text()
+        rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+        assert rss_kib <= 60 * 1024, f"relaying process: {rss_kib / 1024:.1f} MiB"
+    finally:
+        for proc in (relay, holder):
+            if proc is not None:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait(timeout=60)

@@ -13,12 +13,15 @@ delivered within ``HANDOVER_TIMEOUT`` is answered with a JSON-RPC error saying t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any, BinaryIO
 
@@ -55,6 +58,33 @@ def _key(request_id: Any) -> str:
     return json.dumps(request_id)
 
 
+_REPLAY_KEY = _key(REPLAY_ID)
+_RESPONSE_HEAD = re.compile(rb'^\{"jsonrpc":"2\.0","id":(-?\d+|"(?:[^"\\]|\\.)*"),"(?:result|error)":')
+
+
+def _answered_id(line: bytes) -> str | None:
+    """The request id a holder's line answers (as ``_key`` spells it), ``None`` for anything else.
+
+    The SDK writes responses as ``{"jsonrpc":"2.0","id":...,"result"|"error":...}``: the head is
+    matched without parsing the (possibly large) result; other spellings are parsed."""
+    head = _RESPONSE_HEAD.match(line)
+    if head is not None:
+        return _key(json.loads(head.group(1)))
+    if b'"method"' in line:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(message, dict) or "method" in message or "id" not in message:
+            return None
+        return _key(message["id"])
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return _key(message["id"]) if isinstance(message, dict) and "id" in message else None
+
+
 class Relay:
     def __init__(self, settings: Settings, wire_in: BinaryIO, wire_out: BinaryIO) -> None:
         self.settings = settings
@@ -86,11 +116,22 @@ class Relay:
 
     # -- client -> holder ------------------------------------------------------------------
 
+    async def _client_lines(self) -> AsyncIterator[bytes]:
+        """The client's lines: read by the event loop from a pipe (no thread hop per message), or in a
+        worker thread from anything else (a file)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE)
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self._in)
+        except (ValueError, OSError):
+            while line := await anyio.to_thread.run_sync(self._in.readline, abandon_on_cancel=True):
+                yield line
+            return
+        while line := await reader.readline():
+            yield line
+
     async def _client_to_holder(self) -> None:
-        while True:
-            line = await anyio.to_thread.run_sync(self._in.readline, abandon_on_cancel=True)
-            if not line:
-                break  # the client closed stdin: the session is over
+        async for line in self._client_lines():  # until the client closes stdin: the session is over
             if not line.strip():
                 continue
             if not line.endswith(b"\n"):
@@ -159,14 +200,11 @@ class Relay:
                 line = await receive.receive_until(b"\n", MAX_LINE)
             except _GONE:
                 return
-            try:
-                message = json.loads(line)
-            except ValueError:
-                message = None
-            if isinstance(message, dict) and "method" not in message and "id" in message:
-                if message["id"] == REPLAY_ID:
+            answered = _answered_id(line)
+            if answered is not None:
+                if answered == _REPLAY_KEY:
                     continue  # the answer to our replayed initialize: the client has its own already
-                self._pending.pop(_key(message["id"]), None)
+                self._pending.pop(answered, None)
             self._write(line + b"\n")
 
     def _write(self, data: bytes) -> None:

@@ -8,15 +8,18 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ..errors import ConfigurationError
 from ..logging import get_logger
-from ..runtime import Runtime
 from ..settings import Settings
 from .address import address
 from .election import HoldLock, holder_info, try_hold
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 log = get_logger(__name__)
 
