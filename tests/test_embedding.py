@@ -80,12 +80,10 @@ def test_fixed_vector(embedder: Embedder) -> None:
 
 def test_related_closer_than_unrelated(embedder: Embedder) -> None:
     query = embedder.embed_query_sync("How do I bake sourdough bread at home?").dense
-    related, unrelated = embedder.embed_passages_sync(
-        [
-            "Mix flour, water and a starter, let the dough rise overnight, then bake it in a hot oven.",
-            "The spacecraft entered orbit around Jupiter after a five-year journey.",
-        ]
-    )
+    related, unrelated = embedder.embed_passages_sync([
+        "Mix flour, water and a starter, let the dough rise overnight, then bake it in a hot oven.",
+        "The spacecraft entered orbit around Jupiter after a five-year journey.",
+    ])
     assert cosine(query, related.dense) > cosine(query, unrelated.dense) + 0.2
 
 
@@ -189,9 +187,8 @@ async def test_async_and_sync_agree(embedder: Embedder) -> None:
 
 
 def test_unknown_model_name_is_a_configuration_error(model_dir: Path, tmp_path: Path) -> None:
-    other = Embedder(
-        Settings(data_dir=tmp_path, embedding_model="other/model", embedding_model_dir=model_dir, _env_file=None)
-    )
+    other = Embedder(Settings(data_dir=tmp_path, embedding_model="other/model", embedding_model_dir=model_dir,
+                              _env_file=None))
     with pytest.raises(ConfigurationError, match="other/model"):
         other.load_sync()
     assert not other.loaded

@@ -95,10 +95,8 @@ def test_html_without_readable_text() -> None:
 
 def test_pdf_file(tmp_path: Path) -> None:
     data = make_pdf(
-        [
-            "Glaciers in the Alps have retreated sharply since 1850. Meltwater feeds the rivers in summer.",
-            "The second page is about moraines and crevasses.",
-        ],
+        ["Glaciers in the Alps have retreated sharply since 1850. Meltwater feeds the rivers in summer.",
+         "The second page is about moraines and crevasses."],
         title="Glacier Report",
     )
     [doc] = read_file(write(tmp_path / "glaciers.pdf", data), MAX)
@@ -184,8 +182,7 @@ def test_walk_include_and_exclude_globs(tree: Path) -> None:
     assert rel(list(walk([tree], include=["*.md"])), tree) == ["a.md", "alias.md", "guide/c.md", "guide/drafts/d.md"]
     assert rel(list(walk([tree], include=["guide/*"])), tree) == ["guide/c.md", "guide/drafts/d.md"]
     assert rel(list(walk([tree], include=["*.md"], exclude=["guide/drafts/*", "alias.md"])), tree) == [
-        "a.md",
-        "guide/c.md",
+        "a.md", "guide/c.md"
     ]
     assert rel(list(walk([tree], include=["*.md", "*.txt"], exclude=["*.md"])), tree) == ["b.txt"]
 

@@ -267,3 +267,4 @@ def test_allowed_roots_must_exist_and_are_resolved(monkeypatch: pytest.MonkeyPat
     message = config_error()
     assert "MCP_RAG_ALLOWED_ROOTS" in message
     assert "does not exist" in message
+
