@@ -36,6 +36,7 @@ EXTRA_ARGS = {
     "memory": ("--load-seconds", "1"),
     "coldstart": ("--setups", "external"),
     "retrieval": (),
+    "shared_store": (),
 }
 
 
@@ -160,3 +161,17 @@ def test_report_keeps_the_rest_of_the_page(bench_env: Callable[[str], Lines], tm
     assert "| ingest |" in text
     for heading in ("Ingest", "Search latency", "Concurrency", "Memory", "Cold start", "Retrieval quality, `mcp-rag"):
         assert f"### {heading}" in text
+
+
+def test_shared_store(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("shared_store")
+    memory = of(lines, "memory")[0]
+    assert memory["relays"] == 3 and memory["processes_with_model"] == 1
+    positive(memory, "holder_rss_mib", "relay_rss_max_mib")
+    latency = of(lines, "latency")
+    assert [x["call"] for x in latency] == ["search", "ping"]
+    for line in latency:
+        positive(line, "holder_p50_ms", "relayed_p50_ms")
+    handover = of(lines, "handover")[0]
+    positive(handover, "seconds")
+    assert handover["new_holder_was_relay"] is True

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -119,14 +120,14 @@ class Relay:
     async def _client_lines(self) -> AsyncIterator[bytes]:
         """The client's lines: read by the event loop from a pipe (no thread hop per message), or in a
         worker thread from anything else (a file)."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_LINE)
-        try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self._in)
-        except (ValueError, OSError):
+        mode = os.fstat(self._in.fileno()).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):  # a file, a terminal, /dev/null
             while line := await anyio.to_thread.run_sync(self._in.readline, abandon_on_cancel=True):
                 yield line
             return
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self._in)
         while line := await reader.readline():
             yield line
 
