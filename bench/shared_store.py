@@ -11,8 +11,8 @@ more stdio servers start and relay their sessions to it. Measured side by side i
 * ``latency``: ``search`` tool calls (hybrid, top_k 10) through ``mcp.Client`` over the holder's own
   stdio and over a relaying stdio server, alternating per query, on the same queries: the relay's
   added p50 is the difference of the two medians (and, less sensitive to drifting machine load, the
-  median of the per-query differences); then the same with MCP ``ping`` requests, which the session
-  answers without any work, so their difference is the relay hop alone;
+  median of the per-query differences); then the same with ``prompts/list`` requests, which need
+  no store, index or model, so their difference is close to the relay hop alone;
 * ``handover``: the holder is killed (SIGKILL) and a search is sent at once through a relaying
   server: the seconds until it is answered (a relaying process takes the data directory over, loads
   the model, catches the index up and answers the resent call).
@@ -99,10 +99,11 @@ async def search(client: Any, query: str) -> float:
     return elapsed
 
 
-async def ping(client: Any, query: str) -> float:
-    """An MCP ``ping``: answered by the session itself, so only the transport (and the relay) is timed."""
+async def list_prompts(client: Any, query: str) -> float:
+    """``prompts/list``: answered from the server's registry without touching the store, the index or the
+    model, so the transport (and the relay) is most of what is timed."""
     started = time.perf_counter()
-    await client.send_ping()
+    await client.list_prompts()
     return time.perf_counter() - started
 
 
@@ -143,7 +144,7 @@ async def run(env: dict[str, str], data_dir: Path, work: Path, subset: Path, que
             targets={"relay_rss_max_mib": ("<=", FORWARDER_MIB), "processes_with_model": ("<=", 1)},
         )
 
-        for call, label in ((search, "search"), (ping, "ping")):
+        for call, label in ((search, "search"), (list_prompts, "list_prompts")):
             direct: list[float] = []
             relayed: list[float] = []
             for i, query in enumerate([*queries[:warmup], *queries]):

@@ -169,7 +169,7 @@ def test_shared_store(bench_env: Callable[[str], Lines]) -> None:
     assert memory["relays"] == 3 and memory["processes_with_model"] == 1
     positive(memory, "holder_rss_mib", "relay_rss_max_mib")
     latency = of(lines, "latency")
-    assert [x["call"] for x in latency] == ["search", "ping"]
+    assert [x["call"] for x in latency] == ["search", "list_prompts"]
     for line in latency:
         positive(line, "holder_p50_ms", "relayed_p50_ms")
     handover = of(lines, "handover")[0]
