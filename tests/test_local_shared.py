@@ -461,3 +461,39 @@ def test_a_relaying_stdio_server_stays_small_and_loads_no_model(
                 assert proc.stdin is not None
                 proc.stdin.close()
                 proc.wait(timeout=60)
+
+
+def test_commands_sent_to_the_holder_read_relative_paths_and_fail_in_one_line(
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = base_env(model_dir, tmp_path / "data", database_url)
+    holder = subprocess.Popen([MCP_RAG, "serve", "--transport", "stdio"], env=env, cwd=tmp_path,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=(tmp_path / "holder.stderr").open("wb"))
+    try:
+        raw_session(holder, ("stats", {}))
+        write_doc(tmp_path / "work" / "notes", "ibis.md", "# Ibis\n\nThe sacred ibis wades in the marsh.")
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([MCP_RAG, *args], env=env, cwd=tmp_path / "work", capture_output=True, text=True,
+                                  timeout=120, check=False)
+
+        done = cli("ingest", "notes")  # relative to the command's working directory, not the holder's
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("added 1,")
+        assert "embedding model loaded" not in done.stderr  # it ran in the holder
+        found = cli("search", "ibis marsh", "--json")
+        assert [r["source_uri"] for r in json.loads(found.stdout)] == [(tmp_path / "work/notes/ibis.md").as_uri()]
+        for args, status, message in (
+            (("ingest", "no-such-folder"), 1, "mcp-rag: "),
+            (("delete", "00000000-0000-0000-0000-000000000000"), 1, "mcp-rag: "),
+            (("search", "x", "--filter", "oops"), 2, "mcp-rag: --filter 'oops': expected KEY=VALUE"),
+        ):
+            failed = cli(*args)
+            assert failed.returncode == status, failed.stderr
+            lines = failed.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(message), failed.stderr
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
