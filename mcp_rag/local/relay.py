@@ -137,8 +137,8 @@ class Relay:
                 continue
             if not line.endswith(b"\n"):
                 line += b"\n"
-            self._track_request(line)
-            async with self._send_lock:
+            async with self._send_lock:  # tracked and sent as one step: a (re)connection sends it once
+                self._track_request(line)
                 if self._conn is not None:
                     with contextlib.suppress(*_GONE):  # sent again from _pending once a holder answers
                         await self._conn.send(line)
