@@ -107,7 +107,9 @@ async def list_prompts(client: Any, query: str) -> float:
     return time.perf_counter() - started
 
 
-async def run(env: dict[str, str], data_dir: Path, work: Path, subset: Path, queries: list[str], warmup: int) -> None:
+async def run(
+    env: dict[str, str], data_dir: Path, work: Path, subset: Path, queries: list[str], warmup: int, hop_samples: int
+) -> None:
     async with AsyncExitStack() as stack:
         holder_stack = AsyncExitStack()
         holder = await holder_stack.enter_async_context(stdio_client(env, work / "holder.log", data_dir))
@@ -144,10 +146,11 @@ async def run(env: dict[str, str], data_dir: Path, work: Path, subset: Path, que
             targets={"relay_rss_max_mib": ("<=", FORWARDER_MIB), "processes_with_model": ("<=", 1)},
         )
 
-        for call, label in ((search, "search"), (list_prompts, "list_prompts")):
+        hop_queries = queries * max(1, hop_samples // max(1, len(queries)))
+        for call, label, sample in ((search, "search", queries), (list_prompts, "list_prompts", hop_queries)):
             direct: list[float] = []
             relayed: list[float] = []
-            for i, query in enumerate([*queries[:warmup], *queries]):
+            for i, query in enumerate([*sample[:warmup], *sample]):
                 pair = [(holder, direct), (relays[0], relayed)]
                 if i % 2:
                     pair.reverse()  # alternate who goes first (caches, scheduling)
@@ -191,6 +194,7 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--docs", type=int, default=None, help="documents ingested (default 300; tiny 20)")
     p.add_argument("--queries", type=int, default=None, help="search queries per side (default 300; quick 100)")
+    p.add_argument("--hop-calls", type=int, default=None, help="prompts/list calls per side (default 2000; tiny 10)")
     args = p.parse_args()
     dataset = check_dataset(args.dataset)
     docs = args.docs or (20 if args.tiny else 300)
@@ -206,7 +210,8 @@ def main() -> None:
         dsn = pg.create("bench_shared_store")
         data_dir = fresh_dir(work / "data")
         env = server_env(data_dir, model, dsn)
-        anyio.run(run, env, data_dir, work, subset, queries, warmup)
+        hop_samples = args.hop_calls or (10 if args.tiny else 2000)
+        anyio.run(run, env, data_dir, work, subset, queries, warmup, hop_samples)
         pg.drop("bench_shared_store")
     finally:
         pg.close()
