@@ -163,7 +163,7 @@ async def run(
                 BENCH,
                 "latency",
                 call=label,
-                queries=len(queries),
+                calls=len(sample),
                 load_average=os.getloadavg()[0],
                 **latency_fields(direct, "holder_"),
                 **latency_fields(relayed, "relayed_"),
