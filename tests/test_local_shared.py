@@ -467,16 +467,28 @@ def test_commands_sent_to_the_holder_read_relative_paths_and_fail_in_one_line(
     database_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
     env = base_env(model_dir, tmp_path / "data", database_url)
-    holder = subprocess.Popen([MCP_RAG, "serve", "--transport", "stdio"], env=env, cwd=tmp_path,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=(tmp_path / "holder.stderr").open("wb"))
+    holder = subprocess.Popen(
+        [MCP_RAG, "serve", "--transport", "stdio"],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "holder.stderr").open("wb"),
+    )
     try:
         raw_session(holder, ("stats", {}))
         write_doc(tmp_path / "work" / "notes", "ibis.md", "# Ibis\n\nThe sacred ibis wades in the marsh.")
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([MCP_RAG, *args], env=env, cwd=tmp_path / "work", capture_output=True, text=True,
-                                  timeout=120, check=False)
+            return subprocess.run(
+                [MCP_RAG, *args],
+                env=env,
+                cwd=tmp_path / "work",
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
 
         done = cli("ingest", "notes")  # relative to the command's working directory, not the holder's
         assert done.returncode == 0, done.stderr
