@@ -14,9 +14,10 @@ import json
 import os
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
@@ -30,6 +31,9 @@ from ..settings import Settings
 from ..tools import InFlight
 from .election import HoldLock
 from .protocol import HELLO, MAX_LINE, encode, store_fingerprint, version_refusal
+
+if TYPE_CHECKING:
+    from ..embedding import Embedder
 
 log = get_logger(__name__)
 
@@ -204,7 +208,10 @@ async def hold(
     try:
         listener = await listen(lock.address.socket)
         try:
-            async with open_runtime(settings, follow_changes=follow_changes, catch_up=catch_up) as runtime:
+            embedder = _start_loading_model(settings)
+            async with open_runtime(
+                settings, follow_changes=follow_changes, catch_up=catch_up, embedder=embedder
+            ) as runtime:
                 holder = Holder(settings, runtime, lock)
                 log.info(
                     "holding the data directory", data_dir=str(lock.address.data_dir), socket=str(lock.address.socket)
@@ -217,6 +224,23 @@ async def hold(
                 lock.address.socket.unlink()
     finally:
         lock.release()
+
+
+def _start_loading_model(settings: Settings) -> Embedder:
+    """The embedder, its model already loading in a thread while the runtime starts the database: a
+    hand-over waits for the longer of the two instead of their sum. A failure here is left for
+    ``open_runtime``'s own load, which raises it again."""
+    from .. import metrics
+    from ..embedding import Embedder
+
+    embedder = Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            embedder.load_sync()
+
+    threading.Thread(target=load, name="mcp-rag-model-load", daemon=True).start()
+    return embedder
 
 
 @contextlib.asynccontextmanager
