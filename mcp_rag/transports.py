@@ -24,6 +24,7 @@ import uvicorn
 
 from .errors import ConfigurationError, ConflictError, RagError, describe
 from .http import RuntimeHolder, create_app
+from .local import shared
 from .logging import get_logger
 from .runtime import open_runtime
 from .server import build_server
@@ -36,6 +37,11 @@ def run_stdio(settings: Settings) -> None:
     """Serve one MCP session on stdin/stdout. The runtime opens before the session starts: if it cannot,
     the client's ``initialize`` is answered with the same one-line error (instead of a closed pipe) and
     the error goes on to the command line's one line on stderr and its exit status."""
+    if shared(settings):  # one process holds the data directory; the others relay to it
+        from .local.stdio import run_stdio_shared
+
+        run_stdio_shared(settings)
+        return
     holder = RuntimeHolder()
     server = build_server(holder.get, read_only=settings.read_only, default_tenant=settings.default_tenant)
 
@@ -148,7 +154,13 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
     runtime (its failures are one line too), then serve; "http app ready" is logged once it really is."""
     listener = bind(settings.host, settings.port)
     holder = RuntimeHolder()
-    app = create_app(settings, holder=holder, sse_only=sse_only)
+    if shared(settings):
+        from .local.stdio import held_runtime_factory, hold_for_http
+
+        factory = held_runtime_factory(hold_for_http(settings))
+        app = create_app(settings, holder=holder, sse_only=sse_only, runtime_factory=factory)  # type: ignore[arg-type]
+    else:
+        app = create_app(settings, holder=holder, sse_only=sse_only)
     config = uvicorn.Config(
         app,
         host=settings.host,

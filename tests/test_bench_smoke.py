@@ -38,6 +38,7 @@ EXTRA_ARGS = {
     "retrieval": (),
     "listing": (),
     "providers": ("--docs", "6", "--queries", "3"),
+    "shared_store": (),
 }
 
 
@@ -195,3 +196,17 @@ def test_providers(bench_env: Callable[[str], Lines]) -> None:
     assert [x["setup"] for x in evals] == ["fused", "reranked"]
     for line in evals:
         positive(line, "queries", "recall_at_100")
+
+
+def test_shared_store(bench_env: Callable[[str], Lines]) -> None:
+    lines = bench_env("shared_store")
+    memory = of(lines, "memory")[0]
+    assert memory["relays"] == 3 and memory["processes_with_model"] == 1
+    positive(memory, "holder_rss_mib", "relay_rss_max_mib")
+    latency = of(lines, "latency")
+    assert [x["call"] for x in latency] == ["search", "list_prompts"]
+    for line in latency:
+        positive(line, "holder_p50_ms", "relayed_p50_ms")
+    handover = of(lines, "handover")[0]
+    positive(handover, "seconds")
+    assert handover["new_holder_was_relay"] is True

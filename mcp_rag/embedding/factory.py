@@ -75,9 +75,13 @@ def resolve_model_dir(settings: Settings) -> Path | None:
         return settings.embedding_model_dir
     if settings.embedding_model != DEFAULT_MODEL:
         return None
-    from .model_build import provision_default_model
+    from .model_build import DEFAULT_MODEL_DIRNAME, provision_default_model
 
     try:
         return provision_default_model(settings.models_dir)
     except FileNotFoundError as exc:
-        raise ConfigurationError(str(exc)) from exc
+        if (settings.models_dir / DEFAULT_MODEL_DIRNAME).exists():
+            raise ConfigurationError(str(exc)) from exc
+        from .model_fetch import NOT_BUILT
+
+        raise ConfigurationError(NOT_BUILT) from exc

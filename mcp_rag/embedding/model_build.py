@@ -642,20 +642,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def provision_default_model(cache_dir: Path) -> Path:
+def provision_default_model(cache_dir: Path, checkpoint_dir: Path | None = None) -> Path:
     """Return ``cache_dir / "all-MiniLM-L6-v2-onnx"``, building it first if needed.
 
     A build converts the packaged checkpoint (see :func:`find_packaged_checkpoint`),
     verifies it with fastembed and records ``BUILD_INFO.json`` (source package version,
     size and sha256 of ``model.onnx``) before atomically publishing the folder.  When the
-    folder is already complete this only stats a few files.
+    folder is already complete this only stats a few files. ``checkpoint_dir`` replaces the
+    installed package's checkpoint (``mcp-rag model build --download``).
     """
     target = Path(cache_dir) / DEFAULT_MODEL_DIRNAME
     if _is_provisioned(target):
         logger.debug("using cached model folder %s", target)
         return target
 
-    checkpoint_dir = find_packaged_checkpoint()
+    checkpoint_dir = checkpoint_dir or find_packaged_checkpoint()
     logger.info("building %s from %s into %s", MODEL_NAME, checkpoint_dir, target)
     started = time.perf_counter()
     with _staging_dir(target) as staging:

