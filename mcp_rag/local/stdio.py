@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..errors import ConflictError
+from ..errors import ConflictError, RagError, describe
 from ..logging import get_logger
 from ..settings import Settings
 from .address import address
@@ -61,6 +61,11 @@ def run_stdio_shared(settings: Settings) -> None:
         log.info("stopped by signal")
         logging.shutdown()
         os._exit(0)
+    except RagError as exc:  # the runtime could not open: the client's initialize gets the reason
+        from ..transports import refuse_initialize
+
+        refuse_initialize(describe(exc).message)
+        raise
 
 
 def hold_for_http(settings: Settings) -> HoldLock:
