@@ -96,18 +96,21 @@ def _order(payload: Any, n: int) -> list[tuple[int, float]]:
     return out
 
 
-async def rerank_results(reranker: Reranker, query: str, results: list[SearchResult], limit: int) -> SearchAnswer:
+async def rerank_results(
+    reranker: Reranker, query: str, results: list[SearchResult], limit: int, *, top_k: int | None = None
+) -> SearchAnswer:
     """The best ``limit`` of ``results`` in the reranker's order, scored by it; on failure the fused
     order, with a notice saying why.
 
     The reranker sees the first ``candidates`` results (or ``limit``, up to the tool's bound, if
     more): a longer list (an evaluation's top 100) keeps its fused order after them, scored at the
-    lowest reranked score."""
+    lowest reranked score. ``top_k``, when the caller keeps more than it will show (to group by
+    document), is what the window is sized by instead of ``limit``."""
     from .service import SearchAnswer
 
     if not results:
         return SearchAnswer([], reranked=True)
-    window = max(reranker.candidates, min(limit, MAX_TOP_K))
+    window = max(reranker.candidates, min(limit if top_k is None else top_k, MAX_TOP_K))
     head = results[:window]
     try:
         with metrics.RERANK_SECONDS.time():

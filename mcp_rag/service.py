@@ -459,7 +459,7 @@ class RagService:
         answer = (
             SearchAnswer(chunks)
             if self.reranker is None
-            else await rerank_results(self.reranker, query, chunks, len(chunks))
+            else await rerank_results(self.reranker, query, chunks, len(chunks), top_k=limit)
         )
         if per_document is None:
             return replace(answer, results=answer.results[:limit])

@@ -69,7 +69,7 @@ async def test_collections_and_writes_carry_the_cluster_settings() -> None:
     # The cursor and model identity are one point: one shard, as many copies as the chunks.
     assert (created["chunks__meta"]["shard_number"], created["chunks__meta"]["replication_factor"]) == (1, 2)
     writes = [(call, kwargs) for call, _, kwargs in client.calls if call != "create_collection"]
-    assert {call for call, _ in writes} == {"upsert", "delete", "set_payload"}
+    assert {call for call, _ in writes} == {"upsert", "delete"}  # the cursor is the meta point's upsert
     assert all(kwargs["ordering"] == models.WriteOrdering.MEDIUM and kwargs["wait"] is True for _, kwargs in writes)
 
 

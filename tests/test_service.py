@@ -231,9 +231,9 @@ async def test_pdf_outline_and_sphinx_headings_reach_the_search_hits(runtime: Ru
     report = await runtime.service.ingest(T, "orchard", file_sources([tmp_path], 1 << 20))
     assert report.added == 2
     [hit] = await runtime.service.search(T, "oxygen", mode="lexical", top_k=1)
-    assert (hit.title, hit.heading_path) == ("3 Storage", ["3 Storage", "3.2 Cold rooms"])  # title: first bookmark
+    assert (hit.title, list(hit.heading_path)) == ("3 Storage", ["3 Storage", "3.2 Cold rooms"])  # title: first bookmark
     [hit] = await runtime.service.search(T, "buds swell", mode="lexical", top_k=1)
-    assert (hit.title, hit.heading_path) == ("Pruning \u2014 Orchard docs", ["Pruning", "Winter cuts"])
+    assert (hit.title, list(hit.heading_path)) == ("Pruning \u2014 Orchard docs", ["Pruning", "Winter cuts"])
     assert "Cut `water_sprouts` in late winter" in hit.text
     assert await runtime.service.search(T, "Sidebar", mode="lexical") == []
 
