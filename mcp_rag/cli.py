@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--include", action="append", default=[], metavar="GLOB")
     i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     i.add_argument("--no-progress", action="store_true")
+    i.add_argument(
+        "--prune",
+        action="store_true",
+        help="for each directory given, delete documents read from files under it that no longer exist",
+    )
     i.set_defaults(func=_ingest)
 
     q = sub.add_parser("search", help="search the ingested documents")
@@ -170,7 +175,8 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     files = collect_files(args.paths, args.include, args.exclude)
-    if not files:
+    prune = [p for p in args.paths if p.is_dir()] if args.prune else []
+    if not files and not prune:
         raise ConfigurationError("no ingestible files found under the given paths (check --include/--exclude)")
 
     async def body(runtime: Any) -> None:
@@ -182,17 +188,17 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
 
         try:
             report = await runtime.service.ingest_files(
-                settings.default_tenant, files, collection=args.collection, progress=progress
+                settings.default_tenant, files, collection=args.collection, prune=prune, progress=progress
             )
         finally:
             bar.close()
         print(
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-            f"failed {len(report.failed)} ({report.chunks} chunks written)"
+            f"removed {report.removed}, failed {len(report.failed)} ({report.chunks} chunks written)"
         )
         for failure in report.failed:
             print(f"  failed: {failure.source}: {failure.reason}")
-        if report.failed and not (report.added or report.updated or report.unchanged):
+        if report.failed and not (report.added or report.updated or report.unchanged or report.removed):
             sys.exit(1)
 
     _run(settings, body)

@@ -56,6 +56,8 @@ class SourceDocument:
     """Section starts (character offsets into ``text``) with their heading paths, when the extractor knows
     the structure better than the text's markdown headings say it: a PDF's outline, an HTML page's headings
     as the page shows them. Empty: the chunker reads the markdown headings of ``text``."""
+    file_stat: tuple[int, int] | None = None
+    """(size, mtime in ns) of the file this was read from, set by the folder ingest (sources.read_changed)."""
 
 
 def decode_text(data: bytes, source: str) -> str:

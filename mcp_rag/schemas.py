@@ -112,8 +112,10 @@ class SearchOutput(BaseModel):
 
 class IngestedDocument(BaseModel):
     source_uri: str
-    status: Literal["added", "updated", "unchanged"]
-    document_id: str | None = Field(description="Null when unchanged (the document already had this content).")
+    status: Literal["added", "updated", "unchanged", "removed"]
+    document_id: str | None = Field(
+        description="Null when unchanged (the document already had this content); for removed, the id it had."
+    )
     chunks: int
 
 
@@ -126,6 +128,7 @@ class IngestOutput(BaseModel):
     added: int
     updated: int
     unchanged: int
+    removed: int = Field(0, description="Documents deleted because their files are gone (ingest_file with prune).")
     failed: list[FailedSource]
     chunks: int
     documents: list[IngestedDocument]
@@ -136,12 +139,14 @@ class IngestOutput(BaseModel):
 
     def as_text(self) -> str:
         lines = [
-            f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, failed {len(self.failed)}"
+            f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, removed {self.removed},"
+            f" failed {len(self.failed)}"
             f" ({self.chunks} chunks written)"
         ]
         lines += [
             f"{d.status}: {d.source_uri}"
-            + (f" · document {d.document_id} · {d.chunks} chunks" if d.document_id else "")
+            + (f" · document {d.document_id} · {d.chunks} chunks" if d.document_id and d.status != "removed" else "")
+            + (f" · was document {d.document_id}" if d.status == "removed" else "")
             for d in self.documents[:MAX_LISTED]
         ]
         if len(self.documents) > MAX_LISTED:

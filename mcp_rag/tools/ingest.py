@@ -65,11 +65,20 @@ async def ingest_file(
         Globs, Field(description="For directories: only files matching one of these globs, e.g. ['*.md'].")
     ] = None,
     exclude: Annotated[Globs, Field(description="For directories: skip files matching these globs.")] = None,
+    prune: Annotated[
+        bool,
+        Field(
+            description=(
+                "For directories: also delete this collection's documents read from files under the directory "
+                "that no longer exist (keeps the collection in step with the folder)."
+            )
+        ),
+    ] = False,
 ) -> IngestOutput:
     """Ingest a server-side file (.txt, .md, .html, .pdf, .jsonl corpus) or a whole directory.
 
     Only paths under the server's configured allowed roots are accepted. Sends progress
-    notifications per batch; unchanged files are skipped cheaply."""
+    notifications per batch; files whose size and modification time are unchanged are not read again."""
     call = current()
     report = await call.service.ingest_path(
         call.tenant,
@@ -77,6 +86,7 @@ async def ingest_file(
         collection=collection,
         include=include or (),
         exclude=exclude or (),
+        prune=prune,
         progress=progress_of(ctx),
     )
     return IngestOutput.of(report)
