@@ -1,4 +1,4 @@
-"""``mcp-rag``: serve, ingest, search, delete, sync, reindex, stats, migrate, eval, model build.
+"""``mcp-rag``: serve, ingest, watch, search, delete, sync, reindex, stats, migrate, eval, model build.
 
 Results go to stdout (except ``serve``, where stdout is the MCP wire); logs and progress
 bars go to stderr.
@@ -96,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         help="for each directory given, delete documents read from files under it that no longer exist",
     )
     i.set_defaults(func=_ingest)
+
+    w = sub.add_parser("watch", help="keep the store in step with folders as they change (until SIGTERM/SIGINT)")
+    w.add_argument("folders", nargs="+", type=Path)
+    w.add_argument("--collection", default=None)
+    w.add_argument("--include", action="append", default=[], metavar="GLOB")
+    w.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    w.add_argument("--debounce-ms", type=int, default=None, help="default MCP_RAG_WATCH_DEBOUNCE_MS")
+    w.set_defaults(func=_watch)
 
     q = sub.add_parser("search", help="search the ingested documents")
     q.add_argument("query")
@@ -200,6 +208,33 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
             print(f"  failed: {failure.source}: {failure.reason}")
         if report.failed and not (report.added or report.updated or report.unchanged or report.removed):
             sys.exit(1)
+
+    _run(settings, body)
+
+
+def _watch(settings: Settings, args: argparse.Namespace) -> None:
+    from .watch import watch_folders
+
+    missing = [str(f) for f in args.folders if not f.is_dir()]
+    if missing:
+        raise ConfigurationError(f"not a directory: {', '.join(missing)}; watch needs folders")
+
+    async def body(runtime: Any) -> None:
+        # SIGTERM or SIGINT: finish the sync in hand, stop watching, close everything, exit 0.
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_set_on_stop_signal, stop)
+            await watch_folders(
+                runtime.service,
+                settings.default_tenant,
+                args.folders,
+                collection=args.collection,
+                include=args.include,
+                exclude=args.exclude,
+                debounce_ms=args.debounce_ms or settings.watch_debounce_ms,
+                stop=stop,
+            )
+            tg.cancel_scope.cancel()
 
     _run(settings, body)
 

@@ -235,6 +235,10 @@ async def open_runtime(
             return
         async with anyio.create_task_group() as tg:
             tg.start_soon(syncer.follow, settings.sync_interval_seconds)
+            if settings.watch_dirs:  # the server process (the one following the change log) watches
+                from .watch import watch_configured
+
+                tg.start_soon(watch_configured, service, settings)
             try:
                 yield runtime
             finally:
