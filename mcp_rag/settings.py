@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     """JSON object: tenant → the directories only its keys may ingest from, e.g. ``{"acme": ["/srv/acme"]}``."""
     shared_roots: bool = False
     """Let the API keys of several tenants share MCP_RAG_ALLOWED_ROOTS (each can ingest every file there)."""
+    ingest_job_after_seconds: float = Field(default=20.0, ge=0)
+    """An ``ingest_file`` call still running after this long returns a job id and goes on in the background
+    (follow it with ``ingest_status``); 0 makes every one a job at once."""
     watch_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     """Directories (comma-separated) the server keeps in step with the store from file-system events, for the
     default tenant: synced in full at start (pruning), then after each debounced batch of changes."""
