@@ -172,7 +172,14 @@ class IngestJobs:
     async def _run(
         self, job_id: str, progress: ProgressCallback | None, finished: anyio.Event | None, outcome: dict[str, Any]
     ) -> None:
-        job = await self.get_any(job_id)
+        try:
+            job = await self.get_any(job_id)
+        except RagError as exc:
+            log.warning("ingest job could not be read; not run", job=job_id, error=str(exc)[:300])
+            if finished is not None:
+                outcome["error"] = exc
+                finished.set()
+            return
         self._mine.add(job_id)
 
         async def record(done: int, total: int | None, message: str) -> None:
@@ -192,25 +199,41 @@ class IngestJobs:
             )
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._update(job_id, "status = 'interrupted', owner = NULL", ())
-                log.info("ingest job interrupted; the next server start resumes it", job=job_id)
+                try:
+                    await self._update(job_id, "status = 'interrupted', owner = NULL", ())
+                    log.info("ingest job interrupted; the next server start resumes it", job=job_id)
+                except RagError as exc:  # its heartbeat stops: a server resumes it once it is stale
+                    log.warning("could not mark an ingest job interrupted", job=job_id, error=str(exc)[:300])
             raise
         except RagError as exc:
             outcome["error"] = exc
-            await self._update(job_id, "status = 'failed', error = %s", (describe(exc).message[:2000],))
+            await self._fail(job_id, describe(exc).message)
             log.info("ingest job failed", job=job_id, error=str(exc)[:300])
+        except Exception as exc:  # a bug must not stop the other jobs or the heartbeat
+            log.exception("ingest job crashed", job=job_id)
+            outcome["error"] = RagError(f"the ingest failed unexpectedly ({type(exc).__name__}); see the server log")
+            await self._fail(job_id, str(outcome["error"]))
         else:
             outcome["report"] = report
-            await self._update(
-                job_id,
-                "status = 'done', report = %s, done = %s, message = 'done'",
-                (json.dumps(report_json(report)), report.processed),
-            )
+            try:
+                await self._update(
+                    job_id,
+                    "status = 'done', report = %s, done = %s, message = 'done'",
+                    (json.dumps(report_json(report)), report.processed),
+                )
+            except RagError as exc:  # the ingest itself is committed; running it again finds it unchanged
+                log.warning("could not record an ingest job's report", job=job_id, error=str(exc)[:300])
             log.info("ingest job done", job=job_id, added=report.added, updated=report.updated, removed=report.removed)
         finally:
             self._mine.discard(job_id)
             if finished is not None:
                 finished.set()
+
+    async def _fail(self, job_id: str, reason: str) -> None:
+        try:
+            await self._update(job_id, "status = 'failed', error = %s", (reason[:2000],))
+        except RagError as exc:  # the heartbeat stops for it: another server resumes it later
+            log.warning("could not record an ingest job's failure", job=job_id, error=str(exc)[:300])
 
     async def get_any(self, job_id: str) -> Job:
         async with self.store._writing() as conn:
