@@ -72,15 +72,6 @@ def confined_files(
     return target, files
 
 
-def read_sources(files: Sequence[Path], max_bytes: int) -> Iterator[Source]:
-    """The documents in ``files``, one failure per file that cannot be read or extracted."""
-    for file in files:
-        try:
-            yield from read_file(file, max_bytes)
-        except RagError as exc:
-            yield SourceFailure(printable(str(file)), printable(str(exc)))
-
-
 def file_uri(path: Path) -> str:
     """The source URI of a file's document (what ``read_file`` gives it)."""
     return path.resolve().as_uri()
@@ -110,8 +101,8 @@ def stat_of(path: Path) -> tuple[int, int] | None:
 
 
 def read_changed(files: Sequence[Path], known: Mapping[str, tuple[int, int]], max_bytes: int) -> Iterator[Source]:
-    """Like ``read_sources``, but a file whose (size, mtime) is in ``known`` under its URI is not read:
-    it yields ``SourceUnchanged``. Documents read carry their file's stat, taken before the read (a
+    """The documents in ``files``, one failure per file that cannot be read or extracted; a file whose
+    (size, mtime) is in ``known`` under its URI is not read: it yields ``SourceUnchanged``. Documents read carry their file's stat, taken before the read (a
     change during the read shows as a different stat next time), except for files modified so
     recently that a further change could keep the same stat."""
     for file in files:
