@@ -1,4 +1,4 @@
-"""``mcp-rag``: serve, ingest, search, delete, sync, reindex, stats, migrate, eval, model build.
+"""``mcp-rag``: serve, ingest, watch, search, delete, sync, reindex, stats, migrate, eval, model build.
 
 Results go to stdout (except ``serve``, where stdout is the MCP wire); logs and progress
 bars go to stderr.
@@ -100,7 +100,20 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--include", action="append", default=[], metavar="GLOB")
     i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     i.add_argument("--no-progress", action="store_true")
+    i.add_argument(
+        "--prune",
+        action="store_true",
+        help="for each directory given, delete documents read from files under it that no longer exist",
+    )
     i.set_defaults(func=_ingest)
+
+    w = sub.add_parser("watch", help="keep the store in step with folders as they change (until SIGTERM/SIGINT)")
+    w.add_argument("folders", nargs="+", type=Path)
+    w.add_argument("--collection", default=None)
+    w.add_argument("--include", action="append", default=[], metavar="GLOB")
+    w.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    w.add_argument("--debounce-ms", type=int, default=None, help="default MCP_RAG_WATCH_DEBOUNCE_MS")
+    w.set_defaults(func=_watch)
 
     q = sub.add_parser("search", help="search the ingested documents")
     q.add_argument("query")
@@ -191,7 +204,8 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
     from .sources import collect_files
 
     files = collect_files(args.paths, args.include, args.exclude)
-    if not files:
+    prune = [p for p in args.paths if p.is_dir()] if args.prune else []
+    if not files and not prune:
         raise ConfigurationError("no ingestible files found under the given paths (check --include/--exclude)")
 
     async def body(runtime: Any) -> None:
@@ -203,18 +217,45 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
 
         try:
             report = await runtime.service.ingest_files(
-                settings.default_tenant, files, collection=args.collection, progress=progress
+                settings.default_tenant, files, collection=args.collection, prune=prune, progress=progress
             )
         finally:
             bar.close()
         print(
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
-            f"failed {len(report.failed)} ({report.chunks} chunks written)"
+            f"removed {report.removed}, failed {len(report.failed)} ({report.chunks} chunks written)"
         )
         for failure in report.failed:
             print(f"  failed: {failure.source}: {failure.reason}")
-        if report.failed and not (report.added or report.updated or report.unchanged):
+        if report.failed and not (report.added or report.updated or report.unchanged or report.removed):
             sys.exit(1)
+
+    _run(settings, body)
+
+
+def _watch(settings: Settings, args: argparse.Namespace) -> None:
+    from .watch import watch_folders
+
+    missing = [str(f) for f in args.folders if not f.is_dir()]
+    if missing:
+        raise ConfigurationError(f"not a directory: {', '.join(missing)}; watch needs folders")
+
+    async def body(runtime: Any) -> None:
+        # SIGTERM or SIGINT: finish the sync in hand, stop watching, close everything, exit 0.
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_set_on_stop_signal, stop)
+            await watch_folders(
+                runtime.service,
+                settings.default_tenant,
+                args.folders,
+                collection=args.collection,
+                include=args.include,
+                exclude=args.exclude,
+                debounce_ms=args.debounce_ms or settings.watch_debounce_ms,
+                stop=stop,
+            )
+            tg.cancel_scope.cancel()
 
     _run(settings, body)
 

@@ -21,12 +21,13 @@ from typing import Any
 
 from .chunking import Heading, Section, heading_paths, markdown_headings, markdown_sections
 from .errors import InvalidInputError, TooLargeError, UnsupportedSourceError
+from .office import OFFICE_SUFFIXES
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".rst": "text"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
 CORPUS_SUFFIXES = {".jsonl"}
-SUPPORTED_SUFFIXES = sorted({*TEXT_SUFFIXES, *HTML_SUFFIXES, *PDF_SUFFIXES, *CORPUS_SUFFIXES})
+SUPPORTED_SUFFIXES = sorted({*TEXT_SUFFIXES, *HTML_SUFFIXES, *PDF_SUFFIXES, *CORPUS_SUFFIXES, *OFFICE_SUFFIXES})
 
 MAX_PDF_PAGES = 2000
 PDF_OPERATIONS_PER_BYTE = 8
@@ -56,6 +57,8 @@ class SourceDocument:
     """Section starts (character offsets into ``text``) with their heading paths, when the extractor knows
     the structure better than the text's markdown headings say it: a PDF's outline, an HTML page's headings
     as the page shows them. Empty: the chunker reads the markdown headings of ``text``."""
+    file_stat: tuple[int, int] | None = None
+    """(size, mtime in ns) of the file this was read from, set by the folder ingest (sources.read_changed)."""
 
 
 def decode_text(data: bytes, source: str) -> str:
@@ -71,7 +74,7 @@ def decode_text(data: bytes, source: str) -> str:
 
 
 def extract_bytes(data: bytes, *, kind: str, source_uri: str, max_bytes: int) -> SourceDocument:
-    """Text of one file or download. ``kind`` is text, markdown, html or pdf."""
+    """Text of one file or download. ``kind`` is text, markdown, html, pdf or an office kind (office.py)."""
     if len(data) > max_bytes:
         raise TooLargeError(f"{source_uri}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     if kind in ("text", "markdown"):
@@ -82,6 +85,11 @@ def extract_bytes(data: bytes, *, kind: str, source_uri: str, max_bytes: int) ->
         return _from_html(_html_text(data, source_uri), source_uri)
     if kind == "pdf":
         return _from_pdf(data, source_uri, max_bytes)
+    if kind in OFFICE_SUFFIXES.values():
+        from .office import extract_office  # office.py builds SourceDocuments: imported when first needed
+
+        document: SourceDocument = extract_office(data, kind=kind, source_uri=source_uri, max_bytes=max_bytes)
+        return document
     raise UnsupportedSourceError(f"{source_uri}: unsupported content type {kind!r}")
 
 
@@ -95,6 +103,8 @@ def kind_of_path(path: Path) -> str:
         return "pdf"
     if suffix in CORPUS_SUFFIXES:
         return "corpus"
+    if suffix in OFFICE_SUFFIXES:
+        return OFFICE_SUFFIXES[suffix]
     raise UnsupportedSourceError(
         f"{path}: unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
     )

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -38,6 +39,9 @@ from .store.migrate import migrate
 from .store.postgres import ReplicationStatus, Store
 from .sync import IndexSyncer
 from .types import ModelIdentity
+
+if TYPE_CHECKING:
+    from .jobs import IngestJobs
 
 log = get_logger(__name__)
 
@@ -98,6 +102,8 @@ class Runtime:
     service: RagService
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
+    jobs: IngestJobs | None = None
+    """Background directory ingests (server processes only; see jobs.py)."""
 
     async def refresh_lag_metrics(self) -> tuple[int, ReplicationStatus]:
         """Index lag (change-log entries the index has not applied) and the read database's
@@ -260,8 +266,16 @@ async def open_runtime(
         if not follow:
             yield runtime
             return
+        from .jobs import IngestJobs
+
+        jobs = IngestJobs(store, service, settings.ingest_job_after_seconds)
+        runtime.jobs = await stack.enter_async_context(jobs.running())
         async with anyio.create_task_group() as tg:
             tg.start_soon(syncer.follow, settings.sync_interval_seconds)
+            if settings.watch_dirs:  # the server process (the one following the change log) watches
+                from .watch import watch_configured
+
+                tg.start_soon(watch_configured, service, settings)
             try:
                 yield runtime
             finally:

@@ -119,8 +119,10 @@ class SearchOutput(BaseModel):
 
 class IngestedDocument(BaseModel):
     source_uri: str
-    status: Literal["added", "updated", "unchanged"]
-    document_id: str | None = Field(description="Null when unchanged (the document already had this content).")
+    status: Literal["added", "updated", "unchanged", "removed"]
+    document_id: str | None = Field(
+        description="Null when unchanged (the document already had this content); for removed, the id it had."
+    )
     chunks: int
 
 
@@ -133,22 +135,49 @@ class IngestOutput(BaseModel):
     added: int
     updated: int
     unchanged: int
+    removed: int = Field(0, description="Documents deleted because their files are gone (ingest_file with prune).")
     failed: list[FailedSource]
     chunks: int
     documents: list[IngestedDocument]
+
+    job_id: str | None = Field(
+        None, description="Set when the ingest outlived the call: it goes on in the background; see ingest_status."
+    )
+    status: Literal["done", "running"] = "done"
 
     @classmethod
     def of(cls, r: IngestReport) -> IngestOutput:
         return cls.model_validate(r, from_attributes=True)
 
+    @classmethod
+    def running(cls, job_id: str) -> IngestOutput:
+        return cls(
+            added=0,
+            updated=0,
+            unchanged=0,
+            removed=0,
+            failed=[],
+            chunks=0,
+            documents=[],
+            job_id=job_id,
+            status="running",
+        )
+
     def as_text(self) -> str:
+        if self.status == "running":
+            return (
+                f"still running in the background as job {self.job_id}; call ingest_status with this job_id"
+                " for its progress and, once done, its report"
+            )
         lines = [
-            f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, failed {len(self.failed)}"
+            f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, removed {self.removed},"
+            f" failed {len(self.failed)}"
             f" ({self.chunks} chunks written)"
         ]
         lines += [
             f"{d.status}: {d.source_uri}"
-            + (f" · document {d.document_id} · {d.chunks} chunks" if d.document_id else "")
+            + (f" · document {d.document_id} · {d.chunks} chunks" if d.document_id and d.status != "removed" else "")
+            + (f" · was document {d.document_id}" if d.status == "removed" else "")
             for d in self.documents[:MAX_LISTED]
         ]
         if len(self.documents) > MAX_LISTED:
@@ -159,6 +188,29 @@ class IngestOutput(BaseModel):
 
 MAX_LISTED = 50
 """Documents an ingest report names in its text (the structured content has them all)."""
+
+
+class IngestJobOutput(BaseModel):
+    job_id: str
+    status: Literal["running", "interrupted", "done", "failed"] = Field(
+        description="interrupted: its server stopped; the next server start resumes it."
+    )
+    path: str
+    collection: str | None
+    done: int = Field(description="Sources processed so far (of the attempt in progress).")
+    total: int | None
+    message: str
+    attempts: int
+    report: IngestOutput | None = Field(None, description="When done: the ingest's report.")
+    error: str | None = None
+
+    def as_text(self) -> str:
+        head = f"job {self.job_id} ({self.path}): {self.status}"
+        if self.status in ("running", "interrupted"):
+            return head + f", {self.done}/{self.total if self.total is not None else '?'} processed · {self.message}"
+        if self.status == "failed":
+            return head + f": {self.error}"
+        return head + ("\n" + self.report.as_text() if self.report else "")
 
 
 class DocumentSummary(BaseModel):

@@ -24,7 +24,17 @@ from .logging import get_logger
 from .paths import roots_for
 from .rerank import create_reranker, rerank_results
 from .settings import Settings
-from .sources import Source, SourceFailure, confined_files, fetch_document, read_sources
+from .sources import (
+    Source,
+    SourceFailure,
+    SourceUnchanged,
+    confined_files,
+    directory_prefix,
+    fetch_document,
+    file_uri,
+    gone_documents,
+    read_changed,
+)
 from .store.postgres import ChunkHit, DocumentInfo, DocumentWrite, NewChunk, Page, Store, StoreStats
 from .sync import IndexSyncer
 from .types import MAX_QUERY_CHARS, MAX_TOP_K, SEARCH_MODES, SearchMode
@@ -81,7 +91,7 @@ class SearchAnswer:
 @dataclass(frozen=True, slots=True)
 class DocumentOutcome:
     source_uri: str
-    status: Literal["added", "updated", "unchanged"]
+    status: Literal["added", "updated", "unchanged", "removed"]
     document_id: str | None
     chunks: int
 
@@ -91,6 +101,7 @@ class IngestReport:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    removed: int = 0
     chunks: int = 0
     failed: list[SourceFailure] = field(default_factory=list)
     documents: list[DocumentOutcome] = field(default_factory=list)
@@ -112,6 +123,8 @@ class _Prepared:
     unchanged: list[DocumentOutcome]
     failures: list[SourceFailure]
     seen: int
+    restat: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)
+    """(source_uri, content_hash, file stat) of documents read again and found unchanged."""
 
 
 class RagService:
@@ -162,21 +175,25 @@ class RagService:
         collection: str | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        prune: bool = False,
         progress: ProgressCallback | None = None,
     ) -> IngestReport:
         """Ingest a file or directory on this machine for a caller confined to the allowed roots.
 
-        A single file that cannot be read fails the call; in a directory it is reported and skipped."""
+        A single file that cannot be read fails the call; in a directory it is reported and skipped.
+        With ``prune``, documents read from files under the directory that no longer exist are deleted."""
         max_bytes = self.settings.max_document_bytes
         roots = roots_for(self.settings, tenant)
-        target, files = await anyio.to_thread.run_sync(confined_files, path, roots, include, exclude)
+        target, files = await anyio.to_thread.run_sync(
+            lambda: confined_files(path, roots, include, exclude, allow_empty=prune)
+        )
         if target.is_file():
             docs: list[Source] = list(await anyio.to_thread.run_sync(read_file, target, max_bytes))
             return await self.ingest(
                 tenant, collection, docs, total=len(docs), progress=progress, raise_on_failure=True
             )
-        return await self.ingest(
-            tenant, collection, read_sources(files, max_bytes), total=len(files), progress=progress
+        return await self.ingest_files(
+            tenant, files, collection=collection, prune=[target] if prune else (), progress=progress
         )
 
     async def ingest_files(
@@ -185,13 +202,39 @@ class RagService:
         files: Sequence[Path],
         *,
         collection: str | None = None,
+        prune: Sequence[Path] = (),
         progress: ProgressCallback | None = None,
     ) -> IngestReport:
-        """Ingest files named by a trusted caller (the CLI): no allowed-roots check; every file that
-        cannot be read is reported and skipped."""
-        return await self.ingest(
-            tenant, collection, read_sources(files, self.settings.max_document_bytes), progress=progress
+        """Ingest files (the caller has checked where they are): every file that cannot be read is
+        reported and skipped, and a file whose size and modification time are what they were at its
+        last ingest is not read again. Then, for each directory in ``prune``, documents read from files
+        under it that are no longer there are deleted (a file that failed to read is still there)."""
+        collection = validate_collection(collection)
+        known = await self.store.file_stats(tenant, collection, [file_uri(f) for f in files])
+        report = await self.ingest(
+            tenant,
+            collection,
+            read_changed(files, known, self.settings.max_document_bytes),
+            total=len(files),
+            progress=progress,
         )
+        for directory in prune:
+            await self.prune(tenant, collection, directory, report)
+        return report
+
+    async def prune(self, tenant: str, collection: str, directory: Path, report: IngestReport) -> None:
+        """Delete the documents read from files under ``directory`` that no longer exist; count them in ``report``."""
+        under = await self.store.documents_under(tenant, collection, directory_prefix(directory))
+        gone = await anyio.to_thread.run_sync(gone_documents, under)
+        if not gone:
+            return
+        deleted = await self.store.delete_documents(tenant, [doc_id for doc_id, _ in gone])
+        for info in deleted:
+            report.documents.append(DocumentOutcome(info.source_uri, "removed", info.id, 0))
+        report.removed += len(deleted)
+        metrics.DOCUMENTS_INGESTED.labels("removed").inc(len(deleted))
+        log.info("pruned documents whose files are gone", directory=str(directory), removed=len(deleted))
+        await self._index_committed()
 
     async def ingest_url(
         self,
@@ -247,6 +290,7 @@ class RagService:
                         metrics.CHUNKS_INGESTED.inc(r.chunks)
                     report.documents.extend(batch.unchanged)
                     report.unchanged += len(batch.unchanged)
+                    await self.store.record_file_stats(tenant, collection, batch.restat)
                     metrics.DOCUMENTS_INGESTED.labels("unchanged").inc(len(batch.unchanged))
                     report.failed.extend(batch.failures)
                     if batch.writes:
@@ -287,9 +331,16 @@ class RagService:
         budget = self.settings.ingest_batch_chunks
         pending: dict[str, tuple[SourceDocument, str]] = {}
         failures: list[SourceFailure] = []
+        skipped: list[DocumentOutcome] = []
         seen = 0
         async for item in _iterate_in_thread(sources):
             seen += 1
+            if isinstance(item, SourceUnchanged):
+                skipped.append(DocumentOutcome(item.source_uri, "unchanged", None, 0))
+                if len(skipped) >= budget:
+                    yield _Prepared([], skipped, failures, seen)
+                    skipped, failures, seen = [], [], 0
+                continue
             if isinstance(item, SourceFailure):
                 if raise_on_failure:
                     raise InvalidInputError(item.reason)
@@ -308,10 +359,12 @@ class RagService:
                 len(pending) >= budget
                 or sum(len(d.text) for d, _ in pending.values()) // 4 >= budget * self.settings.chunk_tokens
             ):
-                yield await self._embed_batch(tenant, collection, pending, failures, seen)
-                pending, failures, seen = {}, [], 0
-        if pending or failures:
-            yield await self._embed_batch(tenant, collection, pending, failures, seen)
+                prepared = await self._embed_batch(tenant, collection, pending, failures, seen)
+                yield replace(prepared, unchanged=skipped + prepared.unchanged)
+                pending, failures, skipped, seen = {}, [], [], 0
+        if pending or failures or skipped:
+            prepared = await self._embed_batch(tenant, collection, pending, failures, seen)
+            yield replace(prepared, unchanged=skipped + prepared.unchanged)
 
     async def _embed_batch(
         self,
@@ -325,9 +378,14 @@ class RagService:
         unchanged = [
             DocumentOutcome(uri, "unchanged", None, 0) for uri, (_, h) in pending.items() if existing.get(uri) == h
         ]
+        restat = [
+            (uri, h, doc.file_stat)
+            for uri, (doc, h) in pending.items()
+            if existing.get(uri) == h and doc.file_stat is not None
+        ]
         todo = [(doc, h) for uri, (doc, h) in pending.items() if existing.get(uri) != h]
         if not todo:
-            return _Prepared([], unchanged, failures, seen)
+            return _Prepared([], unchanged, failures, seen, restat)
         chunked = await anyio.to_thread.run_sync(self._chunk_all, [doc for doc, _ in todo])
         items = [
             (doc, chunk.heading_path, chunk.text)
@@ -347,9 +405,19 @@ class RagService:
                     NewChunk(chunk.position, chunk.text, chunk.start, chunk.end, chunk.heading_path, e.dense, e.sparse)
                 )
             writes.append(
-                DocumentWrite(tenant, collection, doc.source_uri, doc.title, doc.metadata, doc.text, digest, new_chunks)
+                DocumentWrite(
+                    tenant,
+                    collection,
+                    doc.source_uri,
+                    doc.title,
+                    doc.metadata,
+                    doc.text,
+                    digest,
+                    new_chunks,
+                    doc.file_stat,
+                )
             )
-        return _Prepared(writes, unchanged, failures, seen)
+        return _Prepared(writes, unchanged, failures, seen, restat)
 
     def _chunk_all(self, docs: Sequence[SourceDocument]) -> list[list[Any]]:
         counter = self.embedder.count_tokens
@@ -750,15 +818,13 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group.exceptions[0]
 
 
-async def _iterate_in_thread(
-    items: Iterable[Source],
-) -> AsyncIterator[SourceDocument | SourceFailure]:
+async def _iterate_in_thread(items: Iterable[Source]) -> AsyncIterator[Source]:
     """Iterate a (possibly blocking: file reads, PDF parsing) iterable without blocking the event loop."""
     if isinstance(items, list | tuple):
         for item in items:
             yield item
         return
-    iterator: Iterator[SourceDocument | SourceFailure] = iter(items)
+    iterator: Iterator[Source] = iter(items)
     done = object()
     while True:
         item = await anyio.to_thread.run_sync(next, iterator, done)

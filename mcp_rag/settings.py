@@ -187,6 +187,16 @@ class Settings(BaseSettings):
     """JSON object: tenant → the directories only its keys may ingest from, e.g. ``{"acme": ["/srv/acme"]}``."""
     shared_roots: bool = False
     """Let the API keys of several tenants share MCP_RAG_ALLOWED_ROOTS (each can ingest every file there)."""
+    ingest_job_after_seconds: float = Field(default=20.0, ge=0)
+    """An ``ingest_file`` call still running after this long returns a job id and goes on in the background
+    (follow it with ``ingest_status``); 0 makes every one a job at once."""
+    watch_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Directories (comma-separated) the server keeps in step with the store from file-system events, for the
+    default tenant: synced in full at start (pruning), then after each debounced batch of changes."""
+    watch_collection: str | None = None
+    """The collection MCP_RAG_WATCH_DIRS are synced into (default: the default collection)."""
+    watch_debounce_ms: int = Field(default=1000, ge=50, le=60_000)
+    """Changes are collected this long after the first one before the folders are synced."""
     url_fetch_timeout: float = Field(default=15.0, gt=0)
     url_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
     url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -283,7 +293,13 @@ class Settings(BaseSettings):
         return init_settings, env_settings, _UnknownEnvVars(settings_cls), dotenv_settings, file_secret_settings
 
     @field_validator(
-        "allowed_roots", "url_allowlist", "allowed_hosts", "allowed_origins", "oauth_algorithms", mode="before"
+        "allowed_roots",
+        "watch_dirs",
+        "url_allowlist",
+        "allowed_hosts",
+        "allowed_origins",
+        "oauth_algorithms",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -383,6 +399,14 @@ class Settings(BaseSettings):
         if not value.is_dir():
             raise ValueError(f"embedding model directory {str(value)!r} does not exist or is not a directory")
         return value
+
+    @field_validator("watch_dirs")
+    @classmethod
+    def _watched(cls, value: list[Path]) -> list[Path]:
+        for folder in value:
+            if not folder.is_dir():
+                raise ValueError(f"watched folder {str(folder)!r} does not exist or is not a directory")
+        return [folder.resolve() for folder in value]
 
     @field_validator("allowed_roots")
     @classmethod

@@ -339,6 +339,10 @@ async def test_read_scope_cannot_use_any_write_tool(server: ServerProc, acme_doc
             result = await client.call_tool(name, plausible[name])
             assert result.is_error and "lacks the 'write' scope" in tool_text(result), (name, tool_text(result))
         for name in readers:  # the read tools do work with this key
+            if name == "ingest_status":  # answers (there is no such job) rather than refusing the key
+                result = await client.call_tool(name, {"job_id": str(uuid.uuid4())})
+                assert "no ingest job" in tool_text(result), tool_text(result)
+                continue
             args = {"search": {"query": "memo"}, "get_document": {"document_id": acme["document_id"]},
                     "fetch": {"id": acme["document_id"]},
                     "get_chunks": {"document_id": acme["document_id"], "around": 0}}.get(name, {})
@@ -357,7 +361,8 @@ async def test_a_key_without_read_scope_cannot_read(server: ServerProc, acme_doc
         tools = (await client.list_tools()).tools
         for name in [t.name for t in tools if t.annotations and t.annotations.read_only_hint]:
             args = {"search": {"query": "memo"}, "get_document": {"document_id": acme_id},
-                    "fetch": {"id": acme_id}, "get_chunks": {"document_id": acme_id, "around": 0}}.get(name, {})
+                    "fetch": {"id": acme_id}, "get_chunks": {"document_id": acme_id, "around": 0},
+                    "ingest_status": {"job_id": str(uuid.uuid4())}}.get(name, {})
             result = await client.call_tool(name, args)
             assert result.is_error and "lacks the 'read' scope" in tool_text(result), (name, tool_text(result))
         for uri in (f"rag://documents/{acme_id}", "rag://collections"):

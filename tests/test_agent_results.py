@@ -116,7 +116,7 @@ async def test_other_tools_answer_in_compact_text_too(runtime: Runtime) -> None:
         ids = await ingest_corpus(client, collection)
         ingest = await client.call_tool("ingest_text", {"text": SHORT["bay"], "title": "Bay", "collection": collection,
                                                         "source_uri": "notes://bay"})
-        assert text_of(ingest).startswith("added 0, updated 0, unchanged 1, failed 0")
+        assert text_of(ingest).startswith("added 0, updated 0, unchanged 1, removed 0, failed 0")
         listed = await client.call_tool("list_documents", {"collection": collection})
         assert text_of(listed).count("\n- ") + 1 == 4 and ids["moon"] in text_of(listed)
         doc = await client.call_tool("get_document", {"document_id": ids["moon"]})

@@ -76,8 +76,9 @@ def docs(tmp_path: Path) -> Path:
 
 
 def summary(stdout: str) -> tuple[int, int, int, int]:
-    match = re.fullmatch(r"added (\d+), updated (\d+), unchanged (\d+), failed (\d+) \((\d+) chunks written\)\n",
-                         stdout)
+    match = re.fullmatch(
+        r"added (\d+), updated (\d+), unchanged (\d+), removed \d+, failed (\d+) \((\d+) chunks written\)\n", stdout
+    )
     assert match, stdout
     added, updated, unchanged, failed, _ = (int(g) for g in match.groups())
     return added, updated, unchanged, failed
@@ -246,3 +247,21 @@ def test_ingest_reports_unreadable_files(cli: Cli, tmp_path: Path) -> None:
 
     only_bad = cli("ingest", str(folder / "bad.md"), expect=1)  # nothing could be ingested
     assert summary(only_bad.stdout.splitlines()[0] + "\n") == (0, 0, 0, 1)
+
+
+def test_ingest_prune_removes_documents_of_deleted_files(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "synced"
+    folder.mkdir()
+    (folder / "one.md").write_text("# One\n\nThe first note, about lanterns.\n")
+    (folder / "two.md").write_text("# Two\n\nThe second note, about kettles.\n")
+    assert summary(cli("ingest", str(folder), "--prune").stdout) == (2, 0, 0, 0)
+    (folder / "two.md").unlink()
+    kept = cli("ingest", str(folder))  # without --prune the document stays
+    assert "removed 0," in kept.stdout
+    pruned = cli("ingest", str(folder), "--prune")
+    assert summary(pruned.stdout) == (0, 0, 1, 0)
+    assert "removed 1," in pruned.stdout
+    (folder / "one.md").unlink()  # an emptied folder empties the store's copy of it
+    assert "removed 1," in cli("ingest", str(folder), "--prune").stdout
+    listed = cli("search", "lanterns", "--json")
+    assert "one.md" not in listed.stdout

@@ -235,7 +235,7 @@ def test_malformed_pdf(tmp_path: Path, cut: str) -> None:
         read_file(write(tmp_path / "broken.pdf", data), MAX)
 
 
-@pytest.mark.parametrize("name", ["slides.pptx", "archive.tar.gz", "script.py"])
+@pytest.mark.parametrize("name", ["slides.ppt", "archive.tar.gz", "script.py"])
 def test_unsupported_extension(tmp_path: Path, name: str) -> None:
     path = write(tmp_path / name, "whatever")
     with pytest.raises(UnsupportedSourceError, match=r"unsupported file type .*supported: .*\.md.*\.pdf"):
@@ -245,8 +245,8 @@ def test_unsupported_extension(tmp_path: Path, name: str) -> None:
 
 
 def test_unsupported_content_type() -> None:
-    with pytest.raises(UnsupportedSourceError, match="unsupported content type 'docx'"):
-        extract_bytes(b"PK\x03\x04", kind="docx", source_uri="https://example.com/a.docx", max_bytes=MAX)
+    with pytest.raises(UnsupportedSourceError, match="unsupported content type 'xls'"):
+        extract_bytes(b"PK\x03\x04", kind="xls", source_uri="https://example.com/a.xls", max_bytes=MAX)
 
 
 @pytest.mark.parametrize("name", ["big.txt", "big.md", "big.html", "big.pdf"])

@@ -321,13 +321,15 @@ def tool_strategies(traps: dict[str, Path]) -> dict[str, st.SearchStrategy[dict[
         "get_document": arguments(document_id=IDS, include_text=ANY_JSON, max_chars=HOSTILE_INT),
         "fetch": arguments(id=IDS),
         "get_chunks": arguments(document_id=IDS, around=HOSTILE_INT, before=HOSTILE_INT, after=HOSTILE_INT),
+        "ingest_status": arguments(job_id=IDS),
         "list_documents": arguments(collection=HOSTILE_STR, source_prefix=HOSTILE_STR, limit=HOSTILE_INT,
                                     cursor=CURSORS),
         "list_collections": arguments(),
         "stats": arguments(),
         "ingest_text": arguments(text=HOSTILE_STR, title=HOSTILE_STR, collection=HOSTILE_STR, source_uri=HOSTILE_STR,
                                  metadata=METADATA),
-        "ingest_file": arguments(path=paths(root, outside), collection=HOSTILE_STR, include=GLOBS, exclude=GLOBS),
+        "ingest_file": arguments(path=paths(root, outside), collection=HOSTILE_STR, include=GLOBS, exclude=GLOBS,
+                                 prune=ANY_JSON),
         "ingest_url": arguments(url=URLS, collection=HOSTILE_STR, title=HOSTILE_STR, metadata=METADATA),
         "delete_document": arguments(document_id=IDS),
         "delete_collection": arguments(collection=HOSTILE_STR),
@@ -370,7 +372,8 @@ class NetworkWatch:
 
 
 EXAMPLES_RUN: dict[str, int] = {}
-TOOLS = ["search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_text", "ingest_file",
+TOOLS = ["search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_status",
+         "ingest_text", "ingest_file",
          "ingest_url", "delete_document", "delete_collection"]
 
 

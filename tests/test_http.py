@@ -67,7 +67,8 @@ def server(pg_server: PgServer, template_db: str, model_dir: Path,
     env = base_env(database_url=dsn, model_dir=model_dir, data_dir=work / "data", api_keys=API_KEYS,
                    allowed_hosts=ALLOWED_HOST, log_format="json", region="test-region", tenant_roots={"acme": [str(corpus)]},
                    metrics_token=METRICS_TOKEN,
-                   ingest_batch_chunks=4, shutdown_grace_seconds=300)
+                   ingest_batch_chunks=4, shutdown_grace_seconds=300,
+                   ingest_job_after_seconds=600)  # the drain test waits for a whole ingest_file call
     proc = ServerProcess(env, work).start()
     try:
         proc.wait_ready()

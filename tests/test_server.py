@@ -29,7 +29,9 @@ from mcp_rag.settings import Settings
 from mcp_rag.urlfetch import UrlPolicy
 from tests.mcp_calls import call, call_error, text_of
 
-READ_TOOLS = {"search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats"}
+READ_TOOLS = {
+    "search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_status"
+}
 WRITE_TOOLS = {"ingest_text", "ingest_file", "ingest_url", "delete_document", "delete_collection"}
 
 

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "transport-test-" + "t" * 20
 API_KEYS = [{"token": TOKEN, "tenant": "acme", "scopes": ["read", "write"]}]
-ALL_TOOLS = {"search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_text",
+ALL_TOOLS = {"search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_status",
+             "ingest_text",
              "ingest_file", "ingest_url", "delete_document", "delete_collection"}
 PROGRESS_FILES = 4
 INSPECTOR_VERSION = "1.0.3"

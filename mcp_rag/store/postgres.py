@@ -41,6 +41,8 @@ WRITE_ATTEMPTS = 5
 """A write transaction chosen as a deadlock victim (or failing serialisation) is run again this many times."""
 
 Metadata = dict[str, Any]
+FileStat = tuple[int, int]
+"""A file's (size in bytes, modification time in nanoseconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,8 @@ class DocumentWrite:
     content: str
     content_hash: str
     chunks: Sequence[NewChunk]
+    file_stat: FileStat | None = None
+    """(size, mtime in ns) of the file the document was read from, if it was."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +339,62 @@ class Store:
                 (tenant, collection, list(source_uris)),
             )
             return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def file_stats(self, tenant: str, collection: str, source_uris: Sequence[str]) -> dict[str, FileStat]:
+        """source_uri -> the (size, mtime) its file had when it was last read, for documents that have one."""
+        if not source_uris:
+            return {}
+        async with self._writing() as conn:
+            cur = await conn.execute(
+                "SELECT source_uri, source_size, source_mtime_ns FROM documents WHERE tenant = %s AND collection = %s"
+                " AND source_uri = ANY(%s) AND source_size IS NOT NULL AND source_mtime_ns IS NOT NULL",
+                (tenant, collection, list(source_uris)),
+            )
+            return {row[0]: (int(row[1]), int(row[2])) for row in await cur.fetchall()}
+
+    async def record_file_stats(self, tenant: str, collection: str, stats: Sequence[tuple[str, str, FileStat]]) -> None:
+        """Remember the file stat of documents read again and found unchanged: (source_uri, content_hash, stat).
+        Only a document that still has that content gets it (a concurrent write of other content wins).
+        Nothing the index holds changes, so nothing is logged."""
+        if not stats:
+            return
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "UPDATE documents SET source_size = %s, source_mtime_ns = %s WHERE tenant = %s"
+                    " AND collection = %s AND source_uri = %s AND content_hash = %s",
+                    [(st[0], st[1], tenant, collection, uri, digest) for uri, digest, st in sorted(stats)],
+                )
+
+        await self._write_transaction(work)
+
+    async def documents_under(self, tenant: str, collection: str, prefix: str) -> list[tuple[str, str]]:
+        """(id, source_uri) of every document in the collection whose source starts with ``prefix``."""
+        async with self._writing() as conn:
+            cur = await conn.execute(
+                "SELECT id, source_uri FROM documents WHERE tenant = %s AND collection = %s"
+                ' AND source_uri COLLATE "C" LIKE %s ORDER BY source_uri COLLATE "C"',
+                (tenant, collection, _like_prefix(prefix)),
+            )
+            return [(str(row[0]), row[1]) for row in await cur.fetchall()]
+
+    async def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> list[DocumentInfo]:
+        """Delete documents in one transaction; ids already gone are skipped. Returns what was deleted."""
+        if not document_ids:
+            return []
+        ids = sorted({_parse_uuid(d) for d in document_ids})
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> list[DocumentInfo]:
+            cur = await conn.execute(
+                "DELETE FROM documents WHERE tenant = %s AND id = ANY(%s) RETURNING " + _DOC_COLUMNS, (tenant, ids)
+            )
+            deleted = [_doc_info(row) for row in await cur.fetchall()]
+            if deleted:
+                await _log_changes(conn, [(tenant, d.collection, d.id, "delete") for d in deleted])
+            return deleted
+
+        return await self._write_transaction(work)
 
     async def write_documents(self, writes: Sequence[DocumentWrite]) -> list[WriteResult]:
         """Store documents and replace their chunks, all in one transaction, and log each change.
@@ -697,11 +757,12 @@ async def _lock_collection(conn: psycopg.AsyncConnection[Any], tenant: str, coll
 async def _write_document(conn: psycopg.AsyncConnection[Any], w: DocumentWrite) -> WriteResult:
     cur = await conn.execute(
         """INSERT INTO documents (id, tenant, collection, source_uri, title, metadata, content,
-                                  content_hash, chunk_count)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                  content_hash, chunk_count, source_size, source_mtime_ns)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
            ON CONFLICT (tenant, collection, source_uri) DO UPDATE SET
                title = excluded.title, metadata = excluded.metadata, content = excluded.content,
                content_hash = excluded.content_hash, chunk_count = excluded.chunk_count,
+               source_size = excluded.source_size, source_mtime_ns = excluded.source_mtime_ns,
                updated_at = now()
            RETURNING id, (xmax = 0) AS inserted""",
         (
@@ -714,6 +775,8 @@ async def _write_document(conn: psycopg.AsyncConnection[Any], w: DocumentWrite) 
             w.content,
             w.content_hash,
             len(w.chunks),
+            w.file_stat[0] if w.file_stat else None,
+            w.file_stat[1] if w.file_stat else None,
         ),
     )
     row = await cur.fetchone()

@@ -7,10 +7,12 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from pydantic import Field
 
-from ..schemas import IngestOutput
+from ..errors import NotFoundError
+from ..jobs import Job
+from ..schemas import IngestJobOutput, IngestOutput
 from ..service import IngestReport, ProgressCallback
 from ..types import MetadataFilter
-from .base import REPLACE, REPLACE_WEB, Collection, current, tool
+from .base import READ, REPLACE, REPLACE_WEB, Collection, current, tool
 
 Metadata = Annotated[
     MetadataFilter | None, Field(description="Flat key -> value (or list of values) metadata to filter on later.")
@@ -65,21 +67,72 @@ async def ingest_file(
         Globs, Field(description="For directories: only files matching one of these globs, e.g. ['*.md'].")
     ] = None,
     exclude: Annotated[Globs, Field(description="For directories: skip files matching these globs.")] = None,
+    prune: Annotated[
+        bool,
+        Field(
+            description=(
+                "For directories: also delete this collection's documents read from files under the directory "
+                "that no longer exist (keeps the collection in step with the folder)."
+            )
+        ),
+    ] = False,
 ) -> IngestOutput:
-    """Ingest a server-side file (.txt, .md, .html, .pdf, .jsonl corpus) or a whole directory.
+    """Ingest a server-side file (.txt, .md, .html, .pdf, .docx, .pptx, .xlsx, .odt, .epub, .rtf, .eml,
+    .jsonl corpus) or a whole directory.
 
     Only paths under the server's configured allowed roots are accepted. Sends progress
-    notifications per batch; unchanged files are skipped cheaply."""
+    notifications per batch; files whose size and modification time are unchanged are not read again.
+    A long ingest returns status "running" with a job_id and goes on in the background: follow it with
+    ingest_status."""
     call = current()
-    report = await call.service.ingest_path(
-        call.tenant,
-        path,
-        collection=collection,
-        include=include or (),
-        exclude=exclude or (),
-        progress=progress_of(ctx),
-    )
+    jobs = call.runtime.jobs
+    if jobs is None:
+        report: IngestReport | Job = await call.service.ingest_path(
+            call.tenant,
+            path,
+            collection=collection,
+            include=include or (),
+            exclude=exclude or (),
+            prune=prune,
+            progress=progress_of(ctx),
+        )
+    else:
+        report = await jobs.ingest_path(
+            call.tenant,
+            path,
+            collection=collection,
+            include=include or (),
+            exclude=exclude or (),
+            prune=prune,
+            progress=progress_of(ctx),
+        )
+    if isinstance(report, Job):
+        return IngestOutput.running(report.id)
     return IngestOutput.of(report)
+
+
+@tool("read", READ, "Follow a background ingest")
+async def ingest_status(
+    job_id: Annotated[str, Field(description="The job_id an ingest_file call returned.", min_length=1, max_length=100)],
+) -> IngestJobOutput:
+    """The status of a background ingest job: running (with progress), interrupted (its server stopped; the
+    next start resumes it), done (with its report) or failed (with the reason)."""
+    call = current()
+    if call.runtime.jobs is None:
+        raise NotFoundError(f"no ingest job with id {job_id!r}: this server runs no background ingests")
+    job = await call.runtime.jobs.get(call.tenant, job_id)
+    return IngestJobOutput(
+        job_id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        path=job.path,
+        collection=job.collection,
+        done=job.done,
+        total=job.total,
+        message=job.message,
+        attempts=job.attempts,
+        report=IngestOutput.model_validate(job.report) if job.report else None,
+        error=job.error,
+    )
 
 
 @tool("write", REPLACE_WEB, "Add a web page")
