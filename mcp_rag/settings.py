@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(default=200, ge=32, le=256)
     """Target chunk size in model tokens (the model's window is 256)."""
     chunk_overlap_tokens: int = Field(default=32, ge=0, le=128)
+    chunk_whole_documents: bool = True
+    """A document that fits the model's window behind its title is one chunk, however long chunk_tokens is."""
     max_document_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     ingest_batch_chunks: int = Field(default=256, ge=1, le=10_000)
     """Chunks embedded and committed per batch: bounds ingest memory."""
