@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = None
     qdrant_collection: str = Field(default="mcp_rag_chunks", pattern=r"^[A-Za-z0-9_-]{1,128}$")
     qdrant_timeout: float = Field(default=5.0, gt=0)
+    index_flush_seconds: float = Field(default=5.0, ge=0)
+    """Embedded index: flush its segments once for all the writes of this many seconds (0: after every write).
+    The WAL holds each write meanwhile; after an unclean stop the change log re-applies the unflushed ones."""
 
     # --- embeddings ----------------------------------------------------------------
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"

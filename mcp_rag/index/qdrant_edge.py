@@ -89,7 +89,7 @@ _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class EdgeIndex(VectorIndex):
-    def __init__(self, directory: Path, *, flush_seconds: float = 0.5) -> None:
+    def __init__(self, directory: Path, *, flush_seconds: float = 5.0) -> None:
         self._dir = Path(directory)
         self._flush_seconds = flush_seconds
         self._flushed = Cursor()  # the cursor when the segments were last flushed
