@@ -8,6 +8,11 @@ paragraphs into sentences; sentences (or word windows of an over-long sentence) 
 packed into chunks of at most ``max_tokens`` tokens, each new chunk repeating the last
 ``overlap_tokens`` worth of sentences of the previous one within a section. Every chunk is
 an exact span of the source text: ``text[start:end] == chunk.text``.
+
+A document of one section that fits ``whole_tokens`` (the model's window less its context
+line) is one chunk, whatever ``max_tokens`` says: splitting it would only cost embeddings, and
+overlap only happens where a split does. Headings still start new chunks (their sections are
+what citations point at).
 """
 
 from __future__ import annotations
@@ -59,15 +64,20 @@ def chunk_text(
     overlap_tokens: int = 32,
     markdown: bool = True,
     sections: Sequence[Section] = (),
+    whole_tokens: int = 0,
 ) -> list[Chunk]:
     """Chunks of ``text``. ``sections`` (offsets with heading paths, ascending) takes the place of
-    markdown headings when given: an extractor that knows the structure (a PDF outline) says it."""
+    markdown headings when given: an extractor that knows the structure (a PDF outline) says it.
+    A text of one section and at most ``whole_tokens`` tokens is one chunk."""
     if max_tokens < 1 or not 0 <= overlap_tokens < max_tokens:
         raise ValueError("need max_tokens >= 1 and 0 <= overlap_tokens < max_tokens")
     units = _units(text, markdown, sections)
     if not units:
         return []
     counts = count_tokens([text[u.start : u.end] for u in units])
+    first, last = units[0], units[-1]
+    if whole_tokens > 0 and first.section == last.section and sum(counts) <= whole_tokens:
+        return [Chunk(0, text[first.start : last.end], first.start, last.end, first.heading_path)]
     units, counts = _split_long(text, units, counts, count_tokens, max_tokens)
 
     chunks: list[Chunk] = []

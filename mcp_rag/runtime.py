@@ -89,7 +89,7 @@ def build_index(settings: Settings) -> VectorIndex:
         )
     from .index.qdrant_edge import EdgeIndex
 
-    return EdgeIndex(settings.embedded_index_dir)
+    return EdgeIndex(settings.embedded_index_dir, flush_seconds=settings.index_flush_seconds)
 
 
 @dataclass(slots=True)

@@ -421,6 +421,9 @@ class RagService:
 
     def _chunk_all(self, docs: Sequence[SourceDocument]) -> list[list[Any]]:
         counter = self.embedder.count_tokens
+        # A document that fits the window behind its title is one chunk (see passage_texts).
+        titles = counter([doc.title for doc in docs])
+        window = self.embedder.window_tokens
         return [
             chunk_text(
                 doc.text,
@@ -429,8 +432,9 @@ class RagService:
                 overlap_tokens=self.settings.chunk_overlap_tokens,
                 markdown=doc.markdown,
                 sections=doc.sections,
+                whole_tokens=window - title - 1 if self.settings.chunk_whole_documents else 0,
             )
-            for doc in docs
+            for doc, title in zip(docs, titles, strict=True)
         ]
 
     # --- search ----------------------------------------------------------------------
@@ -787,15 +791,21 @@ def passage_texts(
 ) -> list[str]:
     """What the models embed for each (document, heading path, chunk text): the chunk behind its
     context line, the context clipped so that the whole fits the model's window. A chunk has at
-    most ``chunk_tokens`` tokens and the context gets the rest, so the model never truncates the
-    chunk itself (a long title or heading path would otherwise push its end out of the window)."""
-    budget = embedder.window_tokens - chunk_tokens
-    contexts = sorted({context_line(doc, path) for doc, path, _ in items} - {""})
-    clipped = dict(zip(contexts, embedder.clip_tokens(contexts, budget), strict=True))
-    clipped[""] = ""
+    most ``chunk_tokens`` tokens (or, a whole document in one chunk, what its title left) and the
+    context gets the rest, so the model never truncates the chunk itself (a long title or heading
+    path would otherwise push its end out of the window)."""
+    window = embedder.window_tokens
+    longer = [i for i, (_, _, text) in enumerate(items) if len(text) > chunk_tokens]  # >= 1 character a token
+    sizes = dict(zip(longer, embedder.count_tokens([items[i][2] for i in longer]), strict=True))
+    budgets = [window - max(chunk_tokens, sizes.get(i, 0)) for i in range(len(items))]
+    wanted = sorted({(context_line(doc, path), b) for (doc, path, _), b in zip(items, budgets, strict=True)})
+    clipped: dict[tuple[str, int], str] = {}
+    for budget in sorted({b for _, b in wanted}):
+        contexts = [c for c, b in wanted if b == budget and c]
+        clipped.update(zip([(c, budget) for c in contexts], embedder.clip_tokens(contexts, budget), strict=True))
     texts = []
-    for doc, path, text in items:
-        context = clipped[context_line(doc, path)]
+    for (doc, path, text), budget in zip(items, budgets, strict=True):
+        context = clipped.get((context_line(doc, path), budget), "")
         texts.append(f"{context}\n{text}" if context else text)
     return texts
 

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     qdrant_write_ordering: WriteOrdering = "medium"
     """Ordering of index writes: ``medium`` goes through a dynamically elected leader per shard, so writes keep
     their order and go on when a node is lost (``strong`` stops while the permanent leader's node is down)."""
+    index_flush_seconds: float = Field(default=5.0, ge=0)
+    """Embedded index: flush its segments once for all the writes of this many seconds (0: after every write).
+    The WAL holds each write meanwhile; after an unclean stop the change log re-applies the unflushed ones."""
 
     # --- embeddings ----------------------------------------------------------------
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -177,6 +180,8 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(default=200, ge=32, le=256)
     """Target chunk size in model tokens (the model's window is 256)."""
     chunk_overlap_tokens: int = Field(default=32, ge=0, le=128)
+    chunk_whole_documents: bool = True
+    """A document that fits the model's window behind its title is one chunk, however long chunk_tokens is."""
     max_document_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     ingest_batch_chunks: int = Field(default=256, ge=1, le=10_000)
     """Chunks embedded and committed per batch: bounds ingest memory."""

@@ -210,3 +210,39 @@ def test_shared_store(bench_env: Callable[[str], Lines]) -> None:
     handover = of(lines, "handover")[0]
     positive(handover, "seconds")
     assert handover["new_holder_was_relay"] is True
+
+
+@pytest.mark.integration
+def test_peer_side_by_side(pg_server: PgServer, model_dir: Path, tmp_path: Path) -> None:
+    """bench.peer drives mcp-rag and mcp-server-qdrant (installed from PyPI into its own venv, kept
+    across runs) over stdio on one corpus and reports both sides and the ratios. Skips only when the
+    package index cannot be reached (the benchmark's exit status 75 says so); any other failure fails."""
+    from bench.common import DEFAULT_WORK_DIR
+    from bench.peer import PEER_VERSION, UNREACHABLE
+
+    dataset = write_tiny_dataset(tmp_path / "dataset", docs_per_topic=4)
+    venv = DEFAULT_WORK_DIR / "peer" / f"venv-{PEER_VERSION}"
+    cmd = [sys.executable, "-m", "bench.peer", "--tiny", "--dataset", str(dataset), "--work-dir",
+           str(tmp_path / "work"), "--pg-dsn", pg_server.dsn(), "--model-dir", str(model_dir),
+           "--peer-venv", str(venv), "--queries", "6"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    if out.returncode == UNREACHABLE:
+        pytest.skip(out.stderr.strip().splitlines()[-1])
+    assert out.returncode == 0, f"bench.peer failed:\n{out.stdout}\n{out.stderr[-4000:]}"
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert all(line["bench"] == "peer" for line in lines)
+    [setup] = of(lines, "setup")
+    assert setup["docs"] == 20
+    sides = {line["server"]: line for line in of(lines, "side")}
+    assert set(sides) == {"mcp-rag", "mcp-server-qdrant"}
+    for line in sides.values():
+        assert line["errors"] == 0, line["error_samples"]
+        assert line["docs"] == 20 and line["searches"] == 6
+        positive(line, "ingest_docs_per_s", "ingest_call_p50_ms", "search_p50_ms", "search_p95_ms", "peak_rss_mib")
+        assert line["search_p50_ms"] <= line["search_p95_ms"]
+        # both sides really found the judged documents: the peer was fed the same model offline
+        assert line["judged_queries"] > 0
+        assert line["recall_at_10"] > 0.5, line
+    [ratio] = of(lines, "ratio")
+    positive(ratio, "search_p50_ratio", "ingest_docs_per_s_ratio", "peak_rss_ratio")
+    assert set(ratio["targets"]) == {"search_p50_ratio", "ingest_docs_per_s_ratio"}

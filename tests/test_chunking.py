@@ -341,3 +341,24 @@ def test_markdown_headings_are_read_by_a_commonmark_parser() -> None:
     )
     paths = {c.heading_path for c in chunks_of(text, max_tokens=5)}
     assert paths == {("The _private_ api_v2",), ("Setext title",)}
+
+
+# --- whole documents ---------------------------------------------------------------------------------
+
+
+def test_a_text_that_fits_whole_tokens_is_one_chunk_without_overlap() -> None:
+    text = "  " + PROSE + "\n\nA second paragraph. It ends here.\n"  # 60 + 6 words
+    [chunk] = chunk_text(text, words, max_tokens=20, overlap_tokens=5, whole_tokens=66)
+    assert (chunk.text, chunk.start, chunk.end) == (text.strip(), 2, len(text.rstrip()))
+    split = chunk_text(text, words, max_tokens=20, overlap_tokens=5, whole_tokens=65)
+    assert split == chunk_text(text, words, max_tokens=20, overlap_tokens=5)  # one token over: cut as before
+    assert len(split) > 3
+
+
+def test_headings_still_split_a_text_that_would_fit_whole() -> None:
+    text = "# Knots\n\nSailors tie knots.\n\n## Bowline\n\nA fixed loop."
+    chunks = chunk_text(text, words, max_tokens=200, overlap_tokens=0, whole_tokens=200)
+    assert [c.heading_path for c in chunks] == [("Knots",), ("Knots", "Bowline")]
+    [chunk] = chunk_text("# Knots\n\nSailors tie knots. A fixed loop.", words, max_tokens=3, overlap_tokens=0,
+                         whole_tokens=200)
+    assert chunk.heading_path == ("Knots",)

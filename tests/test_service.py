@@ -640,3 +640,30 @@ def test_clip_tokens_cuts_at_token_boundaries(embedder: Embedder) -> None:
     assert embedder.clip_tokens(["unbelievably"], 1) == ["un"]  # word pieces: un ##bel ##ie ##va ##bly
     assert embedder.clip_tokens(["anything"], 0) == [""]
     assert embedder.window_tokens == 254
+
+
+def test_passage_texts_clip_the_context_of_a_whole_document_chunk(embedder: Embedder) -> None:
+    """A one-chunk document longer than chunk_tokens: its context gets what the chunk leaves of the window."""
+    chunk = "alpha beta gamma " * 78  # 234 tokens: over chunk_tokens, within the window
+    long_title = " ".join(f"term{i}" for i in range(300))
+    [text] = passage_texts(embedder, 200, [(SourceDocument("a", "x", title=long_title), (), chunk)])
+    assert text.endswith("\n" + chunk) and text.startswith("term0 term1")
+    context_tokens, chunk_tokens = embedder.count_tokens([text.removesuffix("\n" + chunk), chunk])
+    assert chunk_tokens == 234
+    assert context_tokens == embedder.window_tokens - 234
+
+
+async def test_a_document_that_fits_the_window_is_one_chunk(runtime: Runtime) -> None:
+    """About 230 tokens of one section: one chunk behind its title (two when whole documents are off)."""
+    text = " ".join(f"Sentence {i} talks about harbour tides and keel depth in detail." for i in range(20))
+    tokens = runtime.embedder.count_tokens([text])[0]
+    assert runtime.settings.chunk_tokens < tokens < runtime.embedder.window_tokens - 10
+    whole = await runtime.service.ingest_text(T, text, title="Tides", source_uri="notes://whole")
+    assert whole.chunks == 1
+    cut = RagService(runtime.settings.model_copy(update={"chunk_whole_documents": False}), runtime.store,
+                     runtime.index, runtime.embedder, runtime.syncer)
+    split = await cut.ingest_text(T, text, title="Tides", source_uri="notes://cut")
+    assert split.chunks == 2
+    [hit] = await runtime.service.search(T, "harbour tides keel", top_k=1,
+                                         filters=SearchFilters(source_prefix="notes://whole"))
+    assert (hit.text, hit.start_char, hit.end_char) == (text, 0, len(text))

@@ -8,8 +8,14 @@ Layout of ``directory``:
 * ``owner.pid``       flock-ed by the process that has the index open, holds its pid
 
 Durability: every update is appended to the shard's WAL before ``update`` returns, and
-the WAL is replayed on load, so a ``kill -9`` right after a write loses nothing; writes
-are flushed to the segments as well so that reloading replays (almost) nothing.
+the WAL is replayed on load, so a ``kill -9`` right after a write loses nothing. Flushing the
+segments (fsyncs of many files) is grouped: one flush for all the writes of up to
+``flush_seconds`` (a timer after the first unflushed write; ``close`` flushes too), instead of
+one per write. The meta file keeps, beside the cursor, the cursor of the last flush while
+writes after it are unflushed (``flushed``); opening an index whose owner stopped without
+flushing rewinds the cursor to it, so the writes the WAL may not hold durably (a power loss)
+are applied again from the change log — re-applying a change is idempotent. The cursor never
+claims more than the flushed segments hold plus what the change log re-applies.
 
 The engine does not optimise segments in the background (``EdgeShard.optimize`` exists
 but blocks for a long time), so points stay in plain appendable segments searched
@@ -71,19 +77,25 @@ from mcp_rag.index.base import (
     mismatch_message,
 )
 from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
+from mcp_rag.logging import get_logger
 from mcp_rag.types import MetadataValue, ModelIdentity
 
 if TYPE_CHECKING:  # aliases that exist in the type stubs only
     from qdrant_edge import ConditionType, NamedVector, PointId
 
 T = TypeVar("T")
+log = get_logger(__name__)
 
 _SCROLL_PAGE = 1000
 
 
 class EdgeIndex(VectorIndex):
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, flush_seconds: float = 5.0) -> None:
         self._dir = Path(directory)
+        self._flush_seconds = flush_seconds
+        self._flushed = Cursor()  # the cursor when the segments were last flushed
+        self._dirty = False  # writes since that flush
+        self._timer: threading.Timer | None = None
         self._shard_path = self._dir / "shard"
         self._meta_path = self._dir / "index_meta.json"
         self._shard: EdgeShard | None = None
@@ -121,6 +133,12 @@ class EdgeIndex(VectorIndex):
             else:
                 self._shard = self._load_shard()
                 self._cursor = meta[1]
+                if meta[3] is not None and meta[3] != meta[1]:
+                    # Stopped with unflushed writes: re-apply them from the change log.
+                    self._cursor = meta[3]
+                    self._write_meta(model, self._cursor)
+            self._flushed = self._cursor
+            self._dirty = False
             self._model = model
         except BaseException:
             self._release_owner()
@@ -163,8 +181,9 @@ class EdgeIndex(VectorIndex):
     async def close(self) -> None:
         def close() -> None:
             with self._write_lock:
+                self._cancel_timer()
                 if self._shard is not None:
-                    self._shard.flush()
+                    self._flush_locked()
                     self._shard.close()
                     self._shard = None
                 self._release_owner()
@@ -188,25 +207,76 @@ class EdgeIndex(VectorIndex):
                 shard = self._require()
                 for op in ops:
                     shard.update(op)
-                shard.flush()
+                self._written_locked()
 
         await anyio.to_thread.run_sync(write)
 
+    # -- grouped flushes -------------------------------------------------------------
+
+    def _written_locked(self) -> None:
+        """After a write (lock held): flush now, or within ``flush_seconds`` with whatever else comes."""
+        self._dirty = True
+        if self._flush_seconds <= 0:
+            self._flush_locked()
+        elif self._timer is None:
+            self._timer = threading.Timer(self._flush_seconds, self._flush_later)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _flush_later(self) -> None:
+        with self._write_lock:
+            self._timer = None
+            if self._shard is not None:
+                try:
+                    self._flush_locked()
+                except Exception as exc:  # retried by the next write or close
+                    log.warning("edge index flush failed", error=str(exc)[:300])
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _flush_locked(self) -> None:
+        """Flush the segments, then record that the cursor is flushed (lock held)."""
+        if not self._dirty or self._shard is None or self._model is None:
+            return
+        self._shard.flush()
+        self._dirty = False
+        if self._flushed != self._cursor:
+            self._flushed = self._cursor
+            self._write_meta(self._model, self._cursor)
+
+    async def flush(self) -> None:
+        """Flush pending writes now (tests and shutdown paths; writes flush by themselves)."""
+
+        def flush() -> None:
+            with self._write_lock:
+                self._cancel_timer()
+                self._flush_locked()
+
+        await anyio.to_thread.run_sync(flush)
+
     # -- meta: model identity and cursor --------------------------------------------
 
-    def _read_meta(self) -> tuple[ModelIdentity, Cursor, bool] | None:
-        """(model, cursor, clearing) or None when there is no meta file."""
+    def _read_meta(self) -> tuple[ModelIdentity, Cursor, bool, Cursor | None] | None:
+        """(model, cursor, clearing, flushed cursor if behind) or None when there is no meta file."""
         try:
             data = json.loads(self._meta_path.read_text())
         except FileNotFoundError:
             return None
         model = identity_from_meta(data)
-        return model, Cursor(int(data["cursor"]), str(data.get("origin", ""))), bool(data.get("clearing", False))
+        flushed = data.get("flushed")
+        behind = Cursor(int(flushed["cursor"]), str(flushed.get("origin", ""))) if flushed else None
+        cursor = Cursor(int(data["cursor"]), str(data.get("origin", "")))
+        return model, cursor, bool(data.get("clearing", False)), behind
 
     def _write_meta(self, model: ModelIdentity, cursor: Cursor, *, clearing: bool = False) -> None:
         data: dict[str, Any] = {**identity_meta(model), "cursor": cursor.seq, "origin": cursor.origin}
         if clearing:
             data["clearing"] = True
+        if not clearing and self._dirty and self._flushed != cursor:
+            data["flushed"] = {"cursor": self._flushed.seq, "origin": self._flushed.origin}
         tmp = self._meta_path.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -234,6 +304,8 @@ class EdgeIndex(VectorIndex):
                 cursor = Cursor(seq, origin)
                 self._write_meta(self._model, cursor)
                 self._cursor = cursor
+                if not self._dirty:
+                    self._flushed = cursor
 
         await anyio.to_thread.run_sync(set_cursor)
 
@@ -271,8 +343,10 @@ class EdgeIndex(VectorIndex):
                 # The reset cursor (and the flag that an open must finish the clear) is
                 # durable before anything is destroyed: a kill at any later step reopens
                 # as an empty index at cursor 0, never as a partial one at the old cursor.
+                self._cancel_timer()
                 self._write_meta(model, Cursor(), clearing=True)
-                self._cursor = Cursor()
+                self._cursor = self._flushed = Cursor()
+                self._dirty = False
                 shard.close()
                 self._shard = None
                 shutil.rmtree(self._shard_path)
