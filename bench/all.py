@@ -40,8 +40,9 @@ _Placeholder: the SciFact-train fusion-tuning table goes here._
 def run_bench(name: str, extra: Sequence[str]) -> tuple[list[dict[str, Any]], int, float]:
     log(f"=== bench.{name} {' '.join(extra)}")
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", f"bench.{name}", *extra], stdout=subprocess.PIPE, text=True,
-                               cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"bench.{name}", *extra], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     lines: list[dict[str, Any]] = []
     assert process.stdout is not None
     for raw in process.stdout:
@@ -107,8 +108,16 @@ def target_rows(lines: Sequence[dict[str, Any]]) -> list[list[Any]]:
     for line in lines:
         for key, (op, threshold) in line.get("targets", {}).items():
             met = line.get("met", {}).get(key)
-            rows.append([line["bench"], context(line), LABELS.get(key, key), line.get(key), f"{op} {fmt(threshold)}",
-                         "✅" if met else "❌" if met is False else "-"])
+            rows.append(
+                [
+                    line["bench"],
+                    context(line),
+                    LABELS.get(key, key),
+                    line.get(key),
+                    f"{op} {fmt(threshold)}",
+                    "✅" if met else "❌" if met is False else "-",
+                ]
+            )
     return rows
 
 
@@ -117,20 +126,29 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = sorted(lines, key=lambda x: order.get(x["bench"], len(order)))  # stable: a merged run keeps its place
     by = lambda bench, measurement: [x for x in lines if x["bench"] == bench and x["measurement"] == measurement]  # noqa: E731
     m, v = info["machine"], info["versions"]
-    out = [BEGIN, "",
-           f"Measured {info['date']} with `{info['command']}` on {m['nproc']} cores "
-           f"({m['cpu']}), {m['ram_gib']} GiB RAM, kernel {m['kernel']}; load average when the last run began "
-           f"{', '.join(str(x) for x in m['load_avg'])}, and per benchmark below (other work may share the "
-           "machine: absolute figures are noisy, ratios are measured side by side in one run and medians are "
-           "quoted).", "",
-           "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
+    out = [
+        BEGIN,
+        "",
+        f"Measured {info['date']} with `{info['command']}` on {m['nproc']} cores "
+        f"({m['cpu']}), {m['ram_gib']} GiB RAM, kernel {m['kernel']}; load average when the last run began "
+        f"{', '.join(str(x) for x in m['load_avg'])}, and per benchmark below (other work may share the "
+        "machine: absolute figures are noisy, ratios are measured side by side in one run and medians are "
+        "quoted).",
+        "",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+    ]
     if info.get("failures"):
         out += ["**Failed benchmarks:** " + ", ".join(info["failures"]), ""]
     if info.get("runs"):
         out += ["Runs (UTC start, minutes, 1-minute load average before → after):", ""]
-        out += table(["bench", "started", "minutes", "load before", "load after", "exit"],
-                     [[name, r["started"], r["seconds"] / 60, r["load_1min"][0], r["load_1min"][1], r["exit"]]
-                      for name, r in sorted(info["runs"].items(), key=lambda item: order.get(item[0], len(order)))])
+        out += table(
+            ["bench", "started", "minutes", "load before", "load after", "exit"],
+            [
+                [name, r["started"], r["seconds"] / 60, r["load_1min"][0], r["load_1min"][1], r["exit"]]
+                for name, r in sorted(info["runs"].items(), key=lambda item: order.get(item[0], len(order)))
+            ],
+        )
         out += [""]
     out += ["### Figures against targets", ""]
     out += table(["bench", "where", "figure", "measured", "target", "met"], target_rows(lines))
@@ -138,56 +156,190 @@ def render(lines: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     if ingest := by("ingest", "summary"):
         s = ingest[-1]
         out += ["", "### Ingest (1)", ""]
-        out += table(["docs", "chunks", "rounds", "ingest chunks/s", "ingest docs/s", "raw fastembed chunks/s",
-                      "efficiency", "CLI fixed cost (s)", "efficiency excl. fixed cost"],
-                     [[s["docs"], s["chunks"], s["rounds"], s["ingest_chunks_per_s"], s["ingest_docs_per_s"],
-                       s["raw_chunks_per_s"], s["efficiency"], s["fixed_seconds"], s["efficiency_excl_fixed"]]])
+        out += table(
+            [
+                "docs",
+                "chunks",
+                "rounds",
+                "ingest chunks/s",
+                "ingest docs/s",
+                "raw fastembed chunks/s",
+                "efficiency",
+                "CLI fixed cost (s)",
+                "efficiency excl. fixed cost",
+            ],
+            [
+                [
+                    s["docs"],
+                    s["chunks"],
+                    s["rounds"],
+                    s["ingest_chunks_per_s"],
+                    s["ingest_docs_per_s"],
+                    s["raw_chunks_per_s"],
+                    s["efficiency"],
+                    s["fixed_seconds"],
+                    s["efficiency_excl_fixed"],
+                ]
+            ],
+        )
         rounds = by("ingest", "round")
         if rounds:
-            out += ["", "Rounds (order, ingest s, raw s, efficiency): " + "; ".join(
-                f"{r['order']} {fmt(r['ingest_seconds'])}/{fmt(r['raw_seconds'])} → {fmt(r['efficiency'])}"
-                for r in rounds) + "."]
+            out += [
+                "",
+                "Rounds (order, ingest s, raw s, efficiency): "
+                + "; ".join(
+                    f"{r['order']} {fmt(r['ingest_seconds'])}/{fmt(r['raw_seconds'])} → {fmt(r['efficiency'])}"
+                    for r in rounds
+                )
+                + ".",
+            ]
     if e2e := by("latency", "e2e"):
         out += ["", "### Search latency over real transports (2)", ""]
-        out += table(["chunks", "transport", "mode", "n", "p50 ms", "p95 ms", "p99 ms", "server in-tool p50 ms",
-                      "errors"],
-                     [[x["chunks"], x["transport"], x["mode"], x["n"], x["p50_ms"], x["p95_ms"], x["p99_ms"],
-                       x.get("server_tool_p50_ms"), x["errors"]] for x in e2e])
+        out += table(
+            ["chunks", "transport", "mode", "n", "p50 ms", "p95 ms", "p99 ms", "server in-tool p50 ms", "errors"],
+            [
+                [
+                    x["chunks"],
+                    x["transport"],
+                    x["mode"],
+                    x["n"],
+                    x["p50_ms"],
+                    x["p95_ms"],
+                    x["p99_ms"],
+                    x.get("server_tool_p50_ms"),
+                    x["errors"],
+                ]
+                for x in e2e
+            ],
+        )
     if breakdown := by("latency", "breakdown"):
-        out += ["", "Where the time goes (medians, ms): the steps of `RagService.search` timed in-process on the same "
-                "data, then end to end; *overhead* is, per call, the client's time minus the server's own time "
-                "inside the tool (client library, transport, the SDK's request handling).", ""]
-        out += table(["chunks", "mode", "query embedding", "index query", "PG hydration", "service.search",
-                      "stdio e2e", "stdio overhead", "HTTP e2e", "HTTP overhead"],
-                     [[x["chunks"], x["mode"], x.get("embed_p50_ms"), x.get("index_p50_ms"), x.get("hydrate_p50_ms"),
-                       x.get("service_p50_ms"), x.get("stdio_p50_ms"), x.get("stdio_overhead_p50_ms"),
-                       x.get("http_p50_ms"), x.get("http_overhead_p50_ms")] for x in breakdown])
+        out += [
+            "",
+            "Where the time goes (medians, ms): the steps of `RagService.search` timed in-process on the same "
+            "data, then end to end; *overhead* is, per call, the client's time minus the server's own time "
+            "inside the tool (client library, transport, the SDK's request handling).",
+            "",
+        ]
+        out += table(
+            [
+                "chunks",
+                "mode",
+                "query embedding",
+                "index query",
+                "PG hydration",
+                "service.search",
+                "stdio e2e",
+                "stdio overhead",
+                "HTTP e2e",
+                "HTTP overhead",
+            ],
+            [
+                [
+                    x["chunks"],
+                    x["mode"],
+                    x.get("embed_p50_ms"),
+                    x.get("index_p50_ms"),
+                    x.get("hydrate_p50_ms"),
+                    x.get("service_p50_ms"),
+                    x.get("stdio_p50_ms"),
+                    x.get("stdio_overhead_p50_ms"),
+                    x.get("http_p50_ms"),
+                    x.get("http_overhead_p50_ms"),
+                ]
+                for x in breakdown
+            ],
+        )
     if levels := by("concurrency", "level"):
         out += ["", "### Concurrency over streamable HTTP (3)", ""]
-        out += table(["server", "clients", "chunks", "searches/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-                      "server CPU ms per search", "server CPU s", "client CPU s", "seconds"],
-                     [[x.get("setup"), x["clients"], x["chunks"], x["searches_per_s"], x["p50_ms"], x["p95_ms"],
-                       x["p99_ms"], x["errors"], x.get("server_cpu_ms_per_search"), x["server_cpu_s"],
-                       x["client_cpu_s"], x["seconds"]] for x in levels])
+        out += table(
+            [
+                "server",
+                "clients",
+                "chunks",
+                "searches/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "errors",
+                "server CPU ms per search",
+                "server CPU s",
+                "client CPU s",
+                "seconds",
+            ],
+            [
+                [
+                    x.get("setup"),
+                    x["clients"],
+                    x["chunks"],
+                    x["searches_per_s"],
+                    x["p50_ms"],
+                    x["p95_ms"],
+                    x["p99_ms"],
+                    x["errors"],
+                    x.get("server_cpu_ms_per_search"),
+                    x["server_cpu_s"],
+                    x["client_cpu_s"],
+                    x["seconds"],
+                ]
+                for x in levels
+            ],
+        )
     if rss := by("memory", "rss"):
         out += ["", "### Memory of the server process (4)", ""]
-        out += table(["mode", "phase", "index chunks", "VmRSS at end (MiB)", "of which RssAnon", "of which RssFile",
-                      "peak sampled VmRSS (MiB)", "VmHWM (MiB)"],
-                     [[x["mode"], x["phase"], x.get("chunks"), x["rss_mib"], x.get("anon_mib"), x.get("file_mib"),
-                       x["peak_mib"], x["hwm_mib"]] for x in rss])
+        out += table(
+            [
+                "mode",
+                "phase",
+                "index chunks",
+                "VmRSS at end (MiB)",
+                "of which RssAnon",
+                "of which RssFile",
+                "peak sampled VmRSS (MiB)",
+                "VmHWM (MiB)",
+            ],
+            [
+                [
+                    x["mode"],
+                    x["phase"],
+                    x.get("chunks"),
+                    x["rss_mib"],
+                    x.get("anon_mib"),
+                    x.get("file_mib"),
+                    x["peak_mib"],
+                    x["hwm_mib"],
+                ]
+                for x in rss
+            ],
+        )
     if starts := by("coldstart", "ready"):
         out += ["", "### Cold start (5)", ""]
         rows = [[x["setup"], x["repeats"], x["median_s"], x["min_s"], x["max_s"]] for x in starts]
-        rows += [[f"{x['setup']} (first start, initdb)", 1, x["seconds"], x["seconds"], x["seconds"]]
-                 for x in by("coldstart", "first_start")]
-        rows += [[f"import {x['module']} only", len(x["samples_s"]), x["median_s"], min(x["samples_s"]),
-                  max(x["samples_s"])] for x in by("coldstart", "imports")]
+        rows += [
+            [f"{x['setup']} (first start, initdb)", 1, x["seconds"], x["seconds"], x["seconds"]]
+            for x in by("coldstart", "first_start")
+        ]
+        rows += [
+            [f"import {x['module']} only", len(x["samples_s"]), x["median_s"], min(x["samples_s"]), max(x["samples_s"])]
+            for x in by("coldstart", "imports")
+        ]
         out += table(["setup", "starts", "median s", "min s", "max s"], rows)
     if evals := by("retrieval", "eval"):
         out += ["", "### Retrieval quality, `mcp-rag eval` (6)", ""]
-        out += table(["dataset", "mode", "nDCG@10", "Recall@100", "queries", "subset", "eval wall time s"],
-                     [[x["dataset"], x["mode"], f"{x['ndcg_at_10']:.4f}", f"{x['recall_at_100']:.4f}", x["queries"],
-                       x["subset"], x["total_seconds"]] for x in evals])
+        out += table(
+            ["dataset", "mode", "nDCG@10", "Recall@100", "queries", "subset", "eval wall time s"],
+            [
+                [
+                    x["dataset"],
+                    x["mode"],
+                    f"{x['ndcg_at_10']:.4f}",
+                    f"{x['recall_at_100']:.4f}",
+                    x["queries"],
+                    x["subset"],
+                    x["total_seconds"],
+                ]
+                for x in evals
+            ],
+        )
     out += ["", END]
     return "\n".join(out)
 
@@ -209,10 +361,16 @@ def main() -> None:
     p.add_argument("--only", default=",".join(BENCHES))
     p.add_argument("--output", type=Path, default=DOC)
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
-    p.add_argument("--render-only", action="store_true",
-                   help="run nothing: rewrite docs/benchmarks.md from the last results in --work-dir")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the previous results (<work-dir>/results.jsonl) of the benchmarks not run now")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: rewrite docs/benchmarks.md from the last results in --work-dir",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the previous results (<work-dir>/results.jsonl) of the benchmarks not run now",
+    )
     args = p.parse_args()
     names = [] if args.render_only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(BENCHES)
@@ -230,18 +388,28 @@ def main() -> None:
         log(f"wrote {args.output}")
         return
     model = model_dir(args.model_dir)
-    info: dict[str, Any] = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                            "machine": machine(),
-                            "command": "python -m bench.all" + (" --quick" if args.quick else "")
-                            + (" --tiny" if args.tiny else ""), "failures": []}
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "python -m bench.all" + (" --quick" if args.quick else "") + (" --tiny" if args.tiny else ""),
+        "failures": [],
+    }
     pg = Postgres(args.pg_dsn)
     info["versions"] = versions(pg.admin_dsn)
     if args.merge and saved.is_file():  # the header describes the run that produced most figures
         previous = json.loads(saved.read_text())
         info["date"] = f"{previous['date'].split(' (updated')[0]} (updated {info['date']})"
     saved.write_text(json.dumps({k: v for k, v in info.items() if k != "runs"}))
-    extra = ["--dataset", str(args.dataset), "--work-dir", str(args.work_dir), "--pg-dsn", pg.admin_dsn,
-             "--model-dir", str(model)]
+    extra = [
+        "--dataset",
+        str(args.dataset),
+        "--work-dir",
+        str(args.work_dir),
+        "--pg-dsn",
+        pg.admin_dsn,
+        "--model-dir",
+        str(model),
+    ]
     for key, value in args.set:
         extra += ["--set", f"{key}={value}"]
     extra += ["--quick"] if args.quick else []
@@ -261,9 +429,13 @@ def main() -> None:
             got, code, seconds = run_bench(name, extra)
             lines += got
             log(f"bench.{name}: exit {code} after {seconds:.0f}s")
-            info["runs"][name] = {"started": started, "seconds": round(seconds), "exit": code,
-                                  "load_1min": [load_before, machine()["load_avg"][0]],
-                                  "args": " ".join(a for a in extra if a in ("--quick", "--tiny"))}
+            info["runs"][name] = {
+                "started": started,
+                "seconds": round(seconds),
+                "exit": code,
+                "load_1min": [load_before, machine()["load_avg"][0]],
+                "args": " ".join(a for a in extra if a in ("--quick", "--tiny")),
+            }
             if code != 0:
                 info["failures"].append(f"{name} (exit {code})")
             results.write_text("".join(json.dumps(x) + "\n" for x in lines))

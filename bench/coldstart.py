@@ -68,8 +68,17 @@ def main() -> None:
                 samples.append(server.ready_seconds)
                 stop_process(server.process)
                 log(f"{setup} start {i + 1}/{repeats}: {server.ready_seconds:.2f}s")
-            emit(BENCH, "ready", setup=setup, repeats=repeats, median_s=median(samples), min_s=min(samples),
-                 max_s=max(samples), samples_s=samples, targets={"median_s": ("<=", TARGET_S)})
+            emit(
+                BENCH,
+                "ready",
+                setup=setup,
+                repeats=repeats,
+                median_s=median(samples),
+                min_s=min(samples),
+                max_s=max(samples),
+                samples_s=samples,
+                targets={"median_s": ("<=", TARGET_S)},
+            )
             if dsn is not None and pg is not None:
                 pg.drop("bench_coldstart")
     finally:

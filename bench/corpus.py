@@ -50,8 +50,14 @@ class Seed:
 def settings_for(data_dir: Path, database_url: str, model: Path, **extra: Any) -> Any:
     from mcp_rag.settings import Settings
 
-    return Settings(data_dir=data_dir, database_url=database_url, embedding_model_dir=model,  # type: ignore[call-arg]
-                    sync_in_server=False, _env_file=None, **extra)
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        embedding_model_dir=model,  # type: ignore[call-arg]
+        sync_in_server=False,
+        _env_file=None,
+        **extra,
+    )
 
 
 def load_seed(dataset: Path, doc_limit: int | None, model: Path, pg: Postgres, work: Path) -> Seed:
@@ -92,7 +98,8 @@ async def _embed_seed(corpus: Path, model: Path, pg: Postgres, scratch: Path, ke
                     """SELECT d.metadata->>'corpus_id', d.title, d.content, c.position, c.text, c.start_char,
                               c.end_char, c.heading_path, c.dense, c.sparse_indices, c.sparse_values
                        FROM chunks c JOIN documents d ON d.id = c.document_id
-                       ORDER BY d.source_uri, c.position""")
+                       ORDER BY d.source_uri, c.position"""
+                )
                 rows = await cur.fetchall()
     finally:
         pg.drop(db)
@@ -102,8 +109,17 @@ async def _embed_seed(corpus: Path, model: Path, pg: Postgres, scratch: Path, ke
     for r in rows:
         if not out_docs or out_docs[-1]["corpus_id"] != r[0]:
             out_docs.append({"corpus_id": r[0], "title": r[1], "content": r[2], "first": len(chunks)})
-        chunks.append({"position": r[3], "text": r[4], "start": r[5], "end": r[6], "heading_path": list(r[7]),
-                       "indices": list(r[9]), "values": list(r[10])})
+        chunks.append(
+            {
+                "position": r[3],
+                "text": r[4],
+                "start": r[5],
+                "end": r[6],
+                "heading_path": list(r[7]),
+                "indices": list(r[9]),
+                "values": list(r[10]),
+            }
+        )
         vectors.append(np.frombuffer(r[8], dtype="<f4"))
         out_docs[-1]["last"] = len(chunks)
     return Seed(key, out_docs, chunks, np.stack(vectors).astype(np.float32))
@@ -179,19 +195,40 @@ async def _build(seed: Seed, target: int, dsn: str, index_dir: Path) -> dict[str
             for doc in seed.docs:
                 if written >= target:
                     break
-                uri = (f"file:///bench/corpus.jsonl#{doc['corpus_id']}" if copy == 0
-                       else f"bench://synthetic/{copy}/{doc['corpus_id']}")
+                uri = (
+                    f"file:///bench/corpus.jsonl#{doc['corpus_id']}"
+                    if copy == 0
+                    else f"bench://synthetic/{copy}/{doc['corpus_id']}"
+                )
                 title = doc["title"] if copy == 0 else f"{doc['title']} (synthetic {copy})"
                 metadata = {"corpus_id": doc["corpus_id"], "copy": copy}
                 source = SourceDocument(uri, doc["content"], title=title, metadata=metadata)
                 new_chunks = []
                 for i in range(doc["first"], doc["last"]):
                     c = seed.chunks[i]
-                    new_chunks.append(NewChunk(c["position"], c["text"], c["start"], c["end"],
-                                               tuple(c["heading_path"]), dense[i],
-                                               SparseVector(c["indices"], c["values"])))
-                batch.append(DocumentWrite(TENANT, CORPUS_COLLECTION, uri, title, metadata, doc["content"],
-                                           content_hash(source), new_chunks))
+                    new_chunks.append(
+                        NewChunk(
+                            c["position"],
+                            c["text"],
+                            c["start"],
+                            c["end"],
+                            tuple(c["heading_path"]),
+                            dense[i],
+                            SparseVector(c["indices"], c["values"]),
+                        )
+                    )
+                batch.append(
+                    DocumentWrite(
+                        TENANT,
+                        CORPUS_COLLECTION,
+                        uri,
+                        title,
+                        metadata,
+                        doc["content"],
+                        content_hash(source),
+                        new_chunks,
+                    )
+                )
                 written += len(new_chunks)
                 documents += 1
                 if copy == 0:

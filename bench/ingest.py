@@ -51,18 +51,30 @@ def chunk_texts(dsn: str, model: Path, scratch: Path) -> list[str]:
     from mcp_rag.settings import Settings
 
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT d.title, c.heading_path, c.text FROM chunks c"
-                            " JOIN documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
-    settings = Settings(data_dir=scratch, embedding_model_dir=model, _env_file=None,  # type: ignore[call-arg]
-                        **{k: v for k, v in EXTRA_SETTINGS.items() if k.startswith("chunk_")})
+        rows = conn.execute(
+            "SELECT d.title, c.heading_path, c.text FROM chunks c"
+            " JOIN documents d ON d.id = c.document_id ORDER BY c.id"
+        ).fetchall()
+    settings = Settings(
+        data_dir=scratch,
+        embedding_model_dir=model,
+        _env_file=None,  # type: ignore[call-arg]
+        **{k: v for k, v in EXTRA_SETTINGS.items() if k.startswith("chunk_")},
+    )
     items = [(SourceDocument("x", "x", title=r[0]), r[1], r[2]) for r in rows]
     return passage_texts(Embedder(settings), settings.chunk_tokens, items)
 
 
 def run_cli_ingest(env: dict[str, str], corpus: Path, cwd: Path) -> tuple[float, int, str]:
     started = time.perf_counter()
-    out = subprocess.run([*mcp_rag_command(), "ingest", str(corpus), "--no-progress"], env=env, cwd=cwd,
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [*mcp_rag_command(), "ingest", str(corpus), "--no-progress"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     if out.returncode != 0:
         raise RuntimeError(f"mcp-rag ingest failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-3000:]}")
@@ -139,9 +151,12 @@ def main() -> None:
                     result[f"{step}_seconds"] = raw.run(texts, by_length=step == "raw_sorted")
             chunks = result["chunks"]
             row = {
-                "docs": len(docs), "chunks": chunks,
-                "ingest_seconds": result["ingest_seconds"], "fixed_seconds": result["fixed_seconds"],
-                "raw_seconds": result["raw_seconds"], "raw_sorted_seconds": result["raw_sorted_seconds"],
+                "docs": len(docs),
+                "chunks": chunks,
+                "ingest_seconds": result["ingest_seconds"],
+                "fixed_seconds": result["fixed_seconds"],
+                "raw_seconds": result["raw_seconds"],
+                "raw_sorted_seconds": result["raw_sorted_seconds"],
                 "ingest_chunks_per_s": chunks / result["ingest_seconds"],
                 "ingest_docs_per_s": len(docs) / result["ingest_seconds"],
                 "raw_chunks_per_s": chunks / result["raw_seconds"],
@@ -154,9 +169,17 @@ def main() -> None:
             rows.append(row)
             emit(BENCH, "round", round=r + 1, order="/".join(order), **row)
         summary_fields = {key: median([row[key] for row in rows]) for key in rows[0] if key not in ("docs", "chunks")}
-        emit(BENCH, "summary", rounds=rounds, docs=len(docs), chunks=rows[0]["chunks"],
-             batch_size=raw.batch, threads=raw.threads or "onnxruntime default", **summary_fields,
-             targets={"efficiency": (">=", TARGET)})
+        emit(
+            BENCH,
+            "summary",
+            rounds=rounds,
+            docs=len(docs),
+            chunks=rows[0]["chunks"],
+            batch_size=raw.batch,
+            threads=raw.threads or "onnxruntime default",
+            **summary_fields,
+            targets={"efficiency": (">=", TARGET)},
+        )
     finally:
         pg.close()
 

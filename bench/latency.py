@@ -67,32 +67,46 @@ async def in_process(settings: Any, queries: list[str], warmup: int) -> dict[str
     from mcp_rag.runtime import open_runtime
     from mcp_rag.service import SearchFilters
 
-    steps: dict[str, dict[str, list[float]]] = {m: {"embed": [], "index": [], "hydrate": [], "service": []}
-                                                for m in MODES}
+    steps: dict[str, dict[str, list[float]]] = {
+        m: {"embed": [], "index": [], "hydrate": [], "service": []} for m in MODES
+    }
     async with open_runtime(settings, follow_changes=False) as rt:
         service = rt.service
         filters = SearchFilters(collection=CORPUS_COLLECTION)
         search_filter = service._index_filter(TENANT, filters)
         s = settings
-        fusion = FusionParams(method=s.fusion, rrf_k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight),
-                              prefetch_limit=max(s.prefetch_limit, TOP_K))
+        fusion = FusionParams(
+            method=s.fusion,
+            rrf_k=s.rrf_k,
+            weights=(s.dense_weight, s.sparse_weight),
+            prefetch_limit=max(s.prefetch_limit, TOP_K),
+        )
         for i, query in enumerate(queries[:warmup] + queries):
             for mode in MODES:
                 t0 = time.perf_counter()
                 e = await rt.embedder.embed_query(query, dense=mode != "lexical")
                 t1 = time.perf_counter()
-                hits = await rt.index.query(IndexQuery(
-                    filter=search_filter, limit=TOP_K, fusion=fusion,
-                    dense=e.dense.tolist() if e.dense is not None else None,
-                    sparse=e.sparse if mode in ("hybrid", "lexical") else None))
+                hits = await rt.index.query(
+                    IndexQuery(
+                        filter=search_filter,
+                        limit=TOP_K,
+                        fusion=fusion,
+                        dense=e.dense.tolist() if e.dense is not None else None,
+                        sparse=e.sparse if mode in ("hybrid", "lexical") else None,
+                    )
+                )
                 t2 = time.perf_counter()
                 await rt.store.hydrate(TENANT, [h.id for h in hits])
                 t3 = time.perf_counter()
                 await service.search(TENANT, query, mode=mode, top_k=TOP_K, filters=filters)
                 t4 = time.perf_counter()
                 if i >= warmup:
-                    for key, value in (("embed", t1 - t0), ("index", t2 - t1), ("hydrate", t3 - t2),
-                                       ("service", t4 - t3)):
+                    for key, value in (
+                        ("embed", t1 - t0),
+                        ("index", t2 - t1),
+                        ("hydrate", t3 - t2),
+                        ("service", t4 - t3),
+                    ):
                         steps[mode][key].append(value)
     return steps
 
@@ -105,8 +119,9 @@ async def over_client(client: Any, queries: list[str], warmup: int) -> tuple[dic
             for mode in MODES:
                 started = time.perf_counter()
                 try:
-                    result = await client.call_tool("search", {"query": query, "mode": mode, "top_k": TOP_K,
-                                                               "collection": CORPUS_COLLECTION})
+                    result = await client.call_tool(
+                        "search", {"query": query, "mode": mode, "top_k": TOP_K, "collection": CORPUS_COLLECTION}
+                    )
                     failed = tool_error(result) is not None or not result.structured_content["results"]
                 except Exception as exc:
                     log(f"search failed: {exc!r}")
@@ -163,9 +178,14 @@ def main() -> None:
             log(f"{size}: in-process step timings")
             steps = anyio.run(in_process, settings_for(data_dir, dsn, model, **EXTRA_SETTINGS), queries, warmup)
             for mode in MODES:
-                emit(BENCH, "inprocess", mode=mode, **common,
-                     **{f"{k}_p50_ms": median(v) * 1000 for k, v in steps[mode].items()},
-                     **{f"{k}_p95_ms": sorted(v)[int(0.95 * (len(v) - 1))] * 1000 for k, v in steps[mode].items()})
+                emit(
+                    BENCH,
+                    "inprocess",
+                    mode=mode,
+                    **common,
+                    **{f"{k}_p50_ms": median(v) * 1000 for k, v in steps[mode].items()},
+                    **{f"{k}_p95_ms": sorted(v)[int(0.95 * (len(v) - 1))] * 1000 for k, v in steps[mode].items()},
+                )
             env = server_env(data_dir, model, dsn)
             e2e: dict[str, dict[str, list[float]]] = {}
             outside: dict[str, dict[str, list[float]]] = {}
@@ -186,17 +206,26 @@ def main() -> None:
                 for k, mode in enumerate(MODES):
                     tool = inside[k :: len(MODES)] if len(inside) == len(queries) * len(MODES) else []
                     outside[transport][mode] = [a - b for a, b in zip(samples[mode], tool, strict=False)]
-                    emit(BENCH, "e2e", transport=transport, mode=mode, **common, n=len(samples[mode]),
-                         errors=errors[mode], **latency_fields(samples[mode]),
-                         server_tool_p50_ms=median(tool) * 1000 if tool else None,
-                         outside_tool_p50_ms=median(outside[transport][mode]) * 1000 if tool else None,
-                         targets=targets_for(size, transport, mode))
+                    emit(
+                        BENCH,
+                        "e2e",
+                        transport=transport,
+                        mode=mode,
+                        **common,
+                        n=len(samples[mode]),
+                        errors=errors[mode],
+                        **latency_fields(samples[mode]),
+                        server_tool_p50_ms=median(tool) * 1000 if tool else None,
+                        outside_tool_p50_ms=median(outside[transport][mode]) * 1000 if tool else None,
+                        targets=targets_for(size, transport, mode),
+                    )
             for mode in MODES:
                 row: dict[str, Any] = {f"{k}_p50_ms": median(v) * 1000 for k, v in steps[mode].items()}
                 for transport, samples in e2e.items():
                     row[f"{transport}_p50_ms"] = median(samples[mode]) * 1000
-                    row[f"{transport}_overhead_p50_ms"] = median(outside[transport][mode]) * 1000 \
-                        if outside[transport][mode] else None
+                    row[f"{transport}_overhead_p50_ms"] = (
+                        median(outside[transport][mode]) * 1000 if outside[transport][mode] else None
+                    )
                 emit(BENCH, "breakdown", mode=mode, chunks=corpus.chunks, **row)
             pg.drop(db)
     finally:

@@ -74,9 +74,19 @@ def record(mode: str, phase: str, sampler: RssSampler, pid: int, **extra: Any) -
     targets: dict[str, tuple[str, float]] = {"hwm_mib": ("<=", PEAK_MIB)}
     if phase.startswith("idle"):
         targets["rss_mib"] = ("<=", IDLE_MIB)
-    emit(BENCH, "rss", mode=mode, phase=phase, rss_mib=status.get("VmRSS"), peak_mib=sampler.peak(),
-         hwm_mib=status.get("VmHWM"), anon_mib=status.get("RssAnon"), file_mib=status.get("RssFile"),
-         targets=targets, **extra)
+    emit(
+        BENCH,
+        "rss",
+        mode=mode,
+        phase=phase,
+        rss_mib=status.get("VmRSS"),
+        peak_mib=sampler.peak(),
+        hwm_mib=status.get("VmHWM"),
+        anon_mib=status.get("RssAnon"),
+        file_mib=status.get("RssFile"),
+        targets=targets,
+        **extra,
+    )
 
 
 def main() -> None:
@@ -84,9 +94,13 @@ def main() -> None:
     p.add_argument("--modes", default="embedded,server")
     p.add_argument("--docs", type=int, default=None, help="documents ingested (default 1000; quick 200)")
     p.add_argument("--size", type=int, default=None, help="large corpus in chunks (default 100000; quick 10000)")
-    p.add_argument("--server-size", type=int, default=None,
-                   help="large corpus for server mode (default: --size, at most 20000: qdrant-client local mode"
-                        " indexes ~100 points/s at that size and warns above 20,000 points)")
+    p.add_argument(
+        "--server-size",
+        type=int,
+        default=None,
+        help="large corpus for server mode (default: --size, at most 20000: qdrant-client local mode"
+        " indexes ~100 points/s at that size and warns above 20,000 points)",
+    )
     p.add_argument("--load-seconds", type=float, default=None, help="search load per phase (default 10; quick 3)")
     args = p.parse_args()
     dataset = check_dataset(args.dataset)
@@ -113,19 +127,27 @@ def main() -> None:
             db = f"bench_memory_{mode}"
             env = server_env(data_dir, model, pg.create(db), allowed_roots=corpus_file.parent)
             log(f"{mode}: idle, ingest of {n_docs} documents, search load")
-            with http_server(env, work / f"{mode}.log", command=command(mode), cwd=data_dir) as server, \
-                    RssSampler(server.pid) as sampler:
+            with (
+                http_server(env, work / f"{mode}.log", command=command(mode), cwd=data_dir) as server,
+                RssSampler(server.pid) as sampler,
+            ):
                 time.sleep(settle)
                 record(mode, "idle", sampler, server.pid, ready_s=server.ready_seconds)
                 sampler.reset()
                 started = time.perf_counter()
                 out = anyio.run(ingest_file, server.url, corpus_file)
-                record(mode, "ingest", sampler, server.pid, docs=n_docs, ingested_chunks=out.get("chunks"),
-                       seconds=time.perf_counter() - started)
+                record(
+                    mode,
+                    "ingest",
+                    sampler,
+                    server.pid,
+                    docs=n_docs,
+                    ingested_chunks=out.get("chunks"),
+                    seconds=time.perf_counter() - started,
+                )
                 sampler.reset()
                 res = anyio.run(level, server.url, 8, load_seconds, queries)
-                record(mode, "search", sampler, server.pid, clients=8, searches=res["searches"],
-                       errors=res["errors"])
+                record(mode, "search", sampler, server.pid, clients=8, searches=res["searches"], errors=res["errors"])
             pg.drop(db)
 
             data_dir = fresh_dir(work / f"large-{mode}")
@@ -133,19 +155,37 @@ def main() -> None:
             dsn = large.materialize(pg, db, data_dir)
             log(f"{mode}: server on the {large.chunks}-chunk corpus")
             env = server_env(data_dir, model, dsn, allowed_roots=corpus_file.parent)
-            with http_server(env, work / f"{mode}-large.log", command=command(mode), cwd=data_dir) as server, \
-                    RssSampler(server.pid) as sampler:
+            with (
+                http_server(env, work / f"{mode}-large.log", command=command(mode), cwd=data_dir) as server,
+                RssSampler(server.pid) as sampler,
+            ):
                 time.sleep(settle)
                 record(mode, "idle_large", sampler, server.pid, chunks=large.chunks, ready_s=server.ready_seconds)
                 sampler.reset()
                 res = anyio.run(level, server.url, 8, load_seconds, queries)
-                record(mode, "search_large", sampler, server.pid, chunks=large.chunks, clients=8,
-                       searches=res["searches"], errors=res["errors"])
+                record(
+                    mode,
+                    "search_large",
+                    sampler,
+                    server.pid,
+                    chunks=large.chunks,
+                    clients=8,
+                    searches=res["searches"],
+                    errors=res["errors"],
+                )
                 sampler.reset()
                 started = time.perf_counter()
                 out = anyio.run(ingest_file, server.url, corpus_file)
-                record(mode, "ingest_large", sampler, server.pid, chunks=large.chunks, docs=n_docs,
-                       ingested_chunks=out.get("chunks"), seconds=time.perf_counter() - started)
+                record(
+                    mode,
+                    "ingest_large",
+                    sampler,
+                    server.pid,
+                    chunks=large.chunks,
+                    docs=n_docs,
+                    ingested_chunks=out.get("chunks"),
+                    seconds=time.perf_counter() - started,
+                )
             pg.drop(db)
     finally:
         pg.close()

@@ -54,8 +54,13 @@ async def measure(env: dict[str, str], work: Path, queries: list[str], top_k: in
     async with stdio_client(env, work / "server.log", work) as client:
         listed = await client.list_tools()
         schemas = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listed.tools]
-        emit(BENCH, "tools_list", tools=len(schemas), chars=len(json.dumps(schemas)),
-             output_schema_chars=sum(len(json.dumps(s.get("outputSchema", {}))) for s in schemas))
+        emit(
+            BENCH,
+            "tools_list",
+            tools=len(schemas),
+            chars=len(json.dumps(schemas)),
+            output_schema_chars=sum(len(json.dumps(s.get("outputSchema", {}))) for s in schemas),
+        )
         for query in queries:
             result = await client.call_tool("search", {"query": query, "top_k": top_k})
             found = result.structured_content["results"]
@@ -68,9 +73,17 @@ async def measure(env: dict[str, str], work: Path, queries: list[str], top_k: in
                 chars.setdefault(name, []).append(len(rendered) / base_chars - 1)
                 tokens.setdefault(name, []).append(len(tokenizer.encode(rendered).ids) / base_tokens - 1)
     for name in chars:
-        emit(BENCH, "format", format=name, top_k=top_k, searches=len(chars[name]), hits=hits,
-             overhead_chars=median(chars[name]), overhead_tokens=median(tokens[name]),
-             targets={"overhead_chars": ("<=", 0.40)} if name == "text" else None)
+        emit(
+            BENCH,
+            "format",
+            format=name,
+            top_k=top_k,
+            searches=len(chars[name]),
+            hits=hits,
+            overhead_chars=median(chars[name]),
+            overhead_tokens=median(tokens[name]),
+            targets={"overhead_chars": ("<=", 0.40)} if name == "text" else None,
+        )
 
 
 def main() -> None:
@@ -90,8 +103,13 @@ def main() -> None:
     try:
         env = server_env(fresh_dir(work / "data"), model, pg.create("bench_results"))
         log(f"ingesting {n_docs} documents")
-        subprocess.run([*mcp_rag_command(), "ingest", str(corpus), "--no-progress"], env=env, cwd=work,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*mcp_rag_command(), "ingest", str(corpus), "--no-progress"],
+            env=env,
+            cwd=work,
+            check=True,
+            capture_output=True,
+        )
         for top_k in (5, 10):
             anyio.run(measure, env, work, queries, top_k, tokenizer)
         pg.drop("bench_results")

@@ -73,8 +73,9 @@ def main() -> None:
         env = server_env(fresh_dir(work / "data"), model, dsn)
         log(f"mcp-rag eval {dataset} (ingests the whole corpus: minutes)")
         started = time.perf_counter()
-        out = subprocess.run([*mcp_rag_command(), "eval", str(dataset)], env=env, cwd=work, capture_output=True,
-                             text=True, check=False)
+        out = subprocess.run(
+            [*mcp_rag_command(), "eval", str(dataset)], env=env, cwd=work, capture_output=True, text=True, check=False
+        )
         seconds = time.perf_counter() - started
         if out.returncode != 0:
             raise RuntimeError(f"mcp-rag eval failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-3000:]}")
@@ -82,9 +83,18 @@ def main() -> None:
         if not rows:
             raise RuntimeError(f"no result rows in the eval output:\n{out.stdout}")
         for mode, ndcg, recall, queries, folded in rows:
-            emit(BENCH, "eval", mode=mode, dataset=args.dataset.name, subset=subset, ndcg_at_10=float(ndcg),
-                 recall_at_100=float(recall), queries=int(queries), ndcg_at_10_folded=float(folded),
-                 total_seconds=seconds)
+            emit(
+                BENCH,
+                "eval",
+                mode=mode,
+                dataset=args.dataset.name,
+                subset=subset,
+                ndcg_at_10=float(ndcg),
+                recall_at_100=float(recall),
+                queries=int(queries),
+                ndcg_at_10_folded=float(folded),
+                total_seconds=seconds,
+            )
         pg.drop("bench_retrieval")
     finally:
         pg.close()

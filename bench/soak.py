@@ -49,10 +49,43 @@ RSS_GROWTH = 0.25
 """Resident memory the server may gain after warm-up, as a fraction of the warm-up value."""
 
 WORDS = (
-    "granite", "harbour", "lantern", "meadow", "orbit", "quartz", "ribbon", "saffron", "timber", "velvet",
-    "walnut", "zephyr", "anchor", "bramble", "cobalt", "delta", "ember", "falcon", "glacier", "hollow", "indigo",
-    "juniper", "kestrel", "lagoon", "basalt", "tide", "anemone", "lichen", "fungus", "moss", "fern", "cedar",
-    "willow", "heron", "otter", "beaver", "salmon",
+    "granite",
+    "harbour",
+    "lantern",
+    "meadow",
+    "orbit",
+    "quartz",
+    "ribbon",
+    "saffron",
+    "timber",
+    "velvet",
+    "walnut",
+    "zephyr",
+    "anchor",
+    "bramble",
+    "cobalt",
+    "delta",
+    "ember",
+    "falcon",
+    "glacier",
+    "hollow",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lagoon",
+    "basalt",
+    "tide",
+    "anemone",
+    "lichen",
+    "fungus",
+    "moss",
+    "fern",
+    "cedar",
+    "willow",
+    "heron",
+    "otter",
+    "beaver",
+    "salmon",
 )
 
 
@@ -89,9 +122,13 @@ class SoakResult:
         max_fds = max(s.fds for s in later)
         max_rss = max(s.rss_kb for s in later)
         return {
-            "rss_kb_warm": warm.rss_kb, "rss_kb_end": end.rss_kb, "rss_kb_max_after_warmup": max_rss,
+            "rss_kb_warm": warm.rss_kb,
+            "rss_kb_end": end.rss_kb,
+            "rss_kb_max_after_warmup": max_rss,
             "rss_growth": (end.rss_kb - warm.rss_kb) / warm.rss_kb if warm.rss_kb else 0.0,
-            "fds_warm": warm.fds, "fds_end": end.fds, "fds_max_after_warmup": max_fds,
+            "fds_warm": warm.fds,
+            "fds_end": end.fds,
+            "fds_max_after_warmup": max_fds,
             "no_errors": self.errors == 0,
             "fds_flat": max_fds <= warm.fds + FD_SLACK,
             "rss_flat": max_rss <= warm.rss_kb * (1 + RSS_GROWTH),
@@ -112,17 +149,27 @@ def _text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
 
-async def soak(url: str, pid: int, *, seconds: float, clients: int = 32, warmup: float = 30.0,
-               interval: float = 1.0, ingest_every: int = 4,
-               on_sample: Callable[[Sample], None] | None = None) -> SoakResult:
+async def soak(
+    url: str,
+    pid: int,
+    *,
+    seconds: float,
+    clients: int = 32,
+    warmup: float = 30.0,
+    interval: float = 1.0,
+    ingest_every: int = 4,
+    on_sample: Callable[[Sample], None] | None = None,
+) -> SoakResult:
     """Run the load; returns counts and the samples (the caller judges them with ``verdict``)."""
     result = SoakResult(seconds=seconds, clients=clients, warmup=warmup)
     run = uuid.uuid4().hex[:8]
     async with AsyncExitStack() as stack:
         sessions = [await stack.enter_async_context(http_client(url)) for _ in range(clients)]
         for i, session in enumerate(sessions):  # one document per client before the clock starts
-            seeded = await session.call_tool("ingest_text", {"text": _text(random.Random(i), 30),
-                                                             "source_uri": f"soak://{run}/c{i}/0", "title": f"c{i}"})
+            seeded = await session.call_tool(
+                "ingest_text",
+                {"text": _text(random.Random(i), 30), "source_uri": f"soak://{run}/c{i}/0", "title": f"c{i}"},
+            )
             if tool_error(seeded):
                 raise RuntimeError(f"seeding failed: {tool_error(seeded)}")
         started = time.monotonic()
@@ -138,9 +185,14 @@ async def soak(url: str, pid: int, *, seconds: float, clients: int = 32, warmup:
                         outcome = await session.call_tool("search", {"query": _text(rng, 4), "top_k": 5})
                         result.searches += 1
                     else:
-                        outcome = await session.call_tool("ingest_text", {
-                            "text": _text(rng, rng.randint(20, 60)), "source_uri": f"soak://{run}/c{i}/{k % 16 // 4}",
-                            "title": f"client {i} document {k % 16 // 4}"})
+                        outcome = await session.call_tool(
+                            "ingest_text",
+                            {
+                                "text": _text(rng, rng.randint(20, 60)),
+                                "source_uri": f"soak://{run}/c{i}/{k % 16 // 4}",
+                                "title": f"client {i} document {k % 16 // 4}",
+                            },
+                        )
                         result.ingests += 1
                     error = tool_error(outcome)
                 except Exception as exc:  # a transport failure counts as an error too
@@ -181,8 +233,11 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=None, help="seconds before the baseline sample (default: 1/6)")
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--ingest-every", type=int, default=4, help="every Nth call of a client is an ingest (0: none)")
-    p.add_argument("--pg-dsn", default=os.environ.get("MCP_RAG_BENCH_PG_DSN"),
-                   help="admin DSN of a running PostgreSQL (default: start one with tests/pgcluster.py)")
+    p.add_argument(
+        "--pg-dsn",
+        default=os.environ.get("MCP_RAG_BENCH_PG_DSN"),
+        help="admin DSN of a running PostgreSQL (default: start one with tests/pgcluster.py)",
+    )
     p.add_argument("--work-dir", type=Path, default=Path("/var/tmp/mcp-rag-soak"))
     p.add_argument("--model-dir", type=Path, default=None)
     args = p.parse_args()
@@ -201,20 +256,45 @@ def main() -> None:
             def on_sample(s: Sample) -> None:
                 emit(BENCH, "sample", t=s.t, rss_mib=s.rss_kb / 1024, fds=s.fds, calls=s.calls, errors=s.errors)
 
-            result = anyio.run(lambda: soak(server.url, server.pid, seconds=args.seconds, clients=args.clients,
-                                            warmup=warmup, interval=args.interval, ingest_every=args.ingest_every,
-                                            on_sample=on_sample))
+            result = anyio.run(
+                lambda: soak(
+                    server.url,
+                    server.pid,
+                    seconds=args.seconds,
+                    clients=args.clients,
+                    warmup=warmup,
+                    interval=args.interval,
+                    ingest_every=args.ingest_every,
+                    on_sample=on_sample,
+                )
+            )
         verdict = result.verdict()
-        emit(BENCH, "summary", seconds=args.seconds, clients=args.clients, warmup_s=warmup,
-             ingest_every=args.ingest_every, calls=result.calls,
-             searches=result.searches, ingests=result.ingests, errors=result.errors,
-             calls_per_s=result.calls / args.seconds, error_examples=result.error_messages,
-             rss_mib_warm=verdict["rss_kb_warm"] / 1024, rss_mib_end=verdict["rss_kb_end"] / 1024,
-             rss_mib_max_after_warmup=verdict["rss_kb_max_after_warmup"] / 1024, rss_growth=verdict["rss_growth"],
-             fds_warm=verdict["fds_warm"], fds_end=verdict["fds_end"],
-             fds_max_after_warmup=verdict["fds_max_after_warmup"],
-             passed={"no_errors": verdict["no_errors"], "fds_flat": verdict["fds_flat"],
-                     "rss_flat": verdict["rss_flat"]})
+        emit(
+            BENCH,
+            "summary",
+            seconds=args.seconds,
+            clients=args.clients,
+            warmup_s=warmup,
+            ingest_every=args.ingest_every,
+            calls=result.calls,
+            searches=result.searches,
+            ingests=result.ingests,
+            errors=result.errors,
+            calls_per_s=result.calls / args.seconds,
+            error_examples=result.error_messages,
+            rss_mib_warm=verdict["rss_kb_warm"] / 1024,
+            rss_mib_end=verdict["rss_kb_end"] / 1024,
+            rss_mib_max_after_warmup=verdict["rss_kb_max_after_warmup"] / 1024,
+            rss_growth=verdict["rss_growth"],
+            fds_warm=verdict["fds_warm"],
+            fds_end=verdict["fds_end"],
+            fds_max_after_warmup=verdict["fds_max_after_warmup"],
+            passed={
+                "no_errors": verdict["no_errors"],
+                "fds_flat": verdict["fds_flat"],
+                "rss_flat": verdict["rss_flat"],
+            },
+        )
         if not result.passed:
             sys.exit(1)
     finally:

@@ -64,12 +64,24 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
         started = time.perf_counter()
         docs = [d for d in iter_corpus(dataset / "corpus.jsonl", settings.max_document_bytes) if d.text.strip()]
         report = await rt.service.ingest(tenant, COLLECTION, docs)
-        print(json.dumps({"ingest": {"added": report.added, "unchanged": report.unchanged,
-                                     "seconds": round(time.perf_counter() - started, 1)}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ingest": {
+                        "added": report.added,
+                        "unchanged": report.unchanged,
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                }
+            ),
+            flush=True,
+        )
         async with rt.store._reading() as conn:  # a benchmark may peek: map chunk ids to corpus ids
             cur = await conn.execute(
                 "SELECT c.id, d.metadata->>'corpus_id' FROM chunks c JOIN documents d ON d.id = c.document_id"
-                " WHERE d.tenant = %s AND d.collection = %s", (tenant, COLLECTION))
+                " WHERE d.tenant = %s AND d.collection = %s",
+                (tenant, COLLECTION),
+            )
             corpus_of = {row[0]: row[1] for row in await cur.fetchall()}
         flt = SearchFilter(tenant=tenant, collections=[COLLECTION])
         lists: dict[str, tuple[list[Hit], list[Hit], list[Hit]]] = {}
@@ -77,19 +89,27 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
             e = rt.embedder.embed_query_sync(queries[q])
             dense = await rt.index.query(IndexQuery(filter=flt, limit=CANDIDATES, dense=e.dense.tolist()))
             sparse = await rt.index.query(IndexQuery(filter=flt, limit=CANDIDATES, sparse=e.sparse))
-            fused = await rt.index.query(IndexQuery(
-                filter=flt, limit=CANDIDATES, dense=e.dense.tolist(), sparse=e.sparse,
-                fusion=FusionParams("dbsf", prefetch_limit=CANDIDATES)))
+            fused = await rt.index.query(
+                IndexQuery(
+                    filter=flt,
+                    limit=CANDIDATES,
+                    dense=e.dense.tolist(),
+                    sparse=e.sparse,
+                    fusion=FusionParams("dbsf", prefetch_limit=CANDIDATES),
+                )
+            )
             lists[q] = (dense, sparse, fused)
 
         rows = []
 
         def report_row(name: str, rankings: dict[str, list[str]]) -> None:
             n = len(judged)
-            row = {"config": name,
-                   "ndcg@10": round(sum(ndcg_at_k(rankings[q], qrels[q]) for q in judged) / n, 4),
-                   "recall@100": round(sum(recall_at_k(rankings[q], qrels[q]) for q in judged) / n, 4),
-                   "queries": n}
+            row = {
+                "config": name,
+                "ndcg@10": round(sum(ndcg_at_k(rankings[q], qrels[q]) for q in judged) / n, 4),
+                "recall@100": round(sum(recall_at_k(rankings[q], qrels[q]) for q in judged) / n, 4),
+                "queries": n,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
 

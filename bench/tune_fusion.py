@@ -36,12 +36,24 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
         started = time.perf_counter()
         docs = [d for d in iter_corpus(dataset / "corpus.jsonl", settings.max_document_bytes) if d.text.strip()]
         report = await rt.service.ingest(tenant, COLLECTION, docs)
-        print(json.dumps({"ingest": {"added": report.added, "unchanged": report.unchanged,
-                                     "seconds": round(time.perf_counter() - started, 1)}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ingest": {
+                        "added": report.added,
+                        "unchanged": report.unchanged,
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                }
+            ),
+            flush=True,
+        )
         async with rt.store._reading() as conn:  # a benchmark may peek: map chunk ids to corpus ids
             cur = await conn.execute(
                 "SELECT c.id, d.metadata->>'corpus_id' FROM chunks c JOIN documents d ON d.id = c.document_id"
-                " WHERE d.tenant = %s AND d.collection = %s", (tenant, COLLECTION))
+                " WHERE d.tenant = %s AND d.collection = %s",
+                (tenant, COLLECTION),
+            )
             corpus_of = {row[0]: row[1] for row in await cur.fetchall()}
         embedded = {q: rt.embedder.embed_query_sync(queries[q]) for q in judged}
         flt = SearchFilter(tenant=tenant, collections=[COLLECTION])
@@ -50,9 +62,15 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
             ndcg = recall = 0.0
             for q in judged:
                 e = embedded[q]
-                hits = await rt.index.query(IndexQuery(
-                    filter=flt, limit=200, dense=e.dense.tolist() if use_dense else None,
-                    sparse=e.sparse if use_sparse else None, fusion=fusion))
+                hits = await rt.index.query(
+                    IndexQuery(
+                        filter=flt,
+                        limit=200,
+                        dense=e.dense.tolist() if use_dense else None,
+                        sparse=e.sparse if use_sparse else None,
+                        fusion=fusion,
+                    )
+                )
                 ranked: list[str] = []
                 for h in hits:
                     doc = corpus_of.get(h.id)
@@ -60,20 +78,33 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
                         ranked.append(doc)
                 ndcg += ndcg_at_k(ranked, qrels[q])
                 recall += recall_at_k(ranked, qrels[q])
-            row = {"config": name, "ndcg@10": round(ndcg / len(judged), 4),
-                   "recall@100": round(recall / len(judged), 4), "queries": len(judged)}
+            row = {
+                "config": name,
+                "ndcg@10": round(ndcg / len(judged), 4),
+                "recall@100": round(recall / len(judged), 4),
+                "queries": len(judged),
+            }
             print(json.dumps(row), flush=True)
             return row
 
-        rows = [await evaluate("dense", True, False, FusionParams()),
-                await evaluate("lexical", False, True, FusionParams())]
+        rows = [
+            await evaluate("dense", True, False, FusionParams()),
+            await evaluate("lexical", False, True, FusionParams()),
+        ]
         for prefetch in (100, 200):
             for k in (2, 10, 30, 60):
                 for weights in ((1.0, 1.0), (1.0, 1.5), (1.0, 2.0), (1.5, 1.0)):
-                    rows.append(await evaluate(f"rrf k={k} w={weights} prefetch={prefetch}", True, True,
-                                               FusionParams("rrf", k, weights, prefetch)))
-            rows.append(await evaluate(f"dbsf prefetch={prefetch}", True, True,
-                                       FusionParams("dbsf", prefetch_limit=prefetch)))
+                    rows.append(
+                        await evaluate(
+                            f"rrf k={k} w={weights} prefetch={prefetch}",
+                            True,
+                            True,
+                            FusionParams("rrf", k, weights, prefetch),
+                        )
+                    )
+            rows.append(
+                await evaluate(f"dbsf prefetch={prefetch}", True, True, FusionParams("dbsf", prefetch_limit=prefetch))
+            )
         best = max(rows[2:], key=lambda r: float(r["ndcg@10"]))  # type: ignore[arg-type]
         print(json.dumps({"best": best}), flush=True)
 

@@ -21,6 +21,6 @@ if [[ ! -f $installed || $lock -nt $installed ]]; then
     (cd tests/oidc && npm ci --no-audit --no-fund --silent)
 fi
 .venv/bin/ruff check mcp_rag tests bench
-.venv/bin/ruff format --check mcp_rag
+.venv/bin/ruff format --check mcp_rag tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

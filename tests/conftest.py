@@ -96,8 +96,9 @@ def index_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def runtime(make_settings: Callable[..., Settings], embedder: Embedder, index_kind: str,
-                  tmp_path: Path) -> AsyncIterator[Runtime]:
+async def runtime(
+    make_settings: Callable[..., Settings], embedder: Embedder, index_kind: str, tmp_path: Path
+) -> AsyncIterator[Runtime]:
     """A runtime on a fresh database, over each index engine in turn."""
     settings = make_settings()
     async with open_runtime(settings, index=make_index(index_kind, tmp_path / "index"), embedder=embedder) as rt:

@@ -98,8 +98,23 @@ class PgServer:
     def standby(self) -> PgServer:
         """A hot standby of this server, streaming from it (pg_basebackup -R)."""
         replica = PgServer()
-        replica._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-D",
-                     str(replica.datadir), "-R", "-X", "stream", "-c", "fast", "--no-sync")
+        replica._run(
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-D",
+            str(replica.datadir),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        )
         replica._append_conf([f"port = {replica.port}"])
         return replica.start()
 

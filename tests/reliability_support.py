@@ -39,12 +39,14 @@ START_TIMEOUT = 90.0
 def base_env(model_dir: Path, data_dir: Path, database_url: str | None = None, **settings: Any) -> dict[str, str]:
     """The environment of a child ``mcp-rag`` process: only the settings given here (no inherited MCP_RAG_*)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MCP_RAG_")}
-    env.update({
-        "MCP_RAG_DATA_DIR": str(data_dir),
-        "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
-        "MCP_RAG_LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "MCP_RAG_DATA_DIR": str(data_dir),
+            "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
+            "MCP_RAG_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if database_url is not None:
         env["MCP_RAG_DATABASE_URL"] = database_url
     for key, value in settings.items():
@@ -55,8 +57,9 @@ def base_env(model_dir: Path, data_dir: Path, database_url: str | None = None, *
 def run_cli(*args: str, env: Mapping[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run ``mcp-rag ARGS`` to completion (cwd: an empty directory, so no stray .env is read)."""
     with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([MCP_RAG, *args], env=dict(env), cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            [MCP_RAG, *args], env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
 
 
 def stats_json(env: Mapping[str, str]) -> dict[str, Any]:
@@ -72,8 +75,15 @@ class Proc:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self._cwd = tempfile.mkdtemp(prefix="mcp-rag-cwd-")
-        self.popen = subprocess.Popen(args, env=dict(env), cwd=self._cwd, stdin=subprocess.DEVNULL,
-                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.popen = subprocess.Popen(
+            args,
+            env=dict(env),
+            cwd=self._cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pid = self.popen.pid
 
     def stderr_text(self) -> str:
@@ -118,8 +128,9 @@ class Proc:
     def wait_for_log(self, needle: str, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while needle not in self.stderr_text():
-            assert self.alive(), f"process exited ({self.popen.returncode}) before logging {needle!r}:\n" \
-                                 + self.stderr_text()[-3000:]
+            assert self.alive(), (
+                f"process exited ({self.popen.returncode}) before logging {needle!r}:\n" + self.stderr_text()[-3000:]
+            )
             assert time.monotonic() < deadline, f"no {needle!r} in the log:\n{self.stderr_text()[-3000:]}"
             time.sleep(0.05)
 
@@ -127,11 +138,13 @@ class Proc:
 class ServerProc(Proc):
     """``mcp-rag serve --transport http`` on 127.0.0.1:<free port>."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, port: int | None = None,
-                 transport: str = "http") -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, port: int | None = None, transport: str = "http"
+    ) -> None:
         self.port = port or free_port()
-        super().__init__([MCP_RAG, "serve", "--transport", transport, "--host", "127.0.0.1", "--port",
-                          str(self.port)], env, log_path)
+        super().__init__(
+            [MCP_RAG, "serve", "--transport", transport, "--host", "127.0.0.1", "--port", str(self.port)], env, log_path
+        )
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/mcp"
 
@@ -141,8 +154,10 @@ class ServerProc(Proc):
         while True:
             assert self.alive(), f"server exited ({self.popen.returncode}):\n{self.stderr_text()[-4000:]}"
             try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200 and \
-                        "http app ready" in self.stderr_text():
+                if (
+                    httpx.get(self.base + "/health", timeout=2).status_code == 200
+                    and "http app ready" in self.stderr_text()
+                ):
                     return self
             except httpx.HTTPError:
                 pass
@@ -162,8 +177,9 @@ def server_process(env: Mapping[str, str], log_path: Path, **kwargs: Any) -> Ite
         proc.close()
 
 
-def http_client(url: str, token: str | None = None, *, timeout: float = 120,
-                headers: Mapping[str, str] | None = None) -> Client:
+def http_client(
+    url: str, token: str | None = None, *, timeout: float = 120, headers: Mapping[str, str] | None = None
+) -> Client:
     """An MCP client over streamable HTTP, optionally with a bearer token.
 
     ``timeout`` bounds every HTTP read, so a hung server fails the test instead of hanging it.
@@ -203,8 +219,7 @@ def db_state(dsn: str) -> DbState:
                GROUP BY d.id, d.source_uri, d.chunk_count
                HAVING count(c.id) <> d.chunk_count OR count(c.id) = 0"""
         ).fetchall()
-    return DbState(int(documents), len(chunk_ids), int(changes), int(last), chunk_ids,
-                   tuple(str(r[0]) for r in bad))
+    return DbState(int(documents), len(chunk_ids), int(changes), int(last), chunk_ids, tuple(str(r[0]) for r in bad))
 
 
 def wait_until(predicate: Any, what: str, timeout: float = 60, interval: float = 0.02) -> Any:

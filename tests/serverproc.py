@@ -30,8 +30,12 @@ def base_env(*, database_url: str, model_dir: Path, data_dir: Path, **settings: 
     """A clean environment: the caller's minus every MCP_RAG_* variable, plus the given settings
     (keyword ``foo_bar=...`` becomes ``MCP_RAG_FOO_BAR``; lists and dicts are passed as JSON)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MCP_RAG_")}
-    values: dict[str, Any] = {"database_url": database_url, "embedding_model_dir": model_dir, "data_dir": data_dir,
-                              **settings}
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "embedding_model_dir": model_dir,
+        "data_dir": data_dir,
+        **settings,
+    }
     for key, value in values.items():
         if isinstance(value, list | dict):
             value = json.dumps(value, default=str)
@@ -50,8 +54,15 @@ def scratch_database(pg: PgServer, template: str) -> tuple[str, str]:
 class ServerProcess:
     """``mcp-rag serve --transport http|sse`` on 127.0.0.1:<free port>, stderr captured in a file."""
 
-    def __init__(self, env: Mapping[str, str], workdir: Path, *, transport: str = "http",
-                 port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        workdir: Path,
+        *,
+        transport: str = "http",
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
         self.env = {**env, "MCP_RAG_PORT": str(self.port)}
         self.env.setdefault("MCP_RAG_HOST", "127.0.0.1")
@@ -69,8 +80,14 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self._stderr = self.stderr_path.open("wb")
         # cwd is a scratch folder so that no .env file of the developer's is read.
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self._stderr)
+        self.proc = subprocess.Popen(
+            self.args,
+            env=self.env,
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
         return self
 
     def wait_ready(self, timeout: float = 120) -> ServerProcess:
@@ -137,8 +154,10 @@ def running(env: Mapping[str, str], workdir: Path, **options: Any) -> Iterator[S
 async def mcp_http(url: str, token: str | None = None, **client_options: Any) -> AsyncIterator[Client]:
     """An MCP client over streamable HTTP, sending ``Authorization: Bearer <token>`` when given."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http, \
-            Client(streamable_http_client(url, http_client=http), **client_options) as client:
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300)) as http,
+        Client(streamable_http_client(url, http_client=http), **client_options) as client,
+    ):
         yield client
 
 

@@ -20,7 +20,8 @@ from tests.mcp_calls import call, call_error, text_of
 TIDES = "# Tides\n\n" + "\n\n".join(
     f"## Part {i}\n\nTides rise and fall twice a day as the moon's gravity pulls the ocean; "
     f"spring tides follow the new and the full moon, neap tides the quarters. Section {i} adds detail {i} "
-    + "about harbours, tidal ranges and coastal currents. " * 12
+    + "about harbours, tidal ranges and coastal currents. "
+    * 12
     for i in range(6)
 )
 SHORT = {  # paragraph-sized, like the passages agents usually read
@@ -37,13 +38,15 @@ def index_kind() -> str:
 
 async def ingest_corpus(client: Client, collection: str) -> dict[str, str]:
     ids = {}
-    out = await call(client, "ingest_text", text=TIDES, title="All about tides", collection=collection,
-                     source_uri="notes://tides")
+    out = await call(
+        client, "ingest_text", text=TIDES, title="All about tides", collection=collection, source_uri="notes://tides"
+    )
     ids["tides"] = out["documents"][0]["document_id"]
     assert out["chunks"] >= 4
     for key, text in SHORT.items():
-        out = await call(client, "ingest_text", text=text, title=key.title(), collection=collection,
-                         source_uri=f"notes://{key}")
+        out = await call(
+            client, "ingest_text", text=text, title=key.title(), collection=collection, source_uri=f"notes://{key}"
+        )
         ids[key] = out["documents"][0]["document_id"]
     return ids
 
@@ -52,8 +55,9 @@ async def test_results_are_distinct_documents_unless_raw_chunks_are_asked_for(ru
     collection = f"c-{uuid.uuid4().hex[:8]}"
     async with Client(build_server(lambda: runtime)) as client:
         ids = await ingest_corpus(client, collection)
-        raw = await call(client, "search", query="spring tides and the moon", collection=collection, top_k=4,
-                         raw_chunks=True)
+        raw = await call(
+            client, "search", query="spring tides and the moon", collection=collection, top_k=4, raw_chunks=True
+        )
         raw_docs = [h["document_id"] for h in raw["results"]]
         assert len(raw_docs) == 4 and len(set(raw_docs)) < 4  # the long document fills several places
 
@@ -62,13 +66,15 @@ async def test_results_are_distinct_documents_unless_raw_chunks_are_asked_for(ru
         assert sorted(docs) == sorted(ids.values())  # four places, four documents
         assert all(h["passages"] == [] for h in found["results"])
 
-        more = await call(client, "search", query="spring tides and the moon", collection=collection, top_k=2,
-                          passages_per_document=3)
+        more = await call(
+            client, "search", query="spring tides and the moon", collection=collection, top_k=2, passages_per_document=3
+        )
         long_hit = next(h for h in more["results"] if h["document_id"] == ids["tides"])
         positions = [long_hit["position"]] + [p["position"] for p in long_hit["passages"]]
         assert len(long_hit["passages"]) == 2 and len(set(positions)) == 3
-        assert [p["score"] for p in long_hit["passages"]] == sorted((p["score"] for p in long_hit["passages"]),
-                                                                     reverse=True)
+        assert [p["score"] for p in long_hit["passages"]] == sorted(
+            (p["score"] for p in long_hit["passages"]), reverse=True
+        )
         assert long_hit["score"] >= long_hit["passages"][0]["score"]
 
         message = await call_error(client, "search", query="tides", passages_per_document=6)
@@ -114,8 +120,9 @@ async def test_other_tools_answer_in_compact_text_too(runtime: Runtime) -> None:
     collection = f"c-{uuid.uuid4().hex[:8]}"
     async with Client(build_server(lambda: runtime)) as client:
         ids = await ingest_corpus(client, collection)
-        ingest = await client.call_tool("ingest_text", {"text": SHORT["bay"], "title": "Bay", "collection": collection,
-                                                        "source_uri": "notes://bay"})
+        ingest = await client.call_tool(
+            "ingest_text", {"text": SHORT["bay"], "title": "Bay", "collection": collection, "source_uri": "notes://bay"}
+        )
         assert text_of(ingest).startswith("added 0, updated 0, unchanged 1, removed 0, failed 0")
         listed = await client.call_tool("list_documents", {"collection": collection})
         assert text_of(listed).count("\n- ") + 1 == 4 and ids["moon"] in text_of(listed)
@@ -138,7 +145,7 @@ async def test_get_chunks_reads_around_a_passage_within_limits(runtime: Runtime)
         assert starts == sorted(starts)
         doc = await call(client, "get_document", document_id=ids["tides"])
         for chunk in around["returned"]:
-            assert doc["text"][chunk["start_char"]:chunk["end_char"]] == chunk["text"]
+            assert doc["text"][chunk["start_char"] : chunk["end_char"]] == chunk["text"]
 
         edge = await call(client, "get_chunks", document_id=ids["tides"], around=0, before=5, after=0)
         assert [c["position"] for c in edge["returned"]] == [0]
@@ -173,5 +180,6 @@ async def test_collection_names_complete_for_the_prompt(runtime: Runtime) -> Non
         done = await client.complete(ref, {"name": "collection", "value": "o"})
         assert sorted(done.completion.values) == ["oceans", "orchards"]
         assert (await client.complete(ref, {"name": "question", "value": "o"})).completion.values == []
-        assert isinstance((await client.get_prompt("answer_with_citations", {"question": "q"})).messages[0].content,
-                          TextContent)
+        assert isinstance(
+            (await client.get_prompt("answer_with_citations", {"question": "q"})).messages[0].content, TextContent
+        )

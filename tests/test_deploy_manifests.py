@@ -352,8 +352,15 @@ def test_network_policy_ports(docs: tuple[Manifest, ...]) -> None:
     for rule in spec["ingress"]:
         assert rule["from"], "ingress must name its sources"
     egress_ports = {(p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"]}
-    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", 5432), ("TCP", 6333), ("TCP", 6334), ("TCP", 80),
-                            ("TCP", 443)}
+    assert egress_ports == {
+        ("UDP", 53),
+        ("TCP", 53),
+        ("TCP", 5432),
+        ("TCP", 6333),
+        ("TCP", 6334),
+        ("TCP", 80),
+        ("TCP", 443),
+    }
     web = [rule for rule in spec["egress"] if {p["port"] for p in rule["ports"]} == {80, 443}]
     assert len(web) == 1, "web egress (ingest_url) is one rule"
     blocked = set(web[0]["to"][0]["ipBlock"]["except"])

@@ -50,32 +50,51 @@ TOKENS = {
 }
 SEARCH_QUERY = "lighthouse lens"
 
-LENS_MANUAL = " ".join([
-    "Lighthouse lens maintenance.",
-    "The first-order Fresnel lens of the lighthouse is cleaned every morning with a soft linen cloth and",
-    "a little spirit; never use abrasive powder on the prisms. Inspect the brass frame for verdigris,",
-    "tighten the clamps that hold each panel, and record any chipped prism in the keeper's log.",
-    "Before the lamp is lit at dusk, draw the curtains back, check the clockwork that turns the lens,",
-    "and wind the weights to the top of the tower. A lens that turns unevenly flashes at the wrong",
-    "rhythm and ships will misread the light. In winter, warm the lantern room slowly so the glass",
-    "does not crack, and wipe condensation from the inside of the storm panes before every watch.",
-] * 2)
+LENS_MANUAL = " ".join(
+    [
+        "Lighthouse lens maintenance.",
+        "The first-order Fresnel lens of the lighthouse is cleaned every morning with a soft linen cloth and",
+        "a little spirit; never use abrasive powder on the prisms. Inspect the brass frame for verdigris,",
+        "tighten the clamps that hold each panel, and record any chipped prism in the keeper's log.",
+        "Before the lamp is lit at dusk, draw the curtains back, check the clockwork that turns the lens,",
+        "and wind the weights to the top of the tower. A lens that turns unevenly flashes at the wrong",
+        "rhythm and ships will misread the light. In winter, warm the lantern room slowly so the glass",
+        "does not crack, and wipe condensation from the inside of the storm panes before every watch.",
+    ]
+    * 2
+)
 
 DOCUMENTS: dict[str, list[tuple[str | None, str, str, str]]] = {
     TENANT_A: [
         ("manuals", "Lighthouse lens maintenance", "acme://manuals/lens", LENS_MANUAL),
-        ("manuals", "Foghorn inspection checklist", "acme://manuals/foghorn",
-         "Foghorn inspection: test the compressor, drain the air tanks and sound the horn for five seconds. "
-         "The lighthouse foghorn is tested weekly, after the lens has been cleaned."),
-        (None, "Keeper's logbook, March", "acme://logbook/march",
-         "Storm all night. The lighthouse lens turned without fault; replaced one cracked storm pane at dawn."),
+        (
+            "manuals",
+            "Foghorn inspection checklist",
+            "acme://manuals/foghorn",
+            "Foghorn inspection: test the compressor, drain the air tanks and sound the horn for five seconds. "
+            "The lighthouse foghorn is tested weekly, after the lens has been cleaned.",
+        ),
+        (
+            None,
+            "Keeper's logbook, March",
+            "acme://logbook/march",
+            "Storm all night. The lighthouse lens turned without fault; replaced one cracked storm pane at dawn.",
+        ),
     ],
     TENANT_B: [
-        (None, "Lighthouse museum visitor guide", "globex://museum/guide",
-         "Visitor guide: the museum displays a historic lighthouse lens from the old harbour tower, "
-         "open daily from ten to five; tickets at the harbour office."),
-        (None, "Coffee roasting notes", "globex://coffee/roast",
-         "Roast the beans to a medium brown, rest them for two days, grind just before brewing."),
+        (
+            None,
+            "Lighthouse museum visitor guide",
+            "globex://museum/guide",
+            "Visitor guide: the museum displays a historic lighthouse lens from the old harbour tower, "
+            "open daily from ten to five; tickets at the harbour office.",
+        ),
+        (
+            None,
+            "Coffee roasting notes",
+            "globex://coffee/roast",
+            "Roast the beans to a medium brown, rest them for two days, grind just before brewing.",
+        ),
     ],
 }
 
@@ -89,15 +108,17 @@ class EdgeOrigin:
     def node_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MCP_RAG_")}
         env.update({name: token for name, (token, _, _) in TOKENS.items()})
-        env.update({
-            "ORIGIN_URL": self.url,
-            "SEARCH_QUERY": SEARCH_QUERY,
-            "DOCS_A": ",".join(self.docs[TENANT_A]),
-            "DOCS_B": ",".join(self.docs[TENANT_B]),
-            "DOCS_A_MANUALS": ",".join(self.manuals_a),
-            "DOC_A": self.manuals_a[0],
-            "NO_COLOR": "1",
-        })
+        env.update(
+            {
+                "ORIGIN_URL": self.url,
+                "SEARCH_QUERY": SEARCH_QUERY,
+                "DOCS_A": ",".join(self.docs[TENANT_A]),
+                "DOCS_B": ",".join(self.docs[TENANT_B]),
+                "DOCS_A_MANUALS": ",".join(self.manuals_a),
+                "DOC_A": self.manuals_a[0],
+                "NO_COLOR": "1",
+            }
+        )
         return env
 
 
@@ -120,8 +141,14 @@ def edge_node_modules() -> Path:
         pytest.fail("Node.js >= 20.3 and npm are needed for the edge worker tests (apt-get install nodejs npm)")
     modules = EDGE_DIR / "node_modules"
     if not ((modules / "miniflare").is_dir() and (modules / ".bin" / "wrangler").exists()):
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=EDGE_DIR, capture_output=True,
-                              text=True, timeout=900, check=False)
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=EDGE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
     return modules
 
@@ -134,8 +161,9 @@ async def _ingest(settings: Settings, embedder: Embedder) -> tuple[dict[str, lis
     async with open_runtime(settings, index=index, embedder=embedder, follow_changes=False) as runtime:
         for tenant, items in DOCUMENTS.items():
             for collection, title, source, text in items:
-                outcome = await runtime.service.ingest_text(tenant, text, collection=collection, title=title,
-                                                            source_uri=source)
+                outcome = await runtime.service.ingest_text(
+                    tenant, text, collection=collection, title=title, source_uri=source
+                )
                 assert outcome.document_id is not None
                 docs[tenant].append(outcome.document_id)
                 if tenant == TENANT_A and collection == "manuals":
@@ -144,29 +172,33 @@ async def _ingest(settings: Settings, embedder: Embedder) -> tuple[dict[str, lis
 
 
 @pytest.fixture(scope="module")
-def edge_origin(pg_server: PgServer, template_db: str, model_dir: Path, embedder: Embedder,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeOrigin]:
+def edge_origin(
+    pg_server: PgServer, template_db: str, model_dir: Path, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EdgeOrigin]:
     """A real ``mcp-rag serve --transport http`` with documents of two tenants, on 127.0.0.1."""
     name = f"edge_{uuid.uuid4().hex[:12]}"
     dsn = pg_server.create_database(name, template=template_db)
     root = tmp_path_factory.mktemp("edge-origin")
-    settings = Settings(data_dir=root / "ingest", database_url=dsn, embedding_model_dir=model_dir,
-                        sync_in_server=False, _env_file=None)
+    settings = Settings(
+        data_dir=root / "ingest", database_url=dsn, embedding_model_dir=model_dir, sync_in_server=False, _env_file=None
+    )
     docs, manuals = anyio.run(_ingest, settings, embedder)
 
     port = free_port()
     keys = [{"token": token, "tenant": tenant, "scopes": scopes} for token, tenant, scopes in TOKENS.values()]
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MCP_RAG_")}
-    env.update({
-        "MCP_RAG_DATA_DIR": str(root / "server"),
-        "MCP_RAG_DATABASE_URL": dsn,
-        "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
-        "MCP_RAG_API_KEYS": json.dumps(keys),
-        "MCP_RAG_HOST": "127.0.0.1",
-        "MCP_RAG_PORT": str(port),
-        "MCP_RAG_LOG_FORMAT": "json",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "MCP_RAG_DATA_DIR": str(root / "server"),
+            "MCP_RAG_DATABASE_URL": dsn,
+            "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
+            "MCP_RAG_API_KEYS": json.dumps(keys),
+            "MCP_RAG_HOST": "127.0.0.1",
+            "MCP_RAG_PORT": str(port),
+            "MCP_RAG_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     executable = Path(sys.executable).parent / "mcp-rag"
     command = [str(executable)]
     if not executable.exists():
@@ -176,8 +208,14 @@ def edge_origin(pg_server: PgServer, template_db: str, model_dir: Path, embedder
     cwd.mkdir()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([*command, "serve", "--transport", "http"], env=env, cwd=cwd,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*command, "serve", "--transport", "http"],
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             _wait_ready(url, proc, log_path)
             yield EdgeOrigin(url=url, docs=docs, manuals_a=manuals)
@@ -203,15 +241,23 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the origin was not ready within {START_TIMEOUT:.0f} s:\n"
-                            f"{log_path.read_text(errors='replace')}")
+                pytest.fail(
+                    f"the origin was not ready within {START_TIMEOUT:.0f} s:\n{log_path.read_text(errors='replace')}"
+                )
             time.sleep(0.2)
 
 
 def test_worker_suite_passes_against_the_real_origin(edge_origin: EdgeOrigin, edge_node_modules: Path) -> None:
     """deploy/edge/test/*.test.mjs under workerd: the edge rules (echo origin) and the real origin, no skips."""
-    done = subprocess.run(["node", "--test", "--test-reporter=tap", "test/"], cwd=EDGE_DIR, env=edge_origin.node_env(),
-                          capture_output=True, text=True, timeout=NODE_TEST_TIMEOUT, check=False)
+    done = subprocess.run(
+        ["node", "--test", "--test-reporter=tap", "test/"],
+        cwd=EDGE_DIR,
+        env=edge_origin.node_env(),
+        capture_output=True,
+        text=True,
+        timeout=NODE_TEST_TIMEOUT,
+        check=False,
+    )
     output = f"{done.stdout}\n{done.stderr}"
     assert done.returncode == 0, f"node --test failed ({done.returncode}):\n{output}"
     assert "# fail 0" in done.stdout, output
@@ -223,15 +269,24 @@ def test_wrangler_dry_run_builds_the_worker(edge_node_modules: Path) -> None:
     """``wrangler deploy --dry-run`` bundles the worker offline, without a Cloudflare login."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("CLOUDFLARE_", "CF_", "MCP_RAG_"))}
     with tempfile.TemporaryDirectory(prefix="edge-dry-run-") as tmp:
-        env.update({
-            "WRANGLER_SEND_METRICS": "false",
-            "XDG_CONFIG_HOME": str(Path(tmp) / "config"),
-            "WRANGLER_LOG_PATH": str(Path(tmp) / "logs"),
-            "NO_COLOR": "1",
-        })
+        env.update(
+            {
+                "WRANGLER_SEND_METRICS": "false",
+                "XDG_CONFIG_HOME": str(Path(tmp) / "config"),
+                "WRANGLER_LOG_PATH": str(Path(tmp) / "logs"),
+                "NO_COLOR": "1",
+            }
+        )
         outdir = Path(tmp) / "dist"
-        done = subprocess.run(["npx", "--no-install", "wrangler", "deploy", "--dry-run", "--outdir", str(outdir)],
-                              cwd=EDGE_DIR, env=env, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            ["npx", "--no-install", "wrangler", "deploy", "--dry-run", "--outdir", str(outdir)],
+            cwd=EDGE_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         output = f"{done.stdout}\n{done.stderr}"
         assert done.returncode == 0, output
         assert "--dry-run: exiting now." in output, output

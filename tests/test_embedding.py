@@ -53,7 +53,10 @@ def test_identity_and_dimension(embedder: Embedder) -> None:
     assert embedder.loaded
     identity = embedder.identity
     assert (identity.provider, identity.name, identity.dimension) == (
-        "fastembed", "sentence-transformers/all-MiniLM-L6-v2", 384)
+        "fastembed",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        384,
+    )
     # The fingerprint: the leading components of the unit vector of a fixed probe text.
     [probe] = embedder.embed_passages_sync([FINGERPRINT_PROBE])
     assert identity.fingerprint == fingerprint_of(probe.dense.tolist())
@@ -89,10 +92,12 @@ def test_fixed_vector(embedder: Embedder) -> None:
 
 def test_related_closer_than_unrelated(embedder: Embedder) -> None:
     query = embedder.embed_query_sync("How do I bake sourdough bread at home?").dense
-    related, unrelated = embedder.embed_passages_sync([
-        "Mix flour, water and a starter, let the dough rise overnight, then bake it in a hot oven.",
-        "The spacecraft entered orbit around Jupiter after a five-year journey.",
-    ])
+    related, unrelated = embedder.embed_passages_sync(
+        [
+            "Mix flour, water and a starter, let the dough rise overnight, then bake it in a hot oven.",
+            "The spacecraft entered orbit around Jupiter after a five-year journey.",
+        ]
+    )
     assert cosine(query, related.dense) > cosine(query, unrelated.dense) + 0.2
 
 
@@ -196,8 +201,9 @@ async def test_async_and_sync_agree(embedder: Embedder) -> None:
 
 
 def test_unknown_model_name_is_a_configuration_error(model_dir: Path, tmp_path: Path) -> None:
-    other = Embedder(Settings(data_dir=tmp_path, embedding_model="other/model", embedding_model_dir=model_dir,
-                              _env_file=None))
+    other = Embedder(
+        Settings(data_dir=tmp_path, embedding_model="other/model", embedding_model_dir=model_dir, _env_file=None)
+    )
     with pytest.raises(ConfigurationError, match="other/model"):
         other.load_sync()
     assert not other.loaded

@@ -22,8 +22,18 @@ from mcp_rag.errors import (
 
 
 def test_every_expected_error_shares_one_root() -> None:
-    for cls in (InvalidInputError, TooLargeError, UnsupportedSourceError, NotFoundError, AccessDeniedError,
-                UnavailableError, ConfigurationError, IndexError_, IndexUnavailableError, ModelMismatchError):
+    for cls in (
+        InvalidInputError,
+        TooLargeError,
+        UnsupportedSourceError,
+        NotFoundError,
+        AccessDeniedError,
+        UnavailableError,
+        ConfigurationError,
+        IndexError_,
+        IndexUnavailableError,
+        ModelMismatchError,
+    ):
         assert issubclass(cls, RagError), cls
     assert not issubclass(IndexError_, IndexError)  # the builtin is something else
     assert issubclass(IndexUnavailableError, UnavailableError)
@@ -43,16 +53,26 @@ def test_every_expected_error_shares_one_root() -> None:
         (RagError("something the caller did"), "invalid_input", 400, 1, "error"),
     ],
 )
-def test_each_class_has_one_reading(error: RagError, kind: str, http_status: int, exit_status: int,
-                                    outcome: str) -> None:
+def test_each_class_has_one_reading(
+    error: RagError, kind: str, http_status: int, exit_status: int, outcome: str
+) -> None:
     failure = describe(error)
     assert (failure.kind, failure.http_status, failure.exit_status, failure.outcome) == (
-        kind, http_status, exit_status, outcome)
+        kind,
+        http_status,
+        exit_status,
+        outcome,
+    )
     assert failure.message == str(error)
 
 
-@pytest.mark.parametrize("error", [IndexUnavailableError("cannot reach Qdrant at 10.0.0.9:6333"),
-                                   ModelMismatchError("built with model a, configured with b")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        IndexUnavailableError("cannot reach Qdrant at 10.0.0.9:6333"),
+        ModelMismatchError("built with model a, configured with b"),
+    ],
+)
 def test_index_failures_say_the_index_is_unavailable_and_to_retry(error: IndexError_) -> None:
     failure = describe(error)
     assert failure.kind == "unavailable"

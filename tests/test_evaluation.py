@@ -132,8 +132,15 @@ async def test_eval_command(database_url: str, model_dir: Path, tmp_path: Path) 
         "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
         "MCP_RAG_DATA_DIR": str(tmp_path / "data"),
     }
-    result = subprocess.run([str(Path(sys.executable).parent / "mcp-rag"), "eval", str(BEIR_MINI)], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mcp-rag"), "eval", str(BEIR_MINI)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"mode\s+nDCG@10\s+Recall@100\s+queries\s+nDCG@10 folded", lines[0])

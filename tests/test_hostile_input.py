@@ -59,11 +59,19 @@ EXAMPLES = int(os.environ.get("MCP_RAG_TEST_HYPOTHESIS_EXAMPLES", "50"))
 """Hypothesis examples per tool: small by default (the whole file takes about a minute); raise
 MCP_RAG_TEST_HYPOTHESIS_EXAMPLES for a deeper run."""
 
-PROPERTY_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
-                             suppress_health_check=list(HealthCheck), print_blob=True)
+PROPERTY_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=False,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
 
-BASELINE = ("Lichens are symbiotic partnerships between a fungus and an alga or cyanobacterium; "
-            "they colonise bare rock and slowly weather it into soil.")
+BASELINE = (
+    "Lichens are symbiotic partnerships between a fungus and an alga or cyanobacterium; "
+    "they colonise bare rock and slowly weather it into soil."
+)
 BASELINE_COLLECTION = "baseline-Kx7q"
 MAX_DOC_BYTES = 20_000
 
@@ -79,9 +87,11 @@ def bombs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (bombs / "flate-bomb.pdf").write_bytes(pdf_document(deflate_zeros(100 << 20)))
     (bombs / "deep.pdf").write_bytes(pdf_document(zlib.compress(b"[" * 300_000 + b"]" * 300_000)))
     (bombs / "attrs.html").write_text(  # 1500 attributes on one tag fit in the 20 KB limit
-        "<html><body><p " + " ".join(f"a{i}=x" for i in range(1500)) + ">hello</p></body></html>")
+        "<html><body><p " + " ".join(f"a{i}=x" for i in range(1500)) + ">hello</p></body></html>"
+    )
     (bombs / "deep.html").write_text(
-        "<html><body>" + "<div>" * 100_000 + "deep" + "</div>" * 100_000 + "</body></html>")
+        "<html><body>" + "<div>" * 100_000 + "deep" + "</div>" * 100_000 + "</body></html>"
+    )
     return bombs
 
 
@@ -119,10 +129,15 @@ def traps(tmp_path: Path, bombs: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-async def hostile_runtime(make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path,
-                          traps: dict[str, Path]) -> AsyncIterator[Runtime]:
-    settings = make_settings(max_document_bytes=MAX_DOC_BYTES, allowed_roots=[traps["root"], traps["bombs"]],
-                             url_fetch_timeout=5.0, url_max_bytes=MAX_DOC_BYTES)
+async def hostile_runtime(
+    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path, traps: dict[str, Path]
+) -> AsyncIterator[Runtime]:
+    settings = make_settings(
+        max_document_bytes=MAX_DOC_BYTES,
+        allowed_roots=[traps["root"], traps["bombs"]],
+        url_fetch_timeout=5.0,
+        url_max_bytes=MAX_DOC_BYTES,
+    )
     async with open_runtime(settings, index=EdgeIndex(tmp_path / "index"), embedder=embedder) as runtime:
         yield runtime
 
@@ -143,7 +158,7 @@ def crashes(tool: str) -> float:
 def assert_readable_error(tool: str, text: str, args: Any) -> None:
     prefix = f"Error executing tool {tool}: "
     assert text.startswith(prefix), f"an error without a reason (an unexpected exception?): {text[:300]!r}"
-    reason = text[len(prefix):]
+    reason = text[len(prefix) :]
     assert reason.strip() and "Traceback" not in reason, text[:500]
     # Our own messages quote at most a bounded part of an argument. The SDK's argument
     # validation (pydantic) repeats offending dict keys in full, once per alternative of the
@@ -193,15 +208,18 @@ async def run_property(client: Client, runtime: Runtime, tool: str, strategy: st
 
 
 async def assert_still_serves(client: Client) -> None:
-    result = await client.call_tool("search", {"query": "fungus and alga weather rock", "top_k": 3,
-                                               "collection": BASELINE_COLLECTION})
+    result = await client.call_tool(
+        "search", {"query": "fungus and alga weather rock", "top_k": 3, "collection": BASELINE_COLLECTION}
+    )
     assert not result.is_error, tool_text(result)
     assert any("Lichens" in r["text"] for r in result.structured_content["results"])
 
 
 async def ingest_baseline(client: Client) -> str:
-    result = await client.call_tool("ingest_text", {"text": BASELINE, "collection": BASELINE_COLLECTION,
-                                                    "title": "Lichens", "metadata": {"kind": "baseline"}})
+    result = await client.call_tool(
+        "ingest_text",
+        {"text": BASELINE, "collection": BASELINE_COLLECTION, "title": "Lichens", "metadata": {"kind": "baseline"}},
+    )
     assert not result.is_error, tool_text(result)
     return str(result.structured_content["documents"][0]["document_id"])
 
@@ -214,25 +232,60 @@ async def ingest_baseline(client: Client) -> str:
 ANY_CHAR = st.characters(codec=None, exclude_categories=["Cs"])
 WITH_SURROGATES = st.characters(codec=None, categories=None)
 SPECIAL = [
-    "", " ", "\x00", "a\x00b", "\u202e\u2066evil", "\ufeff", "😀" * 3, "ｆｕｌｌ",
-    "'; DROP TABLE documents; --", "%", "_", "\\", "%_\\%", "../../../../etc/passwd", "/etc/passwd",
-    "/proc/self/environ", "~", "\n\r\t", "null", "true", "0", "-1", "NaN", "1e309", "{}", "[]",
-    "default", "Default", ".hidden", "-dash", "a" * 64, "a" * 65, "${jndi:ldap://x}", "<script>alert(1)</script>",
+    "",
+    " ",
+    "\x00",
+    "a\x00b",
+    "\u202e\u2066evil",
+    "\ufeff",
+    "😀" * 3,
+    "ｆｕｌｌ",
+    "'; DROP TABLE documents; --",
+    "%",
+    "_",
+    "\\",
+    "%_\\%",
+    "../../../../etc/passwd",
+    "/etc/passwd",
+    "/proc/self/environ",
+    "~",
+    "\n\r\t",
+    "null",
+    "true",
+    "0",
+    "-1",
+    "NaN",
+    "1e309",
+    "{}",
+    "[]",
+    "default",
+    "Default",
+    ".hidden",
+    "-dash",
+    "a" * 64,
+    "a" * 65,
+    "${jndi:ldap://x}",
+    "<script>alert(1)</script>",
 ]
 HOSTILE_STR = st.one_of(
     st.text(ANY_CHAR, max_size=80),
     st.sampled_from(SPECIAL),
-    st.builds(lambda piece, n: piece * n,
-              st.sampled_from(["\x00", "a", "é", "😀", "%", " ", "../", "\u202e"]),
-              st.sampled_from([1, 63, 64, 65, 999, 1000, 1001, 4000, 4001, 4096, 4097, 100_000, 2_000_000])),
+    st.builds(
+        lambda piece, n: piece * n,
+        st.sampled_from(["\x00", "a", "é", "😀", "%", " ", "../", "\u202e"]),
+        st.sampled_from([1, 63, 64, 65, 999, 1000, 1001, 4000, 4001, 4096, 4097, 100_000, 2_000_000]),
+    ),
 )
-HOSTILE_INT = st.one_of(st.integers(), st.sampled_from([0, -1, 1, 50, 51, 100, 101, 2**31, 2**63, -(2**63) - 1,
-                                                        10**100]))
+HOSTILE_INT = st.one_of(
+    st.integers(), st.sampled_from([0, -1, 1, 50, 51, 100, 101, 2**31, 2**63, -(2**63) - 1, 10**100])
+)
 HOSTILE_NUMBER = st.one_of(HOSTILE_INT, st.floats(allow_nan=True, allow_infinity=True))
 SCALAR = st.one_of(st.none(), st.booleans(), HOSTILE_NUMBER, HOSTILE_STR)
-ANY_JSON = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                         st.dictionaries(HOSTILE_STR, inner, max_size=4)),
-                        max_leaves=12)
+ANY_JSON = st.recursive(
+    SCALAR,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(HOSTILE_STR, inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def nested(depth: int) -> dict[str, Any]:
@@ -243,8 +296,11 @@ def nested(depth: int) -> dict[str, Any]:
 
 
 METADATA = st.one_of(
-    st.dictionaries(st.one_of(HOSTILE_STR, st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", fullmatch=True)),
-                    st.one_of(SCALAR, st.lists(SCALAR, max_size=120), ANY_JSON), max_size=70),
+    st.dictionaries(
+        st.one_of(HOSTILE_STR, st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", fullmatch=True)),
+        st.one_of(SCALAR, st.lists(SCALAR, max_size=120), ANY_JSON),
+        max_size=70,
+    ),
     st.integers(1, 400).map(nested),
     st.just({f"k{i}": i for i in range(65)}),
     st.just({"big": "x" * 1025}),
@@ -267,8 +323,9 @@ def arguments(**params: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, A
     kind or any JSON value at all, sometimes with unknown extra keys."""
     fields = {name: st.one_of(strategy, ANY_JSON) for name, strategy in params.items()}
     extra = st.dictionaries(HOSTILE_STR.filter(lambda k: k not in params), ANY_JSON, max_size=2)
-    return st.builds(lambda known, more: {**more, **known}, st.fixed_dictionaries({}, optional=fields),
-                     st.one_of(st.just({}), extra))
+    return st.builds(
+        lambda known, more: {**more, **known}, st.fixed_dictionaries({}, optional=fields), st.one_of(st.just({}), extra)
+    )
 
 
 def non_public_ip() -> st.SearchStrategy[str]:
@@ -282,14 +339,36 @@ def non_public_ip() -> st.SearchStrategy[str]:
 
 URLS = st.one_of(
     HOSTILE_STR.filter(lambda s: "://" not in s),
-    st.sampled_from([
-        "http://127.0.0.1/", "http://localhost/", "http://LOCALHOST./admin", "http://[::1]/", "http://0.0.0.0/",
-        "http://[::ffff:127.0.0.1]/", "http://[::ffff:a00:1]/", "http://10.0.0.1/", "http://169.254.169.254/latest/",
-        "http://[fd00:ec2::254]/", "http://0x7f000001/", "http://2130706433/", "http://127.1/", "http://017700000001/",
-        "file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO", "ftp://10.0.0.1/", "javascript:alert(1)",
-        "http://user:pass@10.0.0.1/", "http:///nohost", "http://[::1", "http://a b/", "https://[zz::]/",
-        "http://127.0.0.1:99999/", "http://127.0.0.1:-1/", "data:text/plain,hello",
-    ]),
+    st.sampled_from(
+        [
+            "http://127.0.0.1/",
+            "http://localhost/",
+            "http://LOCALHOST./admin",
+            "http://[::1]/",
+            "http://0.0.0.0/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::ffff:a00:1]/",
+            "http://10.0.0.1/",
+            "http://169.254.169.254/latest/",
+            "http://[fd00:ec2::254]/",
+            "http://0x7f000001/",
+            "http://2130706433/",
+            "http://127.1/",
+            "http://017700000001/",
+            "file:///etc/passwd",
+            "gopher://127.0.0.1:6379/_INFO",
+            "ftp://10.0.0.1/",
+            "javascript:alert(1)",
+            "http://user:pass@10.0.0.1/",
+            "http:///nohost",
+            "http://[::1",
+            "http://a b/",
+            "https://[zz::]/",
+            "http://127.0.0.1:99999/",
+            "http://127.0.0.1:-1/",
+            "data:text/plain,hello",
+        ]
+    ),
     st.builds(lambda ip, path: f"http://{ip}/{path}", non_public_ip(), st.text(ANY_CHAR, max_size=20)),
 )
 
@@ -297,39 +376,67 @@ URLS = st.one_of(
 def paths(root: Path, outside: Path) -> st.SearchStrategy[str]:
     return st.one_of(
         HOSTILE_STR,
-        st.sampled_from([
-            str(root), str(root / "ok.md"), "ok.md", "nested", str(root / "fake.pdf"), str(root / "binary.html"),
-            str(root / "escape-link.txt"), str(root / "escape-dir" / "secret.txt"), str(root / "etc-link.txt"),
-            str(root / "loop"), str(root / "pipe.txt"), str(root / "sparse-huge.txt"), str(root / ".." / "outside"),
-            str(outside / "secret.txt"), f"{root}/../outside/secret.txt", "../outside/secret.txt", "/", "/etc/shadow",
-            "/proc/self/environ", "/dev/zero", str(root / "nested" / "cycle" / "ok.md"), str(root) + "\x00/ok.md",
-        ]),
+        st.sampled_from(
+            [
+                str(root),
+                str(root / "ok.md"),
+                "ok.md",
+                "nested",
+                str(root / "fake.pdf"),
+                str(root / "binary.html"),
+                str(root / "escape-link.txt"),
+                str(root / "escape-dir" / "secret.txt"),
+                str(root / "etc-link.txt"),
+                str(root / "loop"),
+                str(root / "pipe.txt"),
+                str(root / "sparse-huge.txt"),
+                str(root / ".." / "outside"),
+                str(outside / "secret.txt"),
+                f"{root}/../outside/secret.txt",
+                "../outside/secret.txt",
+                "/",
+                "/etc/shadow",
+                "/proc/self/environ",
+                "/dev/zero",
+                str(root / "nested" / "cycle" / "ok.md"),
+                str(root) + "\x00/ok.md",
+            ]
+        ),
     )
 
 
-GLOBS = st.lists(st.one_of(HOSTILE_STR, st.sampled_from(["*", "**", "*.md", "[", "[!a-", "?" * 256, "*" * 256])),
-                 max_size=60)
+GLOBS = st.lists(
+    st.one_of(HOSTILE_STR, st.sampled_from(["*", "**", "*.md", "[", "[!a-", "?" * 256, "*" * 256])), max_size=60
+)
 
 
 def tool_strategies(traps: dict[str, Path]) -> dict[str, st.SearchStrategy[dict[str, Any]]]:
     root, outside = traps["root"], traps["outside"]
     return {
-        "search": arguments(query=HOSTILE_STR, collection=HOSTILE_STR, mode=HOSTILE_STR, top_k=HOSTILE_INT,
-                            document_ids=st.one_of(st.lists(IDS, max_size=30), st.lists(UUIDS, min_size=1001,
-                                                                                      max_size=1001)),
-                            source_prefix=HOSTILE_STR, metadata=METADATA),
+        "search": arguments(
+            query=HOSTILE_STR,
+            collection=HOSTILE_STR,
+            mode=HOSTILE_STR,
+            top_k=HOSTILE_INT,
+            document_ids=st.one_of(st.lists(IDS, max_size=30), st.lists(UUIDS, min_size=1001, max_size=1001)),
+            source_prefix=HOSTILE_STR,
+            metadata=METADATA,
+        ),
         "get_document": arguments(document_id=IDS, include_text=ANY_JSON, max_chars=HOSTILE_INT),
         "fetch": arguments(id=IDS),
         "get_chunks": arguments(document_id=IDS, around=HOSTILE_INT, before=HOSTILE_INT, after=HOSTILE_INT),
         "ingest_status": arguments(job_id=IDS),
-        "list_documents": arguments(collection=HOSTILE_STR, source_prefix=HOSTILE_STR, limit=HOSTILE_INT,
-                                    cursor=CURSORS),
+        "list_documents": arguments(
+            collection=HOSTILE_STR, source_prefix=HOSTILE_STR, limit=HOSTILE_INT, cursor=CURSORS
+        ),
         "list_collections": arguments(),
         "stats": arguments(),
-        "ingest_text": arguments(text=HOSTILE_STR, title=HOSTILE_STR, collection=HOSTILE_STR, source_uri=HOSTILE_STR,
-                                 metadata=METADATA),
-        "ingest_file": arguments(path=paths(root, outside), collection=HOSTILE_STR, include=GLOBS, exclude=GLOBS,
-                                 prune=ANY_JSON),
+        "ingest_text": arguments(
+            text=HOSTILE_STR, title=HOSTILE_STR, collection=HOSTILE_STR, source_uri=HOSTILE_STR, metadata=METADATA
+        ),
+        "ingest_file": arguments(
+            path=paths(root, outside), collection=HOSTILE_STR, include=GLOBS, exclude=GLOBS, prune=ANY_JSON
+        ),
         "ingest_url": arguments(url=URLS, collection=HOSTILE_STR, title=HOSTILE_STR, metadata=METADATA),
         "delete_document": arguments(document_id=IDS),
         "delete_collection": arguments(collection=HOSTILE_STR),
@@ -372,9 +479,21 @@ class NetworkWatch:
 
 
 EXAMPLES_RUN: dict[str, int] = {}
-TOOLS = ["search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_status",
-         "ingest_text", "ingest_file",
-         "ingest_url", "delete_document", "delete_collection"]
+TOOLS = [
+    "search",
+    "fetch",
+    "get_chunks",
+    "get_document",
+    "list_documents",
+    "list_collections",
+    "stats",
+    "ingest_status",
+    "ingest_text",
+    "ingest_file",
+    "ingest_url",
+    "delete_document",
+    "delete_collection",
+]
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -418,8 +537,11 @@ async def test_resources_and_prompt_survive_hostile_arguments(hostile_runtime: R
             anyio.from_thread.run(read, document_id)
 
         @PROPERTY_SETTINGS
-        @given(st.dictionaries(st.one_of(st.sampled_from(["question", "collection"]), HOSTILE_STR), HOSTILE_STR,
-                               max_size=4))
+        @given(
+            st.dictionaries(
+                st.one_of(st.sampled_from(["question", "collection"]), HOSTILE_STR), HOSTILE_STR, max_size=4
+            )
+        )
         def prompt_prop(args: dict[str, str]) -> None:  # prompt arguments are strings by the protocol
             anyio.from_thread.run(prompt, args)
 
@@ -508,8 +630,12 @@ async def test_service_api_refuses_text_it_cannot_encode(hostile_runtime: Runtim
                 assert await written(hostile_runtime) == before
 
     @PROPERTY_SETTINGS
-    @given(st.one_of(st.text(WITH_SURROGATES, max_size=30),
-                     st.sampled_from(["\ud800", "a\udfffb", "\udcff", "\x00", "ok\x00", "\ud83d\ude00"])))
+    @given(
+        st.one_of(
+            st.text(WITH_SURROGATES, max_size=30),
+            st.sampled_from(["\ud800", "a\udfffb", "\udcff", "\x00", "ok\x00", "\ud83d\ude00"]),
+        )
+    )
     def prop(text: str) -> None:
         anyio.from_thread.run(check, text)
 
@@ -573,17 +699,27 @@ async def test_files_that_lie_and_parser_bombs_fail_cleanly(hostile_runtime: Run
 async def test_paths_escaping_the_allowed_root_are_refused(hostile_runtime: Runtime, traps: dict[str, Path]) -> None:
     root, outside = traps["root"], traps["outside"]
     async with Client(build_server(lambda: hostile_runtime)) as client:
-        for path in [str(outside / "secret.txt"), f"{root}/../outside/secret.txt", "../outside/secret.txt",
-                     str(root / "escape-link.txt"), str(root / "escape-dir" / "secret.txt"), str(root / "escape-dir"),
-                     str(root / "etc-link.txt"), "/etc/passwd", "/proc/self/environ", "/"]:
+        for path in [
+            str(outside / "secret.txt"),
+            f"{root}/../outside/secret.txt",
+            "../outside/secret.txt",
+            str(root / "escape-link.txt"),
+            str(root / "escape-dir" / "secret.txt"),
+            str(root / "escape-dir"),
+            str(root / "etc-link.txt"),
+            "/etc/passwd",
+            "/proc/self/environ",
+            "/",
+        ]:
             result = await call_and_check(client, hostile_runtime, "ingest_file", {"path": path})
             assert result.is_error and "outside the allowed roots" in tool_text(result), (path, tool_text(result))
         for path in [str(root / "loop"), str(root / "missing.txt"), "\x00", str(root) + "\x00/ok.md"]:
             result = await call_and_check(client, hostile_runtime, "ingest_file", {"path": path})
             assert result.is_error, path
         # The same directory reached through a symlink cycle stays inside (and is read once per path).
-        result = await call_and_check(client, hostile_runtime, "ingest_file",
-                                      {"path": str(root / "nested" / "cycle" / "ok.md")})
+        result = await call_and_check(
+            client, hostile_runtime, "ingest_file", {"path": str(root / "nested" / "cycle" / "ok.md")}
+        )
         assert not result.is_error, tool_text(result)
 
 
@@ -645,19 +781,38 @@ def redirector() -> Iterator[tuple[str, type[_Redirector]]]:
         server.server_close()
 
 
-FORBIDDEN = {"10.0.0.1", "169.254.169.254", "fd00:ec2::254", "::1", "::ffff:10.0.0.1", "169.254.0.1", "0.0.0.0",
-             "127.0.0.2", "::ffff:127.0.0.2"}
+FORBIDDEN = {
+    "10.0.0.1",
+    "169.254.169.254",
+    "fd00:ec2::254",
+    "::1",
+    "::ffff:10.0.0.1",
+    "169.254.0.1",
+    "0.0.0.0",
+    "127.0.0.2",
+    "::ffff:127.0.0.2",
+}
 
 
 async def test_redirects_to_private_and_metadata_addresses_are_refused_without_connecting(
-        redirector: tuple[str, type[_Redirector]]) -> None:
+    redirector: tuple[str, type[_Redirector]],
+) -> None:
     base, _ = redirector
     policy = UrlPolicy(["127.0.0.1"])  # only the test's own loopback server is allowed
     with NetworkWatch() as watch:
         fetched = await fetch(base + "/relative", policy, max_bytes=10_000, timeout=10)
         assert b"allowlisted fetch test" in fetched.data
-        for path in ["/to-private", "/to-metadata", "/to-metadata-v6", "/to-v6-loopback", "/to-mapped-private",
-                     "/to-mapped-loopback", "/to-link-local", "/to-zero", "/to-decimal"]:
+        for path in [
+            "/to-private",
+            "/to-metadata",
+            "/to-metadata-v6",
+            "/to-v6-loopback",
+            "/to-mapped-private",
+            "/to-mapped-loopback",
+            "/to-link-local",
+            "/to-zero",
+            "/to-decimal",
+        ]:
             with pytest.raises(AccessDeniedError, match="non-public address"):
                 await fetch(base + path, policy, max_bytes=10_000, timeout=10)
         for path in ["/to-file", "/to-gopher"]:
@@ -670,15 +825,37 @@ async def test_redirects_to_private_and_metadata_addresses_are_refused_without_c
     assert not connected & FORBIDDEN
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/", "http://localhost/", "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/",
-    "http://10.0.0.1/", "http://172.16.5.4/", "http://192.168.1.1/", "http://169.254.169.254/latest/meta-data",
-    "http://[fe80::1]/", "http://[fd00:ec2::254]/", "http://100.64.0.1/", "http://0x7f000001/", "http://2130706433/",
-    "http://127.1/", "http://[::ffff:a9fe:a9fe]/", "http://224.0.0.1/", "http://255.255.255.255/",
-    # IPv6 forms that embed an IPv4 address: NAT64, IPv4-compatible, 6to4, local-use NAT64.
-    "http://[64:ff9b::7f00:1]/", "http://[64:ff9b::a9fe:a9fe]/", "http://[::127.0.0.1]/", "http://[::8.8.8.8]/",
-    "http://[2002:7f00:1::]/", "http://[2002:808:808::1]/", "http://[64:ff9b:1::a9fe:a9fe]/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://localhost/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://0.0.0.0/",
+        "http://10.0.0.1/",
+        "http://172.16.5.4/",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fe80::1]/",
+        "http://[fd00:ec2::254]/",
+        "http://100.64.0.1/",
+        "http://0x7f000001/",
+        "http://2130706433/",
+        "http://127.1/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://224.0.0.1/",
+        "http://255.255.255.255/",
+        # IPv6 forms that embed an IPv4 address: NAT64, IPv4-compatible, 6to4, local-use NAT64.
+        "http://[64:ff9b::7f00:1]/",
+        "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[::127.0.0.1]/",
+        "http://[::8.8.8.8]/",
+        "http://[2002:7f00:1::]/",
+        "http://[2002:808:808::1]/",
+        "http://[64:ff9b:1::a9fe:a9fe]/",
+    ],
+)
 async def test_direct_non_public_urls_are_refused_without_connecting(url: str) -> None:
     with NetworkWatch() as watch, pytest.raises(AccessDeniedError, match="non-public address"):
         await fetch(url, UrlPolicy(), max_bytes=10_000, timeout=10)
@@ -698,7 +875,8 @@ async def test_nat64_of_a_public_address_is_allowed_and_connected_as_is() -> Non
 
 
 async def test_dns_answer_that_changes_after_the_check_is_not_used(
-        redirector: tuple[str, type[_Redirector]], monkeypatch: pytest.MonkeyPatch) -> None:
+    redirector: tuple[str, type[_Redirector]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DNS rebinding: the first answer (checked) is loopback-allowlisted, later answers point at
     10.0.0.1. The fetch must connect to the address it checked, not resolve again."""
     base, handler = redirector
@@ -714,15 +892,17 @@ async def test_dns_answer_that_changes_after_the_check_is_not_used(
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     with NetworkWatch() as watch:
-        fetched = await fetch(f"http://rebind.test:{port}/page", UrlPolicy(["127.0.0.0/8"]), max_bytes=10_000,
-                              timeout=10)
+        fetched = await fetch(
+            f"http://rebind.test:{port}/page", UrlPolicy(["127.0.0.0/8"]), max_bytes=10_000, timeout=10
+        )
     assert b"allowlisted fetch test" in fetched.data
     assert "10.0.0.1" not in watch.connected_hosts()
     assert handler.hits == ["/page"]
 
 
-async def test_ingest_url_tool_refuses_a_redirect_to_metadata(hostile_runtime: Runtime,
-                                                              redirector: tuple[str, type[_Redirector]]) -> None:
+async def test_ingest_url_tool_refuses_a_redirect_to_metadata(
+    hostile_runtime: Runtime, redirector: tuple[str, type[_Redirector]]
+) -> None:
     base, _ = redirector
     async with Client(build_server(lambda: hostile_runtime)) as client:
         with NetworkWatch() as watch:
@@ -745,25 +925,36 @@ def wire_server(database_url: str, model_dir: Path, tmp_path: Path) -> Iterator[
         server.close()
 
 
-MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-               "MCP-Protocol-Version": "2025-06-18"}
+MCP_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": "2025-06-18",
+}
 
 
 async def test_http_rejects_oversized_and_malformed_bodies_with_4xx(wire_server: ServerProc) -> None:
     url = wire_server.url
-    big = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"query":"' \
-          + b"a" * 20_000 + b'"}}}'
+    big = (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"query":"'
+        + b"a" * 20_000
+        + b'"}}}'
+    )
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit must count the bytes
         for _ in range(40):
             yield b"x" * 1000
 
     bodies: dict[str, Any] = {
-        "not json": b"{not json", "empty": b"", "array": b"[]", "no method": b'{"jsonrpc":"2.0"}',
-        "deep nesting": b"[" * 4000 + b"]" * 4000, "invalid utf-8": b'{"jsonrpc":"2.0","id":3,"x":"\xff\xfe"}',
+        "not json": b"{not json",
+        "empty": b"",
+        "array": b"[]",
+        "no method": b'{"jsonrpc":"2.0"}',
+        "deep nesting": b"[" * 4000 + b"]" * 4000,
+        "invalid utf-8": b'{"jsonrpc":"2.0","id":3,"x":"\xff\xfe"}',
         "lone surrogate": b'{"jsonrpc":"2.0","id":4,"method":"tools/list","x":"\\ud800"}',
         "params not an object": b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":"x"}',
-        "batch": b'[{"jsonrpc":"2.0","id":7,"method":"tools/list"}]', "NUL bytes": b"\x00" * 100,
+        "batch": b'[{"jsonrpc":"2.0","id":7,"method":"tools/list"}]',
+        "NUL bytes": b"\x00" * 100,
     }
     async with httpx.AsyncClient(timeout=60) as http:
         assert (await http.post(url, content=big, headers=MCP_HEADERS)).status_code == 413
@@ -786,8 +977,9 @@ async def test_http_rejects_oversized_and_malformed_bodies_with_4xx(wire_server:
 def test_stdio_ignores_garbage_lines_and_keeps_serving(database_url: str, model_dir: Path, tmp_path: Path) -> None:
     env = base_env(model_dir, tmp_path / "data", database_url)
     with open(tmp_path / "stdio.log", "wb") as log:
-        proc = subprocess.Popen([MCP_RAG, "serve"], env=env, cwd=tmp_path, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen(
+            [MCP_RAG, "serve"], env=env, cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+        )
     lines: queue.Queue[bytes] = queue.Queue()
     assert proc.stdout is not None and proc.stdin is not None
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
@@ -807,18 +999,38 @@ def test_stdio_ignores_garbage_lines_and_keeps_serving(database_url: str, model_
         send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode())
         assert "result" in answer(1)
         send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
-        garbage = [b"garbage", b"{", b"}", b"[]", b"null", b'{"jsonrpc":"2.0"}', b"\xff\xfe\x00\x01", b"[" * 5000,
-                   b'{"jsonrpc":"1.0","id":9,"method":"tools/list"}', b'{"jsonrpc":"2.0","id":"x","method":42}',
-                   b'{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"search","arguments":"x"}}',
-                   b'{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"nope","arguments":{}}}',
-                   b'{"jsonrpc":"2.0","id":12,"method":"no/such/method"}', b"\x00" * 1000, b"a" * 1_000_000]
+        garbage = [
+            b"garbage",
+            b"{",
+            b"}",
+            b"[]",
+            b"null",
+            b'{"jsonrpc":"2.0"}',
+            b"\xff\xfe\x00\x01",
+            b"[" * 5000,
+            b'{"jsonrpc":"1.0","id":9,"method":"tools/list"}',
+            b'{"jsonrpc":"2.0","id":"x","method":42}',
+            b'{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"search","arguments":"x"}}',
+            b'{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"nope","arguments":{}}}',
+            b'{"jsonrpc":"2.0","id":12,"method":"no/such/method"}',
+            b"\x00" * 1000,
+            b"a" * 1_000_000,
+        ]
         for raw in garbage:
             send(raw)
         # Requests with an id among the garbage get an error answer.
         assert "error" in answer(10) or answer(10).get("result", {}).get("isError")
         assert answer(12)["error"]["code"] == -32601
-        send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                         "params": {"name": "list_collections", "arguments": {}}}).encode())
+        send(
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "tools/call",
+                    "params": {"name": "list_collections", "arguments": {}},
+                }
+            ).encode()
+        )
         reply = answer(2)
         assert reply["result"]["isError"] is False
         assert proc.poll() is None
@@ -860,14 +1072,16 @@ FONT = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
 
 def pdf_document(content: bytes, compressed: bool = True) -> bytes:
     """One page whose content stream is ``content`` (already Flate-compressed when ``compressed``)."""
-    return pdf_build([
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> >> >>",
-        _stream(content, compressed=compressed),
-        FONT,
-    ])
+    return pdf_build(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+            b" /Resources << /Font << /F1 5 0 R >> >> >>",
+            _stream(content, compressed=compressed),
+            FONT,
+        ]
+    )
 
 
 def deflate_zeros(size: int) -> bytes:
@@ -882,24 +1096,32 @@ def pdf_form_bomb(invocations: int) -> bytes:
     """A few KB: one form XObject of 100 KB of text operators, drawn ``invocations`` times."""
     form = b"BT /F1 12 Tf 72 712 Td (AAAA) Tj ET\n" * 3000
     page = b"/Fm Do\n" * invocations
-    return pdf_build([
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> /XObject << /Fm 6 0 R >> >> >>",
-        _stream(zlib.compress(page, 9)),
-        FONT,
-        _stream(zlib.compress(form, 9), b"/Type /XObject /Subtype /Form /BBox [0 0 612 792]"
-                                        b" /Resources << /Font << /F1 5 0 R >> >>"),
-    ])
+    return pdf_build(
+        [
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+            b" /Resources << /Font << /F1 5 0 R >> /XObject << /Fm 6 0 R >> >> >>",
+            _stream(zlib.compress(page, 9)),
+            FONT,
+            _stream(
+                zlib.compress(form, 9),
+                b"/Type /XObject /Subtype /Form /BBox [0 0 612 792] /Resources << /Font << /F1 5 0 R >> >>",
+            ),
+        ]
+    )
 
 
 def test_extraction_limits_are_about_work_not_size() -> None:
     """Unit-level, 10 MB size limit: bombs are stopped by work limits, ordinary PDFs still extract."""
     from mcp_rag.extract import extract_bytes
 
-    ok = extract_bytes(pdf_document(zlib.compress(b"BT /F1 12 Tf 72 712 Td (Hello tide pools) Tj ET")), kind="pdf",
-                       source_uri="ok.pdf", max_bytes=MAX_DOC_BYTES)
+    ok = extract_bytes(
+        pdf_document(zlib.compress(b"BT /F1 12 Tf 72 712 Td (Hello tide pools) Tj ET")),
+        kind="pdf",
+        source_uri="ok.pdf",
+        max_bytes=MAX_DOC_BYTES,
+    )
     assert "Hello tide pools" in ok.text
     bomb = pdf_form_bomb(invocations=50_000)
     assert len(bomb) < 20_000

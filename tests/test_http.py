@@ -53,8 +53,9 @@ def secret_text(words: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(pg_server: PgServer, template_db: str, model_dir: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    pg_server: PgServer, template_db: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """One server for the module, with four API keys, an extra allowed host and JSON logs.
     The drain test stops it: tests using it must come before that one."""
     name, dsn = scratch_database(pg_server, template_db)
@@ -64,11 +65,20 @@ def server(pg_server: PgServer, template_db: str, model_dir: Path,
     for i in range(DRAIN_FILES):
         sentences = " ".join(f"Sentence {j} of file {i} is about topic {i % 7}." for j in range(12))
         (corpus / f"file-{i:02d}.txt").write_text(sentences)
-    env = base_env(database_url=dsn, model_dir=model_dir, data_dir=work / "data", api_keys=API_KEYS,
-                   allowed_hosts=ALLOWED_HOST, log_format="json", region="test-region", tenant_roots={"acme": [str(corpus)]},
-                   metrics_token=METRICS_TOKEN,
-                   ingest_batch_chunks=4, shutdown_grace_seconds=300,
-                   ingest_job_after_seconds=600)  # the drain test waits for a whole ingest_file call
+    env = base_env(
+        database_url=dsn,
+        model_dir=model_dir,
+        data_dir=work / "data",
+        api_keys=API_KEYS,
+        allowed_hosts=ALLOWED_HOST,
+        log_format="json",
+        region="test-region",
+        tenant_roots={"acme": [str(corpus)]},
+        metrics_token=METRICS_TOKEN,
+        ingest_batch_chunks=4,
+        shutdown_grace_seconds=300,
+        ingest_job_after_seconds=600,
+    )  # the drain test waits for a whole ingest_file call
     proc = ServerProcess(env, work).start()
     try:
         proc.wait_ready()
@@ -89,6 +99,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 # --- probes -----------------------------------------------------------------------------------
+
 
 async def test_probes_answer_without_a_token(server: ServerProcess) -> None:
     async with httpx.AsyncClient(base_url=server.base_url) as http:
@@ -122,13 +133,17 @@ PROTECTED = [
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
-async def test_every_route_but_the_probes_needs_a_valid_token(server: ServerProcess, method: str,
-                                                              path: str) -> None:
+async def test_every_route_but_the_probes_needs_a_valid_token(server: ServerProcess, method: str, path: str) -> None:
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}) if method == "POST" else None
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
     async with fresh_connections(server) as http:
-        for auth in ({}, bearer(WRONG_TOKEN), {"Authorization": f"Basic {TOKEN_A}"}, {"Authorization": "Bearer"},
-                     bearer(TOKEN_A + "x")):
+        for auth in (
+            {},
+            bearer(WRONG_TOKEN),
+            {"Authorization": f"Basic {TOKEN_A}"},
+            {"Authorization": "Bearer"},
+            bearer(TOKEN_A + "x"),
+        ):
             response = await http.request(method, path, content=body, headers={**headers, **auth})
             assert response.status_code == 401, (method, path, auth, response.text)
             assert response.headers["www-authenticate"].startswith("Bearer")
@@ -137,6 +152,7 @@ async def test_every_route_but_the_probes_needs_a_valid_token(server: ServerProc
 
 
 # --- metrics ------------------------------------------------------------------------------------
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in the Prometheus text format (labels in any order)."""
@@ -152,8 +168,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_metrics_after_ingest_and_search(server: ServerProcess) -> None:
     async with mcp_http(server.base_url + "/mcp", TOKEN_A) as client:
-        await call(client, "ingest_text", text=secret_text("Metrics are scraped by Prometheus every minute."),
-                   collection="metrics")
+        await call(
+            client,
+            "ingest_text",
+            text=secret_text("Metrics are scraped by Prometheus every minute."),
+            collection="metrics",
+        )
         await call(client, "search", query="prometheus scraping", collection="metrics")
         await call_error(client, "get_document", document_id=str(uuid.uuid4()))
     async with httpx.AsyncClient(base_url=server.base_url) as http:
@@ -178,15 +198,14 @@ async def test_metrics_after_ingest_and_search(server: ServerProcess) -> None:
 
 # --- tenants and scopes ------------------------------------------------------------------------------
 
+
 async def test_tenants_are_isolated_across_tools_and_resources(server: ServerProcess) -> None:
     url = server.base_url + "/mcp"
     text = secret_text("Acme's confidential roadmap mentions the quantum toaster.")
     async with mcp_http(url, TOKEN_A) as a, mcp_http(url, TOKEN_B) as b:
-        out = await call(a, "ingest_text", text=text, title="Roadmap", source_uri="acme://roadmap",
-                         collection="plans")
+        out = await call(a, "ingest_text", text=text, title="Roadmap", source_uri="acme://roadmap", collection="plans")
         doc_id = out["documents"][0]["document_id"]
-        assert [h["document_id"] for h in (await call(a, "search", query="quantum toaster"))["results"]][:1] == [
-            doc_id]
+        assert [h["document_id"] for h in (await call(a, "search", query="quantum toaster"))["results"]][:1] == [doc_id]
 
         assert (await call(b, "stats"))["documents"] == 0
         assert (await call(b, "search", query="quantum toaster roadmap"))["results"] == []
@@ -204,8 +223,9 @@ async def test_tenants_are_isolated_across_tools_and_resources(server: ServerPro
         assert json.loads(listed.text) == {"collections": []}
 
         # The same source URI in another tenant is another document.
-        mine = await call(b, "ingest_text", text="Globex's own roadmap.", source_uri="acme://roadmap",
-                          collection="plans")
+        mine = await call(
+            b, "ingest_text", text="Globex's own roadmap.", source_uri="acme://roadmap", collection="plans"
+        )
         assert mine["added"] == 1
         assert mine["documents"][0]["document_id"] != doc_id
 
@@ -233,8 +253,12 @@ async def test_tenants_are_isolated_across_tools_and_resources(server: ServerPro
 
 async def test_tenant_isolation_over_sse(server: ServerProcess) -> None:
     async with mcp_http(server.base_url + "/mcp", TOKEN_A) as a:
-        out = await call(a, "ingest_text", text=secret_text("The SSE transport carries the caller's key too."),
-                         collection="sse-tenancy")
+        out = await call(
+            a,
+            "ingest_text",
+            text=secret_text("The SSE transport carries the caller's key too."),
+            collection="sse-tenancy",
+        )
         doc_id = out["documents"][0]["document_id"]
     async with mcp_sse(server.base_url + "/sse", TOKEN_B) as b:
         assert "no document with id" in await call_error(b, "get_document", document_id=doc_id)
@@ -245,8 +269,7 @@ async def test_tenant_isolation_over_sse(server: ServerProcess) -> None:
 
 async def test_a_read_scoped_key_cannot_write(server: ServerProcess) -> None:
     async with mcp_http(server.base_url + "/mcp", TOKEN_A) as rw:
-        out = await call(rw, "ingest_text", text=secret_text("Read-only keys may search this."),
-                         collection="scopes")
+        out = await call(rw, "ingest_text", text=secret_text("Read-only keys may search this."), collection="scopes")
         doc_id = out["documents"][0]["document_id"]
     async with mcp_http(server.base_url + "/mcp", TOKEN_A_READ) as ro:
         for tool, arguments in [
@@ -266,13 +289,16 @@ async def test_a_read_scoped_key_cannot_write(server: ServerProcess) -> None:
 
 # --- DNS-rebinding protection ------------------------------------------------------------------------
 
-INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+}
 
 
 async def test_host_header_is_checked_on_the_mcp_endpoints(server: ServerProcess) -> None:
-    headers = {**bearer(TOKEN_A), "Accept": "application/json, text/event-stream",
-               "Content-Type": "application/json"}
+    headers = {**bearer(TOKEN_A), "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with fresh_connections(server) as http:
         evil = await http.post("/mcp", json=INITIALIZE, headers={**headers, "Host": "evil.example"})
         assert evil.status_code == 421
@@ -288,6 +314,7 @@ async def test_host_header_is_checked_on_the_mcp_endpoints(server: ServerProcess
 
 
 # --- the log --------------------------------------------------------------------------------------------
+
 
 async def test_one_structured_log_line_per_tool_call_without_secrets(server: ServerProcess) -> None:
     """Checks the lines of its own calls, and every line the tests above made the shared server log."""
@@ -305,8 +332,13 @@ async def test_one_structured_log_line_per_tool_call_without_secrets(server: Ser
     entries = server.json_log()  # every stderr line is one JSON object
     calls = [e for e in entries if e.get("event") == "tool call"]
     mine = [(e["tool"], e["outcome"]) for e in calls if e["tenant"] == "logtest"]
-    assert mine == [("ingest_text", "ok"), ("search", "ok"), ("get_document", "error"), ("delete_document", "ok"),
-                    ("search", "invalid")]
+    assert mine == [
+        ("ingest_text", "ok"),
+        ("search", "ok"),
+        ("get_document", "error"),
+        ("delete_document", "ok"),
+        ("search", "invalid"),
+    ]
     assert ("ingest_text", "denied", "acme") in [(e["tool"], e["outcome"], e["tenant"]) for e in calls]
     for entry in calls:
         assert {"tool", "outcome", "duration_ms", "request_id", "tenant", "timestamp", "level"} <= set(entry)
@@ -323,6 +355,7 @@ async def test_one_structured_log_line_per_tool_call_without_secrets(server: Ser
 
 # --- draining on SIGTERM (stops the module's server: keep it the last test that uses it) -----------------
 
+
 async def test_sigterm_drains_a_running_call_then_exits_0(server: ServerProcess) -> None:
     corpus = Path(json.loads(server.env["MCP_RAG_TENANT_ROOTS"])["acme"][0])
     started = anyio.Event()
@@ -338,8 +371,9 @@ async def test_sigterm_drains_a_running_call_then_exits_0(server: ServerProcess)
             # The client checks a result against the tool's output schema and lists the tools to learn it
             # if it has not yet: list them now, since the server is gone once the drained call returns.
             await client.list_tools()
-            outcome["result"] = await client.call_tool("ingest_file", {"path": str(corpus), "collection": "drain"},
-                                                       progress_callback=on_progress)
+            outcome["result"] = await client.call_tool(
+                "ingest_file", {"path": str(corpus), "collection": "drain"}, progress_callback=on_progress
+            )
 
     during: list[tuple[int, Any]] = []
     async with anyio.create_task_group() as tg:
@@ -386,6 +420,7 @@ async def test_sigterm_drains_a_running_call_then_exits_0(server: ServerProcess)
 
 # --- readiness follows Postgres --------------------------------------------------------------------------
 
+
 async def test_ready_turns_503_while_postgres_is_down_and_recovers(model_dir: Path, tmp_path: Path) -> None:
     """A separate PostgreSQL server, stopped and started again under a running mcp-rag."""
     pg = PgServer().init().start()
@@ -393,8 +428,9 @@ async def test_ready_turns_503_while_postgres_is_down_and_recovers(model_dir: Pa
     try:
         dsn = pg.create_database("mcp_rag")
         await migrate(dsn)
-        env = base_env(database_url=dsn, model_dir=model_dir, data_dir=tmp_path / "data", db_timeout=2,
-                       sync_interval_seconds=0.2)
+        env = base_env(
+            database_url=dsn, model_dir=model_dir, data_dir=tmp_path / "data", db_timeout=2, sync_interval_seconds=0.2
+        )
         proc = ServerProcess(env, tmp_path / "work").start().wait_ready()
         async with httpx.AsyncClient(base_url=proc.base_url, timeout=30) as http:
             assert (await http.get("/ready")).status_code == 200
@@ -432,11 +468,18 @@ async def poll_ready(http: httpx.AsyncClient, *, until: int, attempts: int = 300
 
 # --- refusing to serve publicly without keys ---------------------------------------------------------------
 
+
 def test_public_bind_without_api_keys_refuses_to_start(model_dir: Path, tmp_path: Path) -> None:
     # The check comes before anything is opened: the database URL need not point anywhere.
     env = base_env(database_url="postgresql://nobody@127.0.0.1:1/none", model_dir=model_dir, data_dir=tmp_path)
-    done = subprocess.run([MCP_RAG, "serve", "--transport", "http", "--host", "0.0.0.0", "--port", "1"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [MCP_RAG, "serve", "--transport", "http", "--host", "0.0.0.0", "--port", "1"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "refusing to serve on 0.0.0.0 without authentication" in done.stderr
     assert "MCP_RAG_API_KEYS" in done.stderr

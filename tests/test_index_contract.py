@@ -649,8 +649,14 @@ async def test_edge_meta_file_is_plain_json(tmp_path: Path) -> None:
     await index.set_cursor(9, "9@1700000000000000")
     await index.close()
     meta = json.loads((tmp_path / "index_meta.json").read_text())
-    assert meta == {"model_name": MODEL.name, "dimension": DIM, "provider": "fastembed", "fingerprint": [], "cursor": 9,
-                    "origin": "9@1700000000000000"}
+    assert meta == {
+        "model_name": MODEL.name,
+        "dimension": DIM,
+        "provider": "fastembed",
+        "fingerprint": [],
+        "cursor": 9,
+        "origin": "9@1700000000000000",
+    }
     assert not list(tmp_path.glob("*.tmp"))
 
 

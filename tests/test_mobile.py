@@ -42,14 +42,26 @@ LONG_TEXT = " ".join(
 DOCS: dict[str, list[tuple[str | None, str, str, str]]] = {
     "acme": [
         ("manuals", "Lens care", "acme://manuals/lens", LONG_TEXT),
-        ("manuals", "Foghorn checklist", "acme://manuals/foghorn",
-         "Foghorn inspection: drain the air tanks, test the compressor and sound the lighthouse horn."),
-        (None, "Keeper's log", "acme://log/1",
-         "Quiet night at the lighthouse. The Fresnel lens turned without fault until dawn."),
+        (
+            "manuals",
+            "Foghorn checklist",
+            "acme://manuals/foghorn",
+            "Foghorn inspection: drain the air tanks, test the compressor and sound the lighthouse horn.",
+        ),
+        (
+            None,
+            "Keeper's log",
+            "acme://log/1",
+            "Quiet night at the lighthouse. The Fresnel lens turned without fault until dawn.",
+        ),
     ],
     "globex": [
-        (None, "Museum guide", "globex://museum",
-         "The harbour museum shows an old lighthouse lens; open daily, tickets at the harbour office."),
+        (
+            None,
+            "Museum guide",
+            "globex://museum",
+            "The harbour museum shows an old lighthouse lens; open daily, tickets at the harbour office.",
+        ),
         (None, "Coffee notes", "globex://coffee", "Roast the beans medium brown and rest them two days."),
     ],
 }
@@ -69,21 +81,29 @@ class Mobile:
 
 
 @pytest.fixture(scope="module")
-async def mobile(pg_server: PgServer, template_db: str, model_dir: Path, embedder: Embedder,
-                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mobile]:
+async def mobile(
+    pg_server: PgServer, template_db: str, model_dir: Path, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mobile]:
     """One database, runtime and app for the module: every test here only reads."""
     name = f"mobile_{uuid.uuid4().hex[:12]}"
     dsn = pg_server.create_database(name, template=template_db)
     root = tmp_path_factory.mktemp("mobile")
-    settings = Settings(data_dir=root / "data", database_url=dsn, embedding_model_dir=model_dir, api_keys=KEYS,
-                        sync_in_server=False, _env_file=None)
+    settings = Settings(
+        data_dir=root / "data",
+        database_url=dsn,
+        embedding_model_dir=model_dir,
+        api_keys=KEYS,
+        sync_in_server=False,
+        _env_file=None,
+    )
     try:
         async with open_runtime(settings, index=EdgeIndex(root / "index"), embedder=embedder) as runtime:
             ids: dict[str, list[str]] = {}
             for tenant, docs in DOCS.items():
                 for collection, title, source, text in docs:
-                    outcome = await runtime.service.ingest_text(tenant, text, collection=collection, title=title,
-                                                                source_uri=source)
+                    outcome = await runtime.service.ingest_text(
+                        tenant, text, collection=collection, title=title, source_uri=source
+                    )
                     assert outcome.document_id is not None
                     ids.setdefault(tenant, []).append(outcome.document_id)
             app = create_app(settings, runtime=runtime)
@@ -177,8 +197,11 @@ async def test_collection_narrows_the_search(mobile: Mobile) -> None:
 
 @pytest.mark.parametrize("token", [None, "wrong-token-0123456789", ""])
 async def test_a_missing_or_wrong_token_gets_401(mobile: Mobile, token: str | None) -> None:
-    for path in ("/api/mobile/search?q=lighthouse", f"/api/mobile/documents/{mobile.ids['acme'][0]}",
-                 "/api/mobile/openapi.json"):
+    for path in (
+        "/api/mobile/search?q=lighthouse",
+        f"/api/mobile/documents/{mobile.ids['acme'][0]}",
+        "/api/mobile/openapi.json",
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         response = await mobile.client.get(path, headers=headers)
         error_of(response, 401, "unauthorized")
@@ -211,8 +234,13 @@ async def test_document_is_compact_with_a_capped_excerpt(mobile: Mobile) -> None
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"document_id", "title", "source", "collection", "excerpt"}
-    assert body == {**body, "document_id": long_doc, "title": "Lens care", "source": "acme://manuals/lens",
-                    "collection": "manuals"}
+    assert body == {
+        **body,
+        "document_id": long_doc,
+        "title": "Lens care",
+        "source": "acme://manuals/lens",
+        "collection": "manuals",
+    }
     assert len(LONG_TEXT) > EXCERPT_CHARS
     assert len(body["excerpt"]) <= EXCERPT_CHARS + 1
     assert body["excerpt"].endswith("…")

@@ -83,8 +83,9 @@ async def query_one(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> Any:
     return None if row is None else row[0]
 
 
-async def poll(condition: Callable[[], Awaitable[T]], what: str, *, timeout: float = DEADLINE,
-               interval: float = 0.02) -> tuple[T, float]:
+async def poll(
+    condition: Callable[[], Awaitable[T]], what: str, *, timeout: float = DEADLINE, interval: float = 0.02
+) -> tuple[T, float]:
     """Call ``condition`` until it returns something truthy; returns it and the seconds waited."""
     start = time.monotonic()
     while True:
@@ -121,8 +122,15 @@ def standby_of(primary: PgServer) -> PgServer:
     return primary.standby()
 
 
-def region_settings(tmp: Path, model_dir: Path, *, region: str, database_url: str,
-                    database_read_url: str | None = None, **overrides: Any) -> Settings:
+def region_settings(
+    tmp: Path,
+    model_dir: Path,
+    *,
+    region: str,
+    database_url: str,
+    database_read_url: str | None = None,
+    **overrides: Any,
+) -> Settings:
     values: dict[str, Any] = {
         "region": region,
         "data_dir": tmp,
@@ -149,7 +157,9 @@ async def doc_ids_found(runtime: Runtime, query: str, collection: str, top_k: in
 async def ingest(runtime: Runtime, collection: str, docs: list[tuple[str, str, str]]) -> dict[str, str]:
     """Ingest (source_uri, title, text) documents; returns source_uri -> document id."""
     report = await runtime.service.ingest(
-        TENANT, collection, [SourceDocument(uri, text, title=title) for uri, title, text in docs],
+        TENANT,
+        collection,
+        [SourceDocument(uri, text, title=title) for uri, title, text in docs],
         raise_on_failure=True,
     )
     return {d.source_uri: d.document_id for d in report.documents if d.document_id is not None}
@@ -187,25 +197,28 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-async def region_a(cluster: Cluster, embedder: Embedder, model_dir: Path,
-                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
+async def region_a(
+    cluster: Cluster, embedder: Embedder, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Runtime]:
     """US-EAST: reads and writes the primary; embedded index."""
     tmp = tmp_path_factory.mktemp("region-a")
     settings = region_settings(tmp, model_dir, region="us-east", database_url=cluster.primary_dsn)
-    async with open_runtime(settings, index=EdgeIndex(tmp / "index"), embedder=embedder,
-                            follow_changes=False) as runtime:
+    async with open_runtime(
+        settings, index=EdgeIndex(tmp / "index"), embedder=embedder, follow_changes=False
+    ) as runtime:
         yield runtime
 
 
 @pytest.fixture(scope="module")
-async def region_b(cluster: Cluster, embedder: Embedder, model_dir: Path,
-                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
+async def region_b(
+    cluster: Cluster, embedder: Embedder, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Runtime]:
     """EU-WEST: writes to the primary, reads its local replica; Qdrant index synced from the replica."""
     tmp = tmp_path_factory.mktemp("region-b")
-    settings = region_settings(tmp, model_dir, region="eu-west", database_url=cluster.primary_dsn,
-                               database_read_url=cluster.replica_dsn)
-    async with open_runtime(settings, index=qdrant_memory_index(), embedder=embedder,
-                            follow_changes=False) as runtime:
+    settings = region_settings(
+        tmp, model_dir, region="eu-west", database_url=cluster.primary_dsn, database_read_url=cluster.replica_dsn
+    )
+    async with open_runtime(settings, index=qdrant_memory_index(), embedder=embedder, follow_changes=False) as runtime:
         yield runtime
 
 
@@ -222,23 +235,30 @@ async def sync_b(cluster: Cluster, region_b: Runtime) -> int:
 
 
 async def test_write_in_region_b_goes_to_the_primary_and_sync_makes_it_searchable(
-        cluster: Cluster, region_b: Runtime) -> None:
+    cluster: Cluster, region_b: Runtime
+) -> None:
     assert region_b.store.write_dsn == cluster.primary_dsn
     assert region_b.store.read_dsn == cluster.replica_dsn
     collection = "mr-write-path"
 
     outcome = await region_b.service.ingest_text(
-        TENANT, "Lighthouse keepers trimmed the lamp wicks every evening and logged passing ships.",
-        collection=collection, title="Lighthouse keeping", source_uri="mr://write-path/lighthouse")
+        TENANT,
+        "Lighthouse keepers trimmed the lamp wicks every evening and logged passing ships.",
+        collection=collection,
+        title="Lighthouse keeping",
+        source_uri="mr://write-path/lighthouse",
+    )
     assert outcome.status == "added"
     assert outcome.document_id is not None
 
     # Acknowledged means committed on the primary (queried directly, not through the store).
-    on_primary = await query_one(cluster.primary_dsn, "SELECT source_uri FROM documents WHERE id = %s",
-                                 (outcome.document_id,))
+    on_primary = await query_one(
+        cluster.primary_dsn, "SELECT source_uri FROM documents WHERE id = %s", (outcome.document_id,)
+    )
     assert on_primary == "mr://write-path/lighthouse"
     seq_on_primary = await query_one(
-        cluster.primary_dsn, "SELECT max(seq) FROM change_log WHERE document_id = %s", (outcome.document_id,))
+        cluster.primary_dsn, "SELECT max(seq) FROM change_log WHERE document_id = %s", (outcome.document_id,)
+    )
 
     await sync_b(cluster, region_b)
     assert await region_b.index.get_cursor() >= seq_on_primary
@@ -256,14 +276,17 @@ async def test_write_in_region_b_goes_to_the_primary_and_sync_makes_it_searchabl
     assert await region_b.readiness() == []
 
 
-async def test_update_and_delete_propagate_to_region_b(cluster: Cluster, region_a: Runtime,
-                                                       region_b: Runtime) -> None:
+async def test_update_and_delete_propagate_to_region_b(cluster: Cluster, region_a: Runtime, region_b: Runtime) -> None:
     collection = "mr-update-delete"
     uri = "mr://update-delete/observatory"
-    ids = await ingest(region_a, collection, [
-        (uri, "Observatory notes", "The observatory counted migrating cranes crossing the valley at dawn."),
-        ("mr://update-delete/bakery", "Bakery", "The bakery proofs sourdough overnight in a cool cellar."),
-    ])
+    ids = await ingest(
+        region_a,
+        collection,
+        [
+            (uri, "Observatory notes", "The observatory counted migrating cranes crossing the valley at dawn."),
+            ("mr://update-delete/bakery", "Bakery", "The bakery proofs sourdough overnight in a cool cellar."),
+        ],
+    )
     doc_id, other_id = ids[uri], ids["mr://update-delete/bakery"]
     await sync_b(cluster, region_b)
     assert (await doc_ids_found(region_b, "cranes migrating over the valley", collection))[:1] == [doc_id]
@@ -271,14 +294,22 @@ async def test_update_and_delete_propagate_to_region_b(cluster: Cluster, region_
     assert old_points
 
     # Update on the primary: same document, new text.
-    await ingest(region_a, collection, [
-        (uri, "Observatory notes", "The observatory drilled glacier ice cores to date ancient volcanic eruptions."),
-    ])
+    await ingest(
+        region_a,
+        collection,
+        [
+            (uri, "Observatory notes", "The observatory drilled glacier ice cores to date ancient volcanic eruptions."),
+        ],
+    )
     await wait_replayed(cluster.primary_dsn, cluster.replica_dsn)
     # Window: the replica has the new version, region B's index still only the old chunks. They
     # hydrate to nothing, so the document is absent - neither old text nor a mix is shown.
-    window = await region_b.service.search(TENANT, "cranes migrating over the valley", top_k=10,
-                                           filters=SearchFilters(collection=collection, document_ids=[doc_id]))
+    window = await region_b.service.search(
+        TENANT,
+        "cranes migrating over the valley",
+        top_k=10,
+        filters=SearchFilters(collection=collection, document_ids=[doc_id]),
+    )
     assert window == []
     assert await region_b.syncer.lag() >= 1
 
@@ -287,12 +318,14 @@ async def test_update_and_delete_propagate_to_region_b(cluster: Cluster, region_
     assert new_points
     assert not new_points & old_points
     assert new_points == {c.chunk_id for c in await region_b.store.document_chunks(TENANT, doc_id)}
-    found = await region_b.service.search(TENANT, "ice cores from a glacier", top_k=5,
-                                          filters=SearchFilters(collection=collection))
+    found = await region_b.service.search(
+        TENANT, "ice cores from a glacier", top_k=5, filters=SearchFilters(collection=collection)
+    )
     assert found[0].document_id == doc_id
     assert "glacier" in found[0].text
-    stale = await region_b.service.search(TENANT, "cranes migrating over the valley", top_k=10,
-                                          filters=SearchFilters(collection=collection))
+    stale = await region_b.service.search(
+        TENANT, "cranes migrating over the valley", top_k=10, filters=SearchFilters(collection=collection)
+    )
     assert all("cranes" not in r.text for r in stale)
 
     # Delete on the primary.
@@ -307,12 +340,17 @@ async def test_update_and_delete_propagate_to_region_b(cluster: Cluster, region_
 
 
 async def test_region_b_search_never_returns_a_document_its_replica_no_longer_has(
-        cluster: Cluster, region_a: Runtime, region_b: Runtime) -> None:
+    cluster: Cluster, region_a: Runtime, region_b: Runtime
+) -> None:
     collection = "mr-hydration"
-    ids = await ingest(region_a, collection, [
-        ("mr://hydration/falconry", "Falconry", "Falconers train hawks to return to the glove with a lure."),
-        ("mr://hydration/beekeeping", "Beekeeping", "Beekeepers calm the hive with smoke before lifting frames."),
-    ])
+    ids = await ingest(
+        region_a,
+        collection,
+        [
+            ("mr://hydration/falconry", "Falconry", "Falconers train hawks to return to the glove with a lure."),
+            ("mr://hydration/beekeeping", "Beekeeping", "Beekeepers calm the hive with smoke before lifting frames."),
+        ],
+    )
     doomed, kept = ids["mr://hydration/falconry"], ids["mr://hydration/beekeeping"]
     await sync_b(cluster, region_b)
     assert (await doc_ids_found(region_b, "training hawks with a lure", collection))[:1] == [doomed]
@@ -334,16 +372,26 @@ async def test_region_b_search_never_returns_a_document_its_replica_no_longer_ha
 
 
 async def test_index_lag_beyond_the_bound_is_a_readiness_reason(
-        cluster: Cluster, region_a: Runtime, embedder: Embedder, model_dir: Path, tmp_path: Path) -> None:
-    settings = region_settings(tmp_path, model_dir, region="eu-west", database_url=cluster.primary_dsn,
-                               database_read_url=cluster.replica_dsn, max_index_lag_entries=2)
-    async with open_runtime(settings, index=qdrant_memory_index(), embedder=embedder,
-                            follow_changes=False) as runtime:
+    cluster: Cluster, region_a: Runtime, embedder: Embedder, model_dir: Path, tmp_path: Path
+) -> None:
+    settings = region_settings(
+        tmp_path,
+        model_dir,
+        region="eu-west",
+        database_url=cluster.primary_dsn,
+        database_read_url=cluster.replica_dsn,
+        max_index_lag_entries=2,
+    )
+    async with open_runtime(settings, index=qdrant_memory_index(), embedder=embedder, follow_changes=False) as runtime:
         assert await runtime.readiness() == []  # caught up at start
-        await ingest(region_a, "mr-index-lag", [
-            (f"mr://index-lag/{i}", f"Note {i}", f"Field note number {i} about tide pools and sea anemones.")
-            for i in range(4)
-        ])
+        await ingest(
+            region_a,
+            "mr-index-lag",
+            [
+                (f"mr://index-lag/{i}", f"Note {i}", f"Field note number {i} about tide pools and sea anemones.")
+                for i in range(4)
+            ],
+        )
         await wait_replayed(cluster.primary_dsn, cluster.replica_dsn)
         reasons = await runtime.readiness()
         assert any(r.startswith("index lag: 4 change-log entries") for r in reasons), reasons
@@ -362,7 +410,8 @@ def _gauge(text: str, name: str) -> float:
 
 
 async def test_metrics_and_ready_endpoints_measure_both_lags_on_request(
-        cluster: Cluster, region_a: Runtime, region_b: Runtime) -> None:
+    cluster: Cluster, region_a: Runtime, region_b: Runtime
+) -> None:
     await sync_b(cluster, region_b)
     app = create_app(region_b.settings, runtime=region_b)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
@@ -373,10 +422,14 @@ async def test_metrics_and_ready_endpoints_measure_both_lags_on_request(
         assert _gauge(text, "mcp_rag_index_lag_entries") == 0
         assert _gauge(text, "mcp_rag_replication_lag_seconds") == 0
 
-        await ingest(region_a, "mr-metrics", [
-            ("mr://metrics/1", "Kites", "Kite makers glue tissue paper over bamboo frames."),
-            ("mr://metrics/2", "Kilns", "Potters fire stoneware in wood kilns for three days."),
-        ])
+        await ingest(
+            region_a,
+            "mr-metrics",
+            [
+                ("mr://metrics/1", "Kites", "Kite makers glue tissue paper over bamboo frames."),
+                ("mr://metrics/2", "Kilns", "Potters fire stoneware in wood kilns for three days."),
+            ],
+        )
         await wait_replayed(cluster.primary_dsn, cluster.replica_dsn)
         text = (await client.get("/metrics")).text
         assert _gauge(text, "mcp_rag_index_lag_entries") == 2
@@ -392,25 +445,40 @@ async def test_metrics_and_ready_endpoints_measure_both_lags_on_request(
 
 
 async def test_rebuilt_index_answers_like_the_synced_one(
-        cluster: Cluster, region_a: Runtime, region_b: Runtime, embedder: Embedder, tmp_path: Path) -> None:
+    cluster: Cluster, region_a: Runtime, region_b: Runtime, embedder: Embedder, tmp_path: Path
+) -> None:
     collection = "mr-rebuild"
-    await ingest(region_a, collection, [
-        ("mr://rebuild/volcano", "Volcanoes", "Basaltic lava flows slowly from shield volcanoes in Hawaii."),
-        ("mr://rebuild/orchard", "Orchards", "Apple orchards are pruned in late winter before the buds swell."),
-        ("mr://rebuild/chess", "Chess", "The Sicilian defence answers the king's pawn opening with c5."),
-        ("mr://rebuild/violin", "Violins", "Luthiers carve violin tops from spruce and backs from maple."),
-        ("mr://rebuild/tides", "Tides", "Spring tides occur when the sun and moon align at new and full moon."),
-    ])
+    await ingest(
+        region_a,
+        collection,
+        [
+            ("mr://rebuild/volcano", "Volcanoes", "Basaltic lava flows slowly from shield volcanoes in Hawaii."),
+            ("mr://rebuild/orchard", "Orchards", "Apple orchards are pruned in late winter before the buds swell."),
+            ("mr://rebuild/chess", "Chess", "The Sicilian defence answers the king's pawn opening with c5."),
+            ("mr://rebuild/violin", "Violins", "Luthiers carve violin tops from spruce and backs from maple."),
+            ("mr://rebuild/tides", "Tides", "Spring tides occur when the sun and moon align at new and full moon."),
+        ],
+    )
     # Churn so that the synced index has seen updates and deletes.
-    await ingest(region_a, collection, [
-        ("mr://rebuild/orchard", "Orchards", "Pear orchards need a pollinator variety planted every few rows."),
-    ])
+    await ingest(
+        region_a,
+        collection,
+        [
+            ("mr://rebuild/orchard", "Orchards", "Pear orchards need a pollinator variety planted every few rows."),
+        ],
+    )
     temp = await ingest(region_a, collection, [("mr://rebuild/temp", "Temp", "A short-lived note about kayaks.")])
     await region_a.service.delete_document(TENANT, temp["mr://rebuild/temp"])
     await sync_b(cluster, region_b)
 
-    queries = ["lava from a volcano", "pruning fruit trees", "chess opening with c5", "who makes violins",
-               "when are tides highest", "pollinating pear trees"]
+    queries = [
+        "lava from a volcano",
+        "pruning fruit trees",
+        "chess opening with c5",
+        "who makes violins",
+        "when are tides highest",
+        "pollinating pear trees",
+    ]
 
     async def answers(service: RagService) -> list[tuple[list[int], list[float]]]:
         out = []
@@ -427,8 +495,9 @@ async def test_rebuilt_index_answers_like_the_synced_one(
             syncer = IndexSyncer(region_b.store, rebuilt)
             started = time.monotonic()
             written = await syncer.reindex()
-            observe(f"reindex from the replica into {type(rebuilt).__name__} ({written} points)",
-                    time.monotonic() - started)
+            observe(
+                f"reindex from the replica into {type(rebuilt).__name__} ({written} points)", time.monotonic() - started
+            )
             assert await rebuilt.get_cursor() == await region_b.index.get_cursor()
             # Same points as the index kept by sync (and as region A's, kept from the primary).
             assert await rebuilt.point_ids() == await region_b.index.point_ids()
@@ -444,7 +513,8 @@ async def test_rebuilt_index_answers_like_the_synced_one(
 
 
 async def test_region_b_readiness_names_postgres_while_its_replica_is_down_and_recovers(
-        cluster: Cluster, region_b: Runtime) -> None:
+    cluster: Cluster, region_b: Runtime
+) -> None:
     await sync_b(cluster, region_b)
     assert await region_b.readiness() == []
 
@@ -480,15 +550,17 @@ async def test_region_b_readiness_names_postgres_while_its_replica_is_down_and_r
 
 def _cli_env(cluster: Cluster, data_dir: Path, model_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MCP_RAG_")}
-    env.update({
-        "MCP_RAG_REGION": "eu-west",
-        "MCP_RAG_DATABASE_URL": cluster.primary_dsn,
-        "MCP_RAG_DATABASE_READ_URL": cluster.replica_dsn,
-        "MCP_RAG_DATA_DIR": str(data_dir),
-        "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
-        "MCP_RAG_SYNC_INTERVAL_SECONDS": "0.2",
-        "MCP_RAG_LOG_FORMAT": "json",
-    })
+    env.update(
+        {
+            "MCP_RAG_REGION": "eu-west",
+            "MCP_RAG_DATABASE_URL": cluster.primary_dsn,
+            "MCP_RAG_DATABASE_READ_URL": cluster.replica_dsn,
+            "MCP_RAG_DATA_DIR": str(data_dir),
+            "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
+            "MCP_RAG_SYNC_INTERVAL_SECONDS": "0.2",
+            "MCP_RAG_LOG_FORMAT": "json",
+        }
+    )
     return env
 
 
@@ -511,27 +583,34 @@ async def _stop(process: subprocess.Popen[bytes], signum: int) -> int:
 
 
 async def test_sync_follow_process_keeps_an_index_current_from_the_replica(
-        cluster: Cluster, region_a: Runtime, model_dir: Path, tmp_path: Path) -> None:
+    cluster: Cluster, region_a: Runtime, model_dir: Path, tmp_path: Path
+) -> None:
     data_dir = tmp_path / "follower"  # its own embedded index: an EdgeIndex directory is one process's
     env = _cli_env(cluster, data_dir, model_dir)
     cmd = [sys.executable, "-m", "mcp_rag.cli"]
     stderr_path = tmp_path / "follower.stderr"
 
     with stderr_path.open("wb") as stderr:
-        follower = subprocess.Popen([*cmd, "sync", "--follow"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                    stderr=stderr)
+        follower = subprocess.Popen(
+            [*cmd, "sync", "--follow"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
+
         async def following() -> bool:
             assert follower.poll() is None, stderr_path.read_text()
             return "following the change log" in stderr_path.read_text()
 
         await poll(following, "the follower to start", interval=0.1)
 
-        await ingest(region_a, "mr-follower", [
-            ("mr://follower/1", "Canals", "Canal locks raise barges between two water levels."),
-            ("mr://follower/2", "Looms", "Jacquard looms read punched cards to weave patterns."),
-            ("mr://follower/3", "Clocks", "A pendulum clock keeps time with an escapement."),
-        ])
+        await ingest(
+            region_a,
+            "mr-follower",
+            [
+                ("mr://follower/1", "Canals", "Canal locks raise barges between two water levels."),
+                ("mr://follower/2", "Looms", "Jacquard looms read punched cards to weave patterns."),
+                ("mr://follower/3", "Clocks", "A pendulum clock keeps time with an escapement."),
+            ],
+        )
         target = await query_one(cluster.primary_dsn, "SELECT max(seq) FROM change_log")
 
         async def caught_up() -> bool:
@@ -562,8 +641,9 @@ async def test_sync_follow_process_keeps_an_index_current_from_the_replica(
     # A follower that started and is stopped with SIGINT (Ctrl-C) also exits cleanly.
     stderr_path = tmp_path / "follower-2.stderr"
     with stderr_path.open("wb") as stderr:
-        follower = subprocess.Popen([*cmd, "sync", "--follow"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                    stderr=stderr)
+        follower = subprocess.Popen(
+            [*cmd, "sync", "--follow"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
         await poll(following, "the second follower to start", interval=0.1)
         assert await _stop(follower, signal.SIGINT) == 0, stderr_path.read_text()
@@ -577,7 +657,8 @@ async def test_sync_follow_process_keeps_an_index_current_from_the_replica(
 
 
 async def test_failover_region_b_serves_reads_without_the_primary_then_its_promoted_replica_takes_writes(
-        embedder: Embedder, model_dir: Path, tmp_path: Path) -> None:
+    embedder: Embedder, model_dir: Path, tmp_path: Path
+) -> None:
     primary = PgServer().init(replication=True).start()
     replica: PgServer | None = None
     try:
@@ -589,15 +670,26 @@ async def test_failover_region_b_serves_reads_without_the_primary_then_its_promo
         index_b = qdrant_memory_index()
 
         settings_a = region_settings(tmp_path / "a", model_dir, region="us-east", database_url=primary_dsn)
-        async with open_runtime(settings_a, index=EdgeIndex(tmp_path / "a" / "index"), embedder=embedder,
-                                follow_changes=False) as region_a:
-            ids = await ingest(region_a, collection, [
-                ("mr://failover/sailing", "Sailing", "Sailors reef the mainsail when the wind picks up."),
-                ("mr://failover/weaving", "Weaving", "Basket weavers soak willow rods before bending them."),
-            ])
+        async with open_runtime(
+            settings_a, index=EdgeIndex(tmp_path / "a" / "index"), embedder=embedder, follow_changes=False
+        ) as region_a:
+            ids = await ingest(
+                region_a,
+                collection,
+                [
+                    ("mr://failover/sailing", "Sailing", "Sailors reef the mainsail when the wind picks up."),
+                    ("mr://failover/weaving", "Weaving", "Basket weavers soak willow rods before bending them."),
+                ],
+            )
 
-        settings_b = region_settings(tmp_path / "b", model_dir, region="eu-west", database_url=primary_dsn,
-                                     database_read_url=replica_dsn, max_replication_lag_seconds=1.0)
+        settings_b = region_settings(
+            tmp_path / "b",
+            model_dir,
+            region="eu-west",
+            database_url=primary_dsn,
+            database_read_url=replica_dsn,
+            max_replication_lag_seconds=1.0,
+        )
         async with open_runtime(settings_b, index=index_b, embedder=embedder, follow_changes=False) as region_b:
             await wait_replayed(primary_dsn, replica_dsn)
             await region_b.syncer.catch_up()
@@ -613,8 +705,7 @@ async def test_failover_region_b_serves_reads_without_the_primary_then_its_promo
             assert await region_b.syncer.catch_up() == 0
             # ...but writes fail with a readable error,
             with pytest.raises(UnavailableError):
-                await region_b.service.ingest_text(TENANT, "A note that cannot be written now.",
-                                                   collection=collection)
+                await region_b.service.ingest_text(TENANT, "A note that cannot be written now.", collection=collection)
             # and the replica, cut off from the primary, is not reported as current: its lag
             # grows until readiness names it (and never names postgres: the replica answers).
             status = await region_b.store.replication_status()
@@ -646,22 +737,27 @@ async def test_failover_region_b_serves_reads_without_the_primary_then_its_promo
         async with open_runtime(settings_c, index=index_b, embedder=embedder, follow_changes=False) as region_c:
             assert await index_b.get_cursor() == cursor_before  # the cursor survived and is still valid
             outcome = await region_c.service.ingest_text(
-                TENANT, "Glassblowers gather molten glass on a blowpipe and shape it by turning.",
-                collection=collection, title="Glassblowing", source_uri="mr://failover/glass")
+                TENANT,
+                "Glassblowers gather molten glass on a blowpipe and shape it by turning.",
+                collection=collection,
+                title="Glassblowing",
+                source_uri="mr://failover/glass",
+            )
             assert outcome.status == "added"
 
-            new_seq = await query_one(replica_dsn, "SELECT max(seq) FROM change_log WHERE document_id = %s",
-                                      (outcome.document_id,))
+            new_seq = await query_one(
+                replica_dsn, "SELECT max(seq) FROM change_log WHERE document_id = %s", (outcome.document_id,)
+            )
             assert new_seq > cursor_before  # the change log continues past every seq the index has applied
-            assert await query_one(replica_dsn, "SELECT count(*) FROM change_log WHERE seq > %s",
-                                   (cursor_before,)) == 1
+            assert await query_one(replica_dsn, "SELECT count(*) FROM change_log WHERE seq > %s", (cursor_before,)) == 1
             observe("change-log seq step across promotion (new seq - last seq before)", float(new_seq - cursor_before))
 
             assert await index_b.get_cursor() == new_seq
             assert await region_c.syncer.lag() == 0
             assert (await doc_ids_found(region_c, "shaping molten glass", collection))[:1] == [outcome.document_id]
             assert (await doc_ids_found(region_c, "reefing a sail in strong wind", collection))[:1] == [
-                ids["mr://failover/sailing"]]
+                ids["mr://failover/sailing"]
+            ]
             assert await index_b.point_ids() == await region_c.store.all_chunk_ids()
             status = await region_c.store.replication_status()
             assert status.is_replica is False

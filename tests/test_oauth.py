@@ -98,8 +98,14 @@ def oidc_node_modules() -> Path:
         pytest.fail("Node.js >= 20 and npm are needed for the OAuth tests (apt-get install nodejs npm)")
     modules = OIDC_DIR / "node_modules"
     if not (modules / "oidc-provider" / "package.json").exists():
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=OIDC_DIR, capture_output=True,
-                              text=True, timeout=900, check=False)
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=OIDC_DIR,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
     return modules
 
@@ -114,13 +120,26 @@ class OidcProvider:
         self.resources = resources
         self.keys: list[tuple[dict[str, Any], rsa.RSAPrivateKey]] = [rsa_jwk("key-1")]
         self.proc: subprocess.Popen[bytes] | None = None
-        clients = [{"client_id": RS_CLIENT[0], "client_secret": RS_CLIENT[1], "grant_types": [],
-                    "response_types": [], "redirect_uris": []}]
+        clients = [
+            {
+                "client_id": RS_CLIENT[0],
+                "client_secret": RS_CLIENT[1],
+                "grant_types": [],
+                "response_types": [],
+                "redirect_uris": [],
+            }
+        ]
         for client_id, (tenant, scope, token_format, ttl) in CLIENTS.items():
-            entry: dict[str, Any] = {"client_id": client_id, "client_secret": secret_of(client_id),
-                                     "grant_types": ["client_credentials"], "response_types": [],
-                                     "redirect_uris": [], "scope": scope, "token_format": token_format,
-                                     "token_ttl": ttl}
+            entry: dict[str, Any] = {
+                "client_id": client_id,
+                "client_secret": secret_of(client_id),
+                "grant_types": ["client_credentials"],
+                "response_types": [],
+                "redirect_uris": [],
+                "scope": scope,
+                "token_format": token_format,
+                "token_ttl": ttl,
+            }
             if tenant is not None:
                 entry["tenant"] = tenant
             clients.append(entry)
@@ -132,12 +151,17 @@ class OidcProvider:
 
     def start(self) -> OidcProvider:
         (self.workdir / "jwks.json").write_text(json.dumps({"keys": [jwk for jwk, _ in self.keys]}))
-        env = {**os.environ, "OIDC_PORT": str(self.port), "OIDC_RESOURCES": ",".join(self.resources),
-               "OIDC_JWKS_FILE": str(self.workdir / "jwks.json"),
-               "OIDC_CLIENTS_FILE": str(self.workdir / "clients.json")}
+        env = {
+            **os.environ,
+            "OIDC_PORT": str(self.port),
+            "OIDC_RESOURCES": ",".join(self.resources),
+            "OIDC_JWKS_FILE": str(self.workdir / "jwks.json"),
+            "OIDC_CLIENTS_FILE": str(self.workdir / "clients.json"),
+        }
         log = (self.workdir / "oidc.log").open("ab")
-        self.proc = subprocess.Popen(["node", str(OIDC_DIR / "provider.mjs")], env=env, cwd=self.workdir,
-                                     stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            ["node", str(OIDC_DIR / "provider.mjs")], env=env, cwd=self.workdir, stdout=log, stderr=log
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.workdir / "oidc.log").read_text()
@@ -166,8 +190,11 @@ class OidcProvider:
         return result
 
     def token(self, client_id: str, resource: str | None = None, scope: str | None = None) -> str:
-        data = {"grant_type": "client_credentials", "resource": resource or self.resources[0],
-                "scope": scope or CLIENTS[client_id][1]}
+        data = {
+            "grant_type": "client_credentials",
+            "resource": resource or self.resources[0],
+            "scope": scope or CLIENTS[client_id][1],
+        }
         response = httpx.post(self.issuer + "/token", data=data, auth=(client_id, secret_of(client_id)), timeout=10)
         assert response.status_code == 200, response.text
         token: str = response.json()["access_token"]
@@ -177,10 +204,20 @@ class OidcProvider:
         """A token signed with the provider's own private key (for what an honest provider never issues)."""
         jwk, private = self.signing
         now = int(time.time())
-        payload = {"iss": self.issuer, "aud": self.resources[0], "sub": "minted", "client_id": "minted",
-                   "iat": now, "exp": now + 600, "scope": "rag:read rag:write", "tenant": "acme", **claims}
-        return jwt.encode(payload, key or private, algorithm="RS256", headers={"kid": kid or jwk["kid"],
-                                                                                "typ": "at+jwt"})
+        payload = {
+            "iss": self.issuer,
+            "aud": self.resources[0],
+            "sub": "minted",
+            "client_id": "minted",
+            "iat": now,
+            "exp": now + 600,
+            "scope": "rag:read rag:write",
+            "tenant": "acme",
+            **claims,
+        }
+        return jwt.encode(
+            payload, key or private, algorithm="RS256", headers={"kid": kid or jwk["kid"], "typ": "at+jwt"}
+        )
 
 
 @dataclass
@@ -198,17 +235,26 @@ class Deployment:
         return self.public_url + "/sse"
 
 
-def start_deployment(pg_server: PgServer, template_db: str, model_dir: Path, work: Path,
-                     **settings: Any) -> tuple[Deployment, str]:
+def start_deployment(
+    pg_server: PgServer, template_db: str, model_dir: Path, work: Path, **settings: Any
+) -> tuple[Deployment, str]:
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
     provider = OidcProvider(work, [public_url + "/mcp", public_url + "/sse", public_url + "/elsewhere"]).start()
     name, dsn = scratch_database(pg_server, template_db)
-    env = base_env(database_url=dsn, model_dir=model_dir, data_dir=work / "data", public_url=public_url,
-                   oauth_issuer=provider.issuer, oauth_introspection_client_id=RS_CLIENT[0],
-                   oauth_introspection_client_secret=RS_CLIENT[1], oauth_clock_skew_seconds=5,
-                   oauth_jwks_min_refresh_seconds=2,
-                   api_keys=[{"token": API_KEY, "tenant": "acme", "scopes": ["read", "write"]}], **settings)
+    env = base_env(
+        database_url=dsn,
+        model_dir=model_dir,
+        data_dir=work / "data",
+        public_url=public_url,
+        oauth_issuer=provider.issuer,
+        oauth_introspection_client_id=RS_CLIENT[0],
+        oauth_introspection_client_secret=RS_CLIENT[1],
+        oauth_clock_skew_seconds=5,
+        oauth_jwks_min_refresh_seconds=2,
+        api_keys=[{"token": API_KEY, "tenant": "acme", "scopes": ["read", "write"]}],
+        **settings,
+    )
     server = ServerProcess(env, work, port=port).start()
     try:
         server.wait_ready()
@@ -220,8 +266,13 @@ def start_deployment(pg_server: PgServer, template_db: str, model_dir: Path, wor
 
 
 @pytest.fixture(scope="module")
-def deployment(oidc_node_modules: Path, pg_server: PgServer, template_db: str, model_dir: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    oidc_node_modules: Path,
+    pg_server: PgServer,
+    template_db: str,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("oauth")
     dep, name = start_deployment(pg_server, template_db, model_dir, work)
     try:
@@ -247,10 +298,13 @@ MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": 
 
 # --- metadata and challenges ---------------------------------------------------------------------
 
+
 def test_protected_resource_metadata_is_public(deployment: Deployment) -> None:
-    for path, resource in [("/.well-known/oauth-protected-resource", deployment.mcp_url),
-                           ("/.well-known/oauth-protected-resource/mcp", deployment.mcp_url),
-                           ("/.well-known/oauth-protected-resource/sse", deployment.sse_url)]:
+    for path, resource in [
+        ("/.well-known/oauth-protected-resource", deployment.mcp_url),
+        ("/.well-known/oauth-protected-resource/mcp", deployment.mcp_url),
+        ("/.well-known/oauth-protected-resource/sse", deployment.sse_url),
+    ]:
         response = httpx.get(deployment.public_url + path, timeout=10)
         assert response.status_code == 200, (path, response.text)
         metadata = response.json()
@@ -265,13 +319,21 @@ def test_every_401_points_to_the_metadata(deployment: Deployment) -> None:
     base = deployment.public_url
     prm_mcp = base + "/.well-known/oauth-protected-resource/mcp"
     prm_sse = base + "/.well-known/oauth-protected-resource/sse"
-    requests = [("POST", "/mcp", prm_mcp), ("GET", "/mcp", prm_mcp), ("GET", "/sse", prm_sse),
-                ("POST", "/messages/?session_id=x", prm_sse), ("GET", "/api/mobile/search?q=x", prm_mcp),
-                ("GET", "/metrics", prm_mcp)]
+    requests = [
+        ("POST", "/mcp", prm_mcp),
+        ("GET", "/mcp", prm_mcp),
+        ("GET", "/sse", prm_sse),
+        ("POST", "/messages/?session_id=x", prm_sse),
+        ("GET", "/api/mobile/search?q=x", prm_mcp),
+        ("GET", "/metrics", prm_mcp),
+    ]
     with httpx.Client(base_url=base, timeout=10) as http:
         for method, path, prm in requests:
-            for headers, error in [({}, None), ({"Authorization": "Bearer not-a-token"}, "invalid_token"),
-                                   ({"Authorization": "Basic dXNlcjpwYXNz"}, None)]:
+            for headers, error in [
+                ({}, None),
+                ({"Authorization": "Bearer not-a-token"}, "invalid_token"),
+                ({"Authorization": "Basic dXNlcjpwYXNz"}, None),
+            ]:
                 response = http.request(method, path, headers=headers, json=tools_call("search", query="x"))
                 assert response.status_code == 401, (method, path, headers, response.text)
                 params = challenge(response)
@@ -282,12 +344,24 @@ def test_every_401_points_to_the_metadata(deployment: Deployment) -> None:
 
 # --- the whole discovery flow, as a client does it ------------------------------------------------
 
+
 async def test_discovery_registration_and_calls_over_http_and_sse(deployment: Deployment) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         # 1. An unauthenticated request: the 401 names the resource metadata.
-        first = await http.post(deployment.mcp_url, headers=MCP_HEADERS, json={
-            "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-                "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        first = await http.post(
+            deployment.mcp_url,
+            headers=MCP_HEADERS,
+            json={
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "0"},
+                },
+            },
+        )
         assert first.status_code == 401
         prm_url = challenge(first)["resource_metadata"]
         # 2. Protected resource metadata -> the authorization server.
@@ -297,16 +371,26 @@ async def test_discovery_registration_and_calls_over_http_and_sse(deployment: De
         as_metadata = (await http.get(issuer + "/.well-known/oauth-authorization-server")).json()
         assert as_metadata["issuer"] == issuer
         # 4. Dynamic client registration (RFC 7591).
-        registered = await http.post(as_metadata["registration_endpoint"], json={
-            "client_name": "oauth-test", "grant_types": ["client_credentials"], "response_types": [],
-            "redirect_uris": [], "token_endpoint_auth_method": "client_secret_basic",
-            "scope": " ".join(prm["scopes_supported"]), "tenant": "acme"})
+        registered = await http.post(
+            as_metadata["registration_endpoint"],
+            json={
+                "client_name": "oauth-test",
+                "grant_types": ["client_credentials"],
+                "response_types": [],
+                "redirect_uris": [],
+                "token_endpoint_auth_method": "client_secret_basic",
+                "scope": " ".join(prm["scopes_supported"]),
+                "tenant": "acme",
+            },
+        )
         assert registered.status_code == 201, registered.text
         client = registered.json()
         # 5. A token for the resource (RFC 8707).
-        issued = await http.post(as_metadata["token_endpoint"], auth=(client["client_id"], client["client_secret"]),
-                                 data={"grant_type": "client_credentials", "resource": prm["resource"],
-                                       "scope": "rag:read rag:write"})
+        issued = await http.post(
+            as_metadata["token_endpoint"],
+            auth=(client["client_id"], client["client_secret"]),
+            data={"grant_type": "client_credentials", "resource": prm["resource"], "scope": "rag:read rag:write"},
+        )
         assert issued.status_code == 200, issued.text
         token = issued.json()["access_token"]
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
@@ -314,8 +398,13 @@ async def test_discovery_registration_and_calls_over_http_and_sse(deployment: De
     # 6. MCP calls over streamable HTTP and over SSE.
     marker = uuid.uuid4().hex
     async with mcp_http(deployment.mcp_url, token) as mcp:
-        added = await call(mcp, "ingest_text", text=f"Puffins nest in burrows on sea cliffs. {marker}",
-                           title="Puffins", collection="birds")
+        added = await call(
+            mcp,
+            "ingest_text",
+            text=f"Puffins nest in burrows on sea cliffs. {marker}",
+            title="Puffins",
+            collection="birds",
+        )
         doc_id = added["documents"][0]["document_id"]
         found = await call(mcp, "search", query="where do puffins nest", collection="birds")
         assert found["results"][0]["id"] == doc_id
@@ -353,11 +442,14 @@ async def test_the_sdk_client_discovers_everything_from_the_401(deployment: Depl
     """The MCP SDK's own OAuth client (client credentials) starts from nothing but the server URL."""
     for url, transport in [(deployment.mcp_url, "http"), (deployment.sse_url, "sse")]:
         # It asks for the scopes the 401 names (rag:read rag:write), so the client must be allowed both.
-        auth = ClientCredentialsOAuthProvider(url, MemoryTokens(), "acme-rw", secret_of("acme-rw"),
-                                              scope="rag:read", issuer=deployment.provider.issuer)
+        auth = ClientCredentialsOAuthProvider(
+            url, MemoryTokens(), "acme-rw", secret_of("acme-rw"), scope="rag:read", issuer=deployment.provider.issuer
+        )
         if transport == "http":
-            async with httpx2.AsyncClient(auth=auth, timeout=30) as http, \
-                    Client(streamable_http_client(url, http_client=http)) as mcp:
+            async with (
+                httpx2.AsyncClient(auth=auth, timeout=30) as http,
+                Client(streamable_http_client(url, http_client=http)) as mcp,
+            ):
                 stats = await call(mcp, "stats")
         else:
             async with Client(sse_client(url, auth=auth)) as mcp:
@@ -367,6 +459,7 @@ async def test_the_sdk_client_discovers_everything_from_the_401(deployment: Depl
 
 # --- hostile tokens ---------------------------------------------------------------------------------
 
+
 def hostile_tokens(provider: OidcProvider) -> dict[str, str]:
     jwk, private = provider.signing
     now = int(time.time())
@@ -374,8 +467,9 @@ def hostile_tokens(provider: OidcProvider) -> dict[str, str]:
     header, payload, signature = real.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     claims["tenant"] = "globex"
-    public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     import hmac as hmac_module
 
     hs_header = b64(json.dumps({"alg": "HS256", "typ": "at+jwt", "kid": jwk["kid"]}).encode())
@@ -407,17 +501,25 @@ async def test_hostile_tokens_are_refused_and_nothing_runs(deployment: Deploymen
     with httpx.Client(base_url=deployment.public_url, timeout=10) as http:
         for label, token in tokens.items():
             for path in ("/mcp", "/messages/?session_id=" + uuid.uuid4().hex):
-                response = http.post(path, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
-                                     json=tools_call("ingest_text", text=f"{label} {marker}"))
+                response = http.post(
+                    path,
+                    headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
+                    json=tools_call("ingest_text", text=f"{label} {marker}"),
+                )
                 assert response.status_code == 401, (label, path, response.status_code, response.text)
                 assert challenge(response)["error"] == "invalid_token", label
-            mobile = http.get("/api/mobile/search", params={"q": "puffins"},
-                              headers={"Authorization": f"Bearer {token}"})
+            mobile = http.get(
+                "/api/mobile/search", params={"q": "puffins"}, headers={"Authorization": f"Bearer {token}"}
+            )
             assert mobile.status_code == 401, label
         # A well-formed token minted the same way is accepted: the refusals above are about what differs.
         good = deployment.provider.mint({})
-        assert http.get("/api/mobile/search", params={"q": marker},
-                        headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        assert (
+            http.get(
+                "/api/mobile/search", params={"q": marker}, headers={"Authorization": f"Bearer {good}"}
+            ).status_code
+            == 200
+        )
     async with mcp_http(deployment.mcp_url, API_KEY) as mcp:
         assert (await call(mcp, "search", query=marker, mode="lexical"))["results"] == []
     log = deployment.server.log()
@@ -427,14 +529,18 @@ async def test_hostile_tokens_are_refused_and_nothing_runs(deployment: Deploymen
 
 # --- scopes ------------------------------------------------------------------------------------------
 
+
 async def test_a_missing_scope_is_403_insufficient_scope(deployment: Deployment) -> None:
     read_only = deployment.provider.token("acme-ro")
     write_only = deployment.provider.token("acme-wo")
     with httpx.Client(base_url=deployment.public_url, timeout=10) as http:
         for path in ("/mcp", "/messages/?session_id=" + uuid.uuid4().hex):
             for tool in ("ingest_text", "delete_collection", "delete_document"):
-                response = http.post(path, headers={**MCP_HEADERS, "Authorization": f"Bearer {read_only}"},
-                                     json=tools_call(tool, text="x", collection="x", document_id="x"))
+                response = http.post(
+                    path,
+                    headers={**MCP_HEADERS, "Authorization": f"Bearer {read_only}"},
+                    json=tools_call(tool, text="x", collection="x", document_id="x"),
+                )
                 assert response.status_code == 403, (path, tool, response.text)
                 params = challenge(response)
                 assert params["error"] == "insufficient_scope"
@@ -443,21 +549,29 @@ async def test_a_missing_scope_is_403_insufficient_scope(deployment: Deployment)
             batch = [tools_call("search", query="x"), tools_call("ingest_text", text="x")]
             response = http.post(path, headers={**MCP_HEADERS, "Authorization": f"Bearer {read_only}"}, json=batch)
             assert response.status_code == 403, "a batch needs every scope its calls need"
-            for request in (tools_call("search", query="x"),
-                            {"jsonrpc": "2.0", "id": 1, "method": "resources/read",
-                             "params": {"uri": "rag://collections"}}):
-                response = http.post(path, headers={**MCP_HEADERS, "Authorization": f"Bearer {write_only}"},
-                                     json=request)
+            for request in (
+                tools_call("search", query="x"),
+                {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "rag://collections"}},
+            ):
+                response = http.post(
+                    path, headers={**MCP_HEADERS, "Authorization": f"Bearer {write_only}"}, json=request
+                )
                 assert response.status_code == 403
                 assert challenge(response)["scope"] == "rag:read rag:write"
         mobile = http.get("/api/mobile/search", params={"q": "x"}, headers={"Authorization": f"Bearer {write_only}"})
         assert mobile.status_code == 403
         assert challenge(mobile) | {"error_description": ""} == {
-            "error": "insufficient_scope", "error_description": "",
+            "error": "insufficient_scope",
+            "error_description": "",
             "resource_metadata": deployment.public_url + "/.well-known/oauth-protected-resource/mcp",
-            "scope": "rag:read rag:write"}
-        assert http.get("/api/mobile/search", params={"q": "x"},
-                        headers={"Authorization": f"Bearer {read_only}"}).status_code == 200
+            "scope": "rag:read rag:write",
+        }
+        assert (
+            http.get(
+                "/api/mobile/search", params={"q": "x"}, headers={"Authorization": f"Bearer {read_only}"}
+            ).status_code
+            == 200
+        )
 
     # Through a real client session: reads work, a write call is refused by HTTP 403 and writes nothing.
     marker = uuid.uuid4().hex
@@ -472,6 +586,7 @@ async def test_a_missing_scope_is_403_insufficient_scope(deployment: Deployment)
 
 # --- tenants --------------------------------------------------------------------------------------------
 
+
 async def test_a_tenant_cannot_reach_another_tenants_document(deployment: Deployment) -> None:
     acme = deployment.provider.token("acme-rw")
     globex = deployment.provider.token("globex-rw")
@@ -479,12 +594,18 @@ async def test_a_tenant_cannot_reach_another_tenants_document(deployment: Deploy
         added = await call(mcp, "ingest_text", text="Acme's secret recipe: saffron and cardamom.", title="Recipe")
         doc_id = added["documents"][0]["document_id"]
     async with mcp_http(deployment.mcp_url, globex) as mcp:
-        for tool, args in [("fetch", {"id": doc_id}), ("get_document", {"document_id": doc_id}),
-                           ("delete_document", {"document_id": doc_id})]:
+        for tool, args in [
+            ("fetch", {"id": doc_id}),
+            ("get_document", {"document_id": doc_id}),
+            ("delete_document", {"document_id": doc_id}),
+        ]:
             assert f"no document with id {doc_id!r}" in await call_error(mcp, tool, **args)
         assert (await call(mcp, "search", query="saffron cardamom recipe"))["results"] == []
-    response = httpx.get(f"{deployment.public_url}/api/mobile/documents/{doc_id}",
-                         headers={"Authorization": f"Bearer {globex}"}, timeout=10)
+    response = httpx.get(
+        f"{deployment.public_url}/api/mobile/documents/{doc_id}",
+        headers={"Authorization": f"Bearer {globex}"},
+        timeout=10,
+    )
     assert response.status_code == 404
     async with mcp_http(deployment.mcp_url, acme) as mcp:
         assert (await call(mcp, "fetch", id=doc_id))["title"] == "Recipe"
@@ -499,8 +620,12 @@ def test_an_sse_session_belongs_to_the_client_that_opened_it(deployment: Deploym
 
     def read_stream() -> None:
         try:
-            with httpx.stream("GET", deployment.sse_url, headers={"Authorization": f"Bearer {owner}"},
-                              timeout=httpx.Timeout(30, read=60)) as response:
+            with httpx.stream(
+                "GET",
+                deployment.sse_url,
+                headers={"Authorization": f"Bearer {owner}"},
+                timeout=httpx.Timeout(30, read=60),
+            ) as response:
                 for line in response.iter_lines():
                     if line.startswith("data:"):
                         events.put(line[5:].strip())
@@ -511,14 +636,29 @@ def test_an_sse_session_belongs_to_the_client_that_opened_it(deployment: Deploym
     endpoint = events.get(timeout=60)
     assert endpoint.startswith("/messages/?session_id=")
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
-    with httpx.Client(base_url=deployment.public_url, timeout=30,
-                      limits=httpx.Limits(max_keepalive_connections=0)) as http:
+    with httpx.Client(
+        base_url=deployment.public_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as http:
+
         def post(token: str, message: dict[str, Any]) -> httpx.Response:
             return http.post(endpoint, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"}, json=message)
 
-        assert post(owner, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"}}}).status_code == 202
+        assert (
+            post(
+                owner,
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "initialize",
+                    "params": {
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {},
+                        "clientInfo": {"name": "t", "version": "0"},
+                    },
+                },
+            ).status_code
+            == 202
+        )
         assert "result" in json.loads(events.get(timeout=60))
         post(owner, {"jsonrpc": "2.0", "method": "notifications/initialized"})
         for intruder in ("globex-rw", "acme-ro"):
@@ -529,6 +669,7 @@ def test_an_sse_session_belongs_to_the_client_that_opened_it(deployment: Deploym
 
 
 # --- keys and introspection ---------------------------------------------------------------------------
+
 
 def test_rotated_keys_are_fetched_once_for_an_unknown_kid(deployment: Deployment) -> None:
     provider = deployment.provider
@@ -566,28 +707,51 @@ def test_opaque_tokens_are_introspected_and_cached_no_longer_than_they_live(depl
     assert expired.status_code == 401
     assert challenge(expired)["error"] == "invalid_token"
     # An opaque read-only token gets the same 403 as a JWT one.
-    response = httpx.post(deployment.mcp_url, headers={**MCP_HEADERS, "Authorization": f"Bearer {brief}"},
-                          json=tools_call("ingest_text", text="x"), timeout=10)
+    response = httpx.post(
+        deployment.mcp_url,
+        headers={**MCP_HEADERS, "Authorization": f"Bearer {brief}"},
+        json=tools_call("ingest_text", text="x"),
+        timeout=10,
+    )
     assert response.status_code == 401  # expired first
 
 
-def test_inspector_cli_connects_with_a_token(inspector: list[str], deployment: Deployment,  # noqa: F811
-                                             tmp_path: Path) -> None:
+def test_inspector_cli_connects_with_a_token(
+    inspector: list[str],
+    deployment: Deployment,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     token = deployment.provider.token("acme-ro")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_RAG_")}
     auth = ["--header", f"Authorization: Bearer {token}"]
-    listed = run_inspector([*inspector, deployment.mcp_url, "--transport", "http", *auth, "--method", "tools/list"],
-                           env, tmp_path)
+    listed = run_inspector(
+        [*inspector, deployment.mcp_url, "--transport", "http", *auth, "--method", "tools/list"], env, tmp_path
+    )
     assert {"search", "fetch"} <= {t["name"] for t in listed["tools"]}
-    called = run_inspector([*inspector, deployment.mcp_url, "--transport", "http", *auth, "--method", "tools/call",
-                            "--tool-name", "stats"], env, tmp_path)
+    called = run_inspector(
+        [
+            *inspector,
+            deployment.mcp_url,
+            "--transport",
+            "http",
+            *auth,
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "stats",
+        ],
+        env,
+        tmp_path,
+    )
     assert called.get("isError", False) is False, called
 
 
 # --- the authorization server goes away -----------------------------------------------------------------
 
+
 async def test_authorization_server_down_means_503_and_not_ready(
-        oidc_node_modules: Path, pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path) -> None:
+    oidc_node_modules: Path, pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
+) -> None:
     dep, name = start_deployment(pg_server, template_db, model_dir, tmp_path, oauth_jwks_max_age_seconds=2)
     try:
         url = dep.public_url + "/api/mobile/search?q=down"
@@ -600,8 +764,12 @@ async def test_authorization_server_down_means_503_and_not_ready(
             response = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
             assert response.status_code == 503, response.text
             assert "authorization server" in response.json()["message"]
-            response = httpx.post(dep.mcp_url, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
-                                  json=tools_call("ingest_text", text="while the AS is down"), timeout=10)
+            response = httpx.post(
+                dep.mcp_url,
+                headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
+                json=tools_call("ingest_text", text="while the AS is down"),
+                timeout=10,
+            )
             assert response.status_code == 503
         ready = httpx.get(dep.public_url + "/ready", timeout=10)
         assert ready.status_code == 503
@@ -625,14 +793,17 @@ async def test_authorization_server_down_means_503_and_not_ready(
 
 # --- the pieces, without servers ------------------------------------------------------------------------
 
+
 def test_metadata_urls_follow_rfc_8414_then_openid_connect() -> None:
     assert metadata_urls("https://login.example.com") == [
         "https://login.example.com/.well-known/oauth-authorization-server",
-        "https://login.example.com/.well-known/openid-configuration"]
+        "https://login.example.com/.well-known/openid-configuration",
+    ]
     assert metadata_urls("https://login.example.com/realms/acme") == [
         "https://login.example.com/.well-known/oauth-authorization-server/realms/acme",
         "https://login.example.com/realms/acme/.well-known/openid-configuration",
-        "https://login.example.com/realms/acme/.well-known/oauth-authorization-server"]
+        "https://login.example.com/realms/acme/.well-known/oauth-authorization-server",
+    ]
 
 
 def test_scopes_come_from_scope_or_scp_and_only_rag_scopes_count() -> None:

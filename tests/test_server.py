@@ -30,7 +30,14 @@ from mcp_rag.urlfetch import UrlPolicy
 from tests.mcp_calls import call, call_error, text_of
 
 READ_TOOLS = {
-    "search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_status"
+    "search",
+    "fetch",
+    "get_chunks",
+    "get_document",
+    "list_documents",
+    "list_collections",
+    "stats",
+    "ingest_status",
 }
 WRITE_TOOLS = {"ingest_text", "ingest_file", "ingest_url", "delete_document", "delete_collection"}
 
@@ -48,8 +55,7 @@ async def connect(runtime: Runtime, **options: Any) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-def open_rt(make_settings: Callable[..., Settings], embedder: Embedder,
-            tmp_path: Path) -> Callable[..., Any]:
+def open_rt(make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path) -> Callable[..., Any]:
     """Opens a runtime with extra settings (allowed roots, URL policy...) on the test's database."""
 
     @asynccontextmanager
@@ -65,18 +71,34 @@ def open_rt(make_settings: Callable[..., Settings], embedder: Embedder,
 # --- search ------------------------------------------------------------------------------
 
 CORPUS = [
-    dict(text="The feline rested on the woven rug near the fireplace, purring softly all evening.",
-         title="Cats", collection="pets", source_uri="https://example.com/pets/cat",
-         metadata={"lang": "en", "year": 2021}),
-    dict(text="Part number XQ-4471 is the replacement pressure valve for the Model 9 espresso machine.",
-         title="Valve", collection="kitchen", source_uri="https://example.com/kitchen/valve",
-         metadata={"lang": "en", "year": 2023}),
-    dict(text="Der Hund spielt jeden Morgen im Garten mit einem roten Ball.",
-         title="Hund", collection="pets", source_uri="file:///docs/hund.txt",
-         metadata={"lang": "de", "year": 2022}),
-    dict(text="Quarterly revenue rose by twelve percent thanks to strong sales of coffee equipment.",
-         title="Revenue", collection="default", source_uri="https://example.com/finance/q3",
-         metadata={"lang": "en", "year": 2023, "tags": ["finance", "report"]}),
+    dict(
+        text="The feline rested on the woven rug near the fireplace, purring softly all evening.",
+        title="Cats",
+        collection="pets",
+        source_uri="https://example.com/pets/cat",
+        metadata={"lang": "en", "year": 2021},
+    ),
+    dict(
+        text="Part number XQ-4471 is the replacement pressure valve for the Model 9 espresso machine.",
+        title="Valve",
+        collection="kitchen",
+        source_uri="https://example.com/kitchen/valve",
+        metadata={"lang": "en", "year": 2023},
+    ),
+    dict(
+        text="Der Hund spielt jeden Morgen im Garten mit einem roten Ball.",
+        title="Hund",
+        collection="pets",
+        source_uri="file:///docs/hund.txt",
+        metadata={"lang": "de", "year": 2022},
+    ),
+    dict(
+        text="Quarterly revenue rose by twelve percent thanks to strong sales of coffee equipment.",
+        title="Revenue",
+        collection="default",
+        source_uri="https://example.com/finance/q3",
+        metadata={"lang": "en", "year": 2023, "tags": ["finance", "report"]},
+    ),
 ]
 
 
@@ -122,7 +144,7 @@ async def test_search_each_mode_finds_the_right_document(runtime: Runtime) -> No
         assert hit["collection"] == "kitchen"
         assert hit["metadata"] == {"lang": "en", "year": 2023}
         doc = await call(client, "get_document", document_id=hit["document_id"])
-        assert doc["text"][hit["start_char"]:hit["end_char"]] == hit["text"]
+        assert doc["text"][hit["start_char"] : hit["end_char"]] == hit["text"]
         scores = [h["score"] for h in hybrid["results"]]
         assert scores == sorted(scores, reverse=True)
 
@@ -192,24 +214,47 @@ async def test_argument_validation_errors_are_readable(runtime: Runtime) -> None
 
 # --- ingest_text -------------------------------------------------------------------------
 
+
 async def test_ingest_text_added_unchanged_updated(runtime: Runtime) -> None:
     async with connect(runtime) as client:
-        first = await call(client, "ingest_text", text="# Alpha\n\nThe aardvark digs burrows at night.",
-                           title="Alpha", source_uri="notes://alpha", metadata={"team": "zoo"})
+        first = await call(
+            client,
+            "ingest_text",
+            text="# Alpha\n\nThe aardvark digs burrows at night.",
+            title="Alpha",
+            source_uri="notes://alpha",
+            metadata={"team": "zoo"},
+        )
         assert (first["added"], first["updated"], first["unchanged"]) == (1, 0, 0)
         assert first["chunks"] >= 1
         doc_id = first["documents"][0]["document_id"]
-        assert first["documents"][0] == {"source_uri": "notes://alpha", "status": "added", "document_id": doc_id,
-                                         "chunks": first["chunks"]}
+        assert first["documents"][0] == {
+            "source_uri": "notes://alpha",
+            "status": "added",
+            "document_id": doc_id,
+            "chunks": first["chunks"],
+        }
 
-        again = await call(client, "ingest_text", text="# Alpha\n\nThe aardvark digs burrows at night.",
-                           title="Alpha", source_uri="notes://alpha", metadata={"team": "zoo"})
+        again = await call(
+            client,
+            "ingest_text",
+            text="# Alpha\n\nThe aardvark digs burrows at night.",
+            title="Alpha",
+            source_uri="notes://alpha",
+            metadata={"team": "zoo"},
+        )
         assert (again["added"], again["updated"], again["unchanged"], again["chunks"]) == (0, 0, 1, 0)
         assert again["documents"][0]["status"] == "unchanged"
         assert again["documents"][0]["document_id"] is None
 
-        changed = await call(client, "ingest_text", text="# Alpha\n\nThe okapi browses quietly in the forest.",
-                             title="Alpha v2", source_uri="notes://alpha", metadata={"team": "zoo"})
+        changed = await call(
+            client,
+            "ingest_text",
+            text="# Alpha\n\nThe okapi browses quietly in the forest.",
+            title="Alpha v2",
+            source_uri="notes://alpha",
+            metadata={"team": "zoo"},
+        )
         assert (changed["added"], changed["updated"], changed["unchanged"]) == (0, 1, 0)
         assert changed["documents"][0]["document_id"] == doc_id
 
@@ -233,6 +278,7 @@ async def test_ingest_text_added_unchanged_updated(runtime: Runtime) -> None:
 
 
 # --- ingest_file -------------------------------------------------------------------------
+
 
 def paragraph(topic: str, n: int = 12) -> str:
     return " ".join(f"Sentence {i} about {topic} explains one more detail of the subject." for i in range(n))
@@ -275,8 +321,9 @@ async def test_ingest_file_single_file(open_rt: Callable[..., Any], file_tree: d
         assert "unsupported file type '.png'" in message
 
 
-async def test_ingest_directory_with_include_exclude_and_progress(open_rt: Callable[..., Any],
-                                                                  file_tree: dict[str, Path]) -> None:
+async def test_ingest_directory_with_include_exclude_and_progress(
+    open_rt: Callable[..., Any], file_tree: dict[str, Path]
+) -> None:
     root = file_tree["root"]
     # One document per batch, so that every file is its own progress step.
     async with open_rt(allowed_roots=[root], ingest_batch_chunks=1) as rt, connect(rt) as client:
@@ -285,8 +332,11 @@ async def test_ingest_directory_with_include_exclude_and_progress(open_rt: Calla
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             updates.append((progress, total, message))
 
-        result = await client.call_tool("ingest_file", {"path": str(file_tree["docs"]), "include": ["*.md"],
-                                                        "exclude": ["skip-*"]}, progress_callback=on_progress)
+        result = await client.call_tool(
+            "ingest_file",
+            {"path": str(file_tree["docs"]), "include": ["*.md"], "exclude": ["skip-*"]},
+            progress_callback=on_progress,
+        )
         assert not result.is_error, text_of(result)
         out = result.structured_content
         assert out is not None
@@ -309,8 +359,7 @@ async def test_ingest_directory_with_include_exclude_and_progress(open_rt: Calla
         assert (second["added"], second["unchanged"]) == (1, 3)
 
 
-async def test_ingest_directory_reports_broken_files_and_goes_on(open_rt: Callable[..., Any],
-                                                                 tmp_path: Path) -> None:
+async def test_ingest_directory_reports_broken_files_and_goes_on(open_rt: Callable[..., Any], tmp_path: Path) -> None:
     root = tmp_path / "mixed"
     root.mkdir()
     (root / "good.md").write_text("# Good\n\nA perfectly readable file about herons.")
@@ -325,16 +374,17 @@ async def test_ingest_directory_reports_broken_files_and_goes_on(open_rt: Callab
         assert "no text" in failed["empty.txt"]
 
 
-async def test_ingest_file_refuses_paths_outside_the_allowed_roots(open_rt: Callable[..., Any],
-                                                                   file_tree: dict[str, Path]) -> None:
+async def test_ingest_file_refuses_paths_outside_the_allowed_roots(
+    open_rt: Callable[..., Any], file_tree: dict[str, Path]
+) -> None:
     root, outside = file_tree["root"], file_tree["outside"]
     async with open_rt(allowed_roots=[root]) as rt, connect(rt) as client:
         attempts = [
-            str(outside / "secret.txt"),                            # plainly outside
-            f"{root}/docs/../../outside/secret.txt",                # '..' climbing out
-            "../outside/secret.txt",                                # relative, climbing out of the root
-            str(file_tree["docs"] / "escape.md"),                   # a symlink to a file outside
-            str(root / "linked-dir"),                               # a symlink to a directory outside
+            str(outside / "secret.txt"),  # plainly outside
+            f"{root}/docs/../../outside/secret.txt",  # '..' climbing out
+            "../outside/secret.txt",  # relative, climbing out of the root
+            str(file_tree["docs"] / "escape.md"),  # a symlink to a file outside
+            str(root / "linked-dir"),  # a symlink to a directory outside
             str(root / "linked-dir" / "secret.txt"),
         ]
         for path in attempts:
@@ -431,8 +481,20 @@ async def test_ingest_url_refuses_loopback_without_allowlist(runtime: Runtime, w
         assert (await call(client, "stats"))["documents"] == 0
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                                     "fd00::1", "fe80::1", "224.0.0.1", "240.0.0.1"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "fd00::1",
+        "fe80::1",
+        "224.0.0.1",
+        "240.0.0.1",
+    ],
+)
 async def test_url_policy_refuses_private_and_link_local_addresses(address: str) -> None:
     """Checked on the policy itself, so that no packet is ever sent to such an address."""
     with pytest.raises(AccessDeniedError, match="non-public"):
@@ -456,10 +518,12 @@ async def test_ingest_url_with_allowlist(open_rt: Callable[..., Any], web: int) 
 
         # The URL is the identity: fetching again is unchanged; a title can be given.
         assert (await call(client, "ingest_url", url=url, collection="web", metadata={"site": "local"}))[
-            "unchanged"] == 1
+            "unchanged"
+        ] == 1
         # A redirect within the allowed host is followed; the requested URL stays the identity.
-        redirected = await call(client, "ingest_url", url=f"http://127.0.0.1:{web}/redirect-same-host",
-                                title="Tide notes")
+        redirected = await call(
+            client, "ingest_url", url=f"http://127.0.0.1:{web}/redirect-same-host", title="Tide notes"
+        )
         doc = await call(client, "get_document", document_id=redirected["documents"][0]["document_id"])
         assert doc["title"] == "Tide notes"
         assert doc["text"] == "Plain notes about tide pools and anemones."
@@ -481,8 +545,9 @@ async def test_ingest_url_checks_the_policy_on_every_redirect_hop(open_rt: Calla
         assert (await call(client, "stats"))["documents"] == 1
 
 
-async def test_ingest_url_connects_to_the_address_it_checked(open_rt: Callable[..., Any], web: int,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_ingest_url_connects_to_the_address_it_checked(
+    open_rt: Callable[..., Any], web: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DNS rebinding: a name that first resolves to an allowed address and then to another one must not
     move the connection. The answers are faked (no DNS server here); the connection is real: checked
     127.0.0.1 serves the page, while nothing listens on 127.0.0.2."""
@@ -529,11 +594,19 @@ async def test_ingest_url_errors(open_rt: Callable[..., Any], web: int) -> None:
 
 # --- documents and collections ---------------------------------------------------------------
 
+
 async def test_get_document(runtime: Runtime) -> None:
     text = "# Heading\n\n" + paragraph("otters", 40)
     async with connect(runtime) as client:
-        out = await call(client, "ingest_text", text=text, title="Otters", source_uri="notes://otters",
-                         collection="animals", metadata={"kind": "mammal"})
+        out = await call(
+            client,
+            "ingest_text",
+            text=text,
+            title="Otters",
+            source_uri="notes://otters",
+            collection="animals",
+            metadata={"kind": "mammal"},
+        )
         doc_id = out["documents"][0]["document_id"]
 
         full = await call(client, "get_document", document_id=doc_id)
@@ -569,16 +642,28 @@ async def test_search_and_fetch_meet_the_chatgpt_connector_contract(runtime: Run
     `fetch(id)` (one document: id, title, text, url, metadata)."""
     text = "# Tides\n\n" + paragraph("tides", 30)
     async with connect(runtime) as client:
-        out = await call(client, "ingest_text", text=text, title="Tides", source_uri="https://example.com/tides",
-                         collection="sea", metadata={"kind": "note"})
+        out = await call(
+            client,
+            "ingest_text",
+            text=text,
+            title="Tides",
+            source_uri="https://example.com/tides",
+            collection="sea",
+            metadata={"kind": "note"},
+        )
         doc_id = out["documents"][0]["document_id"]
         hit = (await call(client, "search", query="tides"))["results"][0]
         assert (hit["id"], hit["title"], hit["url"]) == (doc_id, "Tides", "https://example.com/tides")
         assert hit["id"] == hit["document_id"]
 
         fetched = await call(client, "fetch", id=hit["id"])
-        assert fetched == {"id": doc_id, "title": "Tides", "text": text, "url": "https://example.com/tides",
-                           "metadata": {"kind": "note", "collection": "sea"}}
+        assert fetched == {
+            "id": doc_id,
+            "title": "Tides",
+            "text": text,
+            "url": "https://example.com/tides",
+            "metadata": {"kind": "note", "collection": "sea"},
+        }
 
         tools = {t.name: t for t in (await client.list_tools()).tools}
         assert tools["fetch"].input_schema["required"] == ["id"]
@@ -588,8 +673,12 @@ async def test_search_and_fetch_meet_the_chatgpt_connector_contract(runtime: Run
 
 
 async def test_list_documents_paginates(runtime: Runtime) -> None:
-    docs = [SourceDocument(f"https://example.com/doc-{i:02d}", f"Document number {i} about topic {i % 3}.",
-                           title=f"Doc {i}") for i in range(25)]
+    docs = [
+        SourceDocument(
+            f"https://example.com/doc-{i:02d}", f"Document number {i} about topic {i % 3}.", title=f"Doc {i}"
+        )
+        for i in range(25)
+    ]
     extra = [SourceDocument("https://other.example/x", "Another collection's document.", title="Other")]
     await runtime.service.ingest("default", None, docs)
     await runtime.service.ingest("default", "other", extra)
@@ -598,8 +687,9 @@ async def test_list_documents_paginates(runtime: Runtime) -> None:
         cursor = None
         pages = []
         while True:
-            page = await call(client, "list_documents", collection="default", limit=10,
-                              **({"cursor": cursor} if cursor else {}))
+            page = await call(
+                client, "list_documents", collection="default", limit=10, **({"cursor": cursor} if cursor else {})
+            )
             pages.append(len(page["documents"]))
             seen += [d["source_uri"] for d in page["documents"]]
             cursor = page["next_cursor"]
@@ -612,14 +702,24 @@ async def test_list_documents_paginates(runtime: Runtime) -> None:
         assert len(everything["documents"]) == 26
         assert everything["next_cursor"] is None
         summary = everything["documents"][0]
-        assert set(summary) == {"document_id", "collection", "source_uri", "title", "metadata", "chunks",
-                                "content_hash", "created_at", "updated_at"}
+        assert set(summary) == {
+            "document_id",
+            "collection",
+            "source_uri",
+            "title",
+            "metadata",
+            "chunks",
+            "content_hash",
+            "created_at",
+            "updated_at",
+        }
         assert "text" not in summary
 
         prefixed = await call(client, "list_documents", source_prefix="https://example.com/doc-1")
         assert [d["title"] for d in prefixed["documents"]] == [f"Doc {i}" for i in range(10, 20)]
         assert [d["title"] for d in (await call(client, "list_documents", collection="other"))["documents"]] == [
-            "Other"]
+            "Other"
+        ]
 
         message = await call_error(client, "list_documents", cursor="garbage")
         assert "invalid cursor" in message
@@ -629,8 +729,9 @@ async def test_list_documents_paginates(runtime: Runtime) -> None:
 async def test_delete_document(runtime: Runtime) -> None:
     async with connect(runtime) as client:
         keep = await call(client, "ingest_text", text="Walruses haul out on the ice floes.", source_uri="n://keep")
-        gone = await call(client, "ingest_text", text="Narwhals have a long spiral tusk.", source_uri="n://gone",
-                          collection="arctic")
+        gone = await call(
+            client, "ingest_text", text="Narwhals have a long spiral tusk.", source_uri="n://gone", collection="arctic"
+        )
         doc_id = gone["documents"][0]["document_id"]
         assert (await call(client, "search", query="narwhal tusk", mode="lexical"))["results"]
 
@@ -651,7 +752,12 @@ async def test_collections_and_stats(runtime: Runtime) -> None:
     async with connect(runtime) as client:
         empty = await call(client, "stats")
         assert {k: empty[k] for k in ("collections", "documents", "chunks", "index_points", "pending_changes")} == {
-            "collections": 0, "documents": 0, "chunks": 0, "index_points": 0, "pending_changes": 0}
+            "collections": 0,
+            "documents": 0,
+            "chunks": 0,
+            "index_points": 0,
+            "pending_changes": 0,
+        }
         assert empty["region"] == "local"
         assert (await call(client, "list_collections"))["collections"] == []
 
@@ -672,8 +778,7 @@ async def test_collections_and_stats(runtime: Runtime) -> None:
         deleted = await call(client, "delete_collection", collection="fruit")
         assert deleted == {"deleted": "fruit", "documents": 2}
         assert (await call(client, "search", query="pomes", mode="lexical"))["results"] == []
-        assert sorted(c["name"] for c in (await call(client, "list_collections"))["collections"]) == [
-            "default", "veg"]
+        assert sorted(c["name"] for c in (await call(client, "list_collections"))["collections"]) == ["default", "veg"]
         stats = await call(client, "stats")
         assert (stats["collections"], stats["documents"], stats["index_points"]) == (2, 2, 2)
 
@@ -685,10 +790,17 @@ async def test_collections_and_stats(runtime: Runtime) -> None:
 
 # --- resources and prompt --------------------------------------------------------------------
 
+
 async def test_resources(runtime: Runtime) -> None:
     async with connect(runtime) as client:
-        out = await call(client, "ingest_text", text="Glaciers carve valleys over millennia.", title="Ice",
-                         source_uri="n://glacier", collection="geo")
+        out = await call(
+            client,
+            "ingest_text",
+            text="Glaciers carve valleys over millennia.",
+            title="Ice",
+            source_uri="n://glacier",
+            collection="geo",
+        )
         doc_id = out["documents"][0]["document_id"]
 
         resources = await client.list_resources()
@@ -707,8 +819,11 @@ async def test_resources(runtime: Runtime) -> None:
         content = document.contents[0]
         assert isinstance(content, TextResourceContents)
         body = json.loads(content.text)
-        assert (body["document_id"], body["title"], body["text"]) == (doc_id, "Ice",
-                                                                      "Glaciers carve valleys over millennia.")
+        assert (body["document_id"], body["title"], body["text"]) == (
+            doc_id,
+            "Ice",
+            "Glaciers carve valleys over millennia.",
+        )
 
         missing = str(uuid.uuid4())
         with pytest.raises(MCPError, match=f"no document with id '{missing}'"):
@@ -722,8 +837,7 @@ async def test_prompt_answer_with_citations(runtime: Runtime) -> None:
         prompts = await client.list_prompts()
         [prompt] = prompts.prompts
         assert prompt.name == "answer_with_citations"
-        assert [(a.name, a.required) for a in prompt.arguments or []] == [("question", True),
-                                                                           ("collection", False)]
+        assert [(a.name, a.required) for a in prompt.arguments or []] == [("question", True), ("collection", False)]
 
         plain = await client.get_prompt("answer_with_citations", {"question": "How do glaciers form?"})
         text = plain.messages[0].content
@@ -741,6 +855,7 @@ async def test_prompt_answer_with_citations(runtime: Runtime) -> None:
 
 
 # --- registration -------------------------------------------------------------------------
+
 
 async def test_tool_annotations(runtime: Runtime) -> None:
     async with connect(runtime) as client:
@@ -764,8 +879,17 @@ async def test_tool_annotations(runtime: Runtime) -> None:
             assert tool.output_schema is not None, tool.name
         search = tools["search"].input_schema
         assert search["required"] == ["query"]
-        assert {"query", "collection", "mode", "top_k", "document_ids", "source_prefix", "metadata",
-                "passages_per_document", "raw_chunks"} == set(search["properties"])
+        assert {
+            "query",
+            "collection",
+            "mode",
+            "top_k",
+            "document_ids",
+            "source_prefix",
+            "metadata",
+            "passages_per_document",
+            "raw_chunks",
+        } == set(search["properties"])
         assert "ctx" not in search["properties"]
 
 
@@ -788,4 +912,3 @@ async def test_server_identity_and_instructions(runtime: Runtime) -> None:
         assert client.server_info.name == "mcp-rag"
         assert client.instructions is not None
         assert "`search`" in client.instructions
-

@@ -28,46 +28,86 @@ T = "t1"
 
 # Ten short documents on distinct topics: (key, title, text, collection, metadata).
 CORPUS: list[tuple[str, str, str, str, dict[str, Any]]] = [
-    ("volcano", "Volcanoes",
-     "Volcanoes form where magma rises through cracks in the crust. When pressure builds, an eruption throws ash and "
-     "lava down the slopes; basalt flows cool into black rock. Mount Etna in Sicily erupts every few years.",
-     "science", {"lang": "en", "tags": ["geology", "fire"], "year": 2021}),
-    ("bees", "Honeybees",
-     "A honeybee colony lives in a hive ruled by a single queen. Worker bees collect nectar and pollen from flowers "
-     "and store honey in wax honeycomb cells. Beekeepers harvest the surplus in late summer.",
-     "science", {"lang": "en", "tags": ["biology"], "year": 2019}),
-    ("chess", "Chess openings",
-     "In chess the opening moves decide control of the centre. The Sicilian Defence answers the king's pawn with a "
-     "flank pawn; grandmasters memorise long lines of theory before a tournament.",
-     "hobbies", {"lang": "en", "tags": ["games"], "year": 2020}),
-    ("sourdough", "Sourdough bread",
-     "Sourdough bread rises with a starter of wild yeast and lactic bacteria instead of baker's yeast. Mix flour and "
-     "water, let the dough ferment overnight, then bake it in a very hot oven.",
-     "cooking", {"lang": "fr", "tags": ["food", "baking"], "year": 2021}),
-    ("jupiter", "Jupiter",
-     "Jupiter is the largest planet in the solar system, a gas giant with a Great Red Spot storm larger than Earth. "
-     "Its moons Io, Europa, Ganymede and Callisto were discovered by Galileo in 1610.",
-     "science", {"lang": "en", "tags": ["space"], "year": 2022}),
-    ("cycling", "Bicycle maintenance",
-     "Keep a bicycle chain clean and lubricated so it does not rust. Check tyre pressure before every ride and adjust "
-     "the brake pads when they squeal against the rim.",
-     "hobbies", {"lang": "de", "tags": ["sport"], "year": 2018}),
-    ("tea", "Green tea",
-     "Green tea leaves are steamed or pan-fired soon after picking to stop oxidation. Brew them in water below boiling "
-     "for two minutes; matcha is the powdered form used in the Japanese tea ceremony.",
-     "cooking", {"lang": "de", "tags": ["food", "drink"], "year": 2020}),
-    ("violin", "Learning the violin",
-     "A violinist draws the bow across four strings tuned in fifths. Beginners practise scales slowly, rosin the "
-     "horsehair of the bow and learn to keep the left wrist relaxed.",
-     "hobbies", {"lang": "fr", "tags": ["music"], "year": 2017}),
-    ("tax", "Filing income tax",
-     "Each spring employees file an income tax return listing wages, deductions and credits. Keep receipts for "
-     "deductible expenses; a refund arrives if too much was withheld from the salary.",
-     "money", {"lang": "en", "tags": ["finance"], "year": 2023}),
-    ("glacier", "Glaciers",
-     "Glaciers are rivers of ice that creep downhill under their own weight. As they retreat in a warming climate they "
-     "leave moraines of rubble and lakes of meltwater in the valleys.",
-     "science", {"lang": "de", "tags": ["geology", "ice"], "year": 2022}),
+    (
+        "volcano",
+        "Volcanoes",
+        "Volcanoes form where magma rises through cracks in the crust. When pressure builds, an eruption throws ash and "
+        "lava down the slopes; basalt flows cool into black rock. Mount Etna in Sicily erupts every few years.",
+        "science",
+        {"lang": "en", "tags": ["geology", "fire"], "year": 2021},
+    ),
+    (
+        "bees",
+        "Honeybees",
+        "A honeybee colony lives in a hive ruled by a single queen. Worker bees collect nectar and pollen from flowers "
+        "and store honey in wax honeycomb cells. Beekeepers harvest the surplus in late summer.",
+        "science",
+        {"lang": "en", "tags": ["biology"], "year": 2019},
+    ),
+    (
+        "chess",
+        "Chess openings",
+        "In chess the opening moves decide control of the centre. The Sicilian Defence answers the king's pawn with a "
+        "flank pawn; grandmasters memorise long lines of theory before a tournament.",
+        "hobbies",
+        {"lang": "en", "tags": ["games"], "year": 2020},
+    ),
+    (
+        "sourdough",
+        "Sourdough bread",
+        "Sourdough bread rises with a starter of wild yeast and lactic bacteria instead of baker's yeast. Mix flour and "
+        "water, let the dough ferment overnight, then bake it in a very hot oven.",
+        "cooking",
+        {"lang": "fr", "tags": ["food", "baking"], "year": 2021},
+    ),
+    (
+        "jupiter",
+        "Jupiter",
+        "Jupiter is the largest planet in the solar system, a gas giant with a Great Red Spot storm larger than Earth. "
+        "Its moons Io, Europa, Ganymede and Callisto were discovered by Galileo in 1610.",
+        "science",
+        {"lang": "en", "tags": ["space"], "year": 2022},
+    ),
+    (
+        "cycling",
+        "Bicycle maintenance",
+        "Keep a bicycle chain clean and lubricated so it does not rust. Check tyre pressure before every ride and adjust "
+        "the brake pads when they squeal against the rim.",
+        "hobbies",
+        {"lang": "de", "tags": ["sport"], "year": 2018},
+    ),
+    (
+        "tea",
+        "Green tea",
+        "Green tea leaves are steamed or pan-fired soon after picking to stop oxidation. Brew them in water below boiling "
+        "for two minutes; matcha is the powdered form used in the Japanese tea ceremony.",
+        "cooking",
+        {"lang": "de", "tags": ["food", "drink"], "year": 2020},
+    ),
+    (
+        "violin",
+        "Learning the violin",
+        "A violinist draws the bow across four strings tuned in fifths. Beginners practise scales slowly, rosin the "
+        "horsehair of the bow and learn to keep the left wrist relaxed.",
+        "hobbies",
+        {"lang": "fr", "tags": ["music"], "year": 2017},
+    ),
+    (
+        "tax",
+        "Filing income tax",
+        "Each spring employees file an income tax return listing wages, deductions and credits. Keep receipts for "
+        "deductible expenses; a refund arrives if too much was withheld from the salary.",
+        "money",
+        {"lang": "en", "tags": ["finance"], "year": 2023},
+    ),
+    (
+        "glacier",
+        "Glaciers",
+        "Glaciers are rivers of ice that creep downhill under their own weight. As they retreat in a warming climate they "
+        "leave moraines of rubble and lakes of meltwater in the valleys.",
+        "science",
+        {"lang": "de", "tags": ["geology", "ice"], "year": 2022},
+    ),
 ]
 
 
@@ -83,8 +123,11 @@ async def ingest_corpus(service: RagService, tenant: str = T) -> dict[str, str]:
     """Ingests CORPUS, one batch per collection; returns topic key -> document id."""
     ids = {}
     for collection in sorted({c for _, _, _, c, _ in CORPUS}):
-        docs = [SourceDocument(uri(key, c), text, title, metadata) for key, title, text, c, metadata in CORPUS
-                if c == collection]
+        docs = [
+            SourceDocument(uri(key, c), text, title, metadata)
+            for key, title, text, c, metadata in CORPUS
+            if c == collection
+        ]
         report = await service.ingest(tenant, collection, docs)
         assert report.added == len(docs)
         for outcome in report.documents:
@@ -94,17 +137,23 @@ async def ingest_corpus(service: RagService, tenant: str = T) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", params=["qdrant-edge", "qdrant-server"])
-async def corpus(request: pytest.FixtureRequest, pg_server: PgServer, template_db: str, embedder: Embedder,
-                 model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Corpus]:
+async def corpus(
+    request: pytest.FixtureRequest,
+    pg_server: PgServer,
+    template_db: str,
+    embedder: Embedder,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Corpus]:
     """CORPUS ingested once per index engine, for the tests that only read."""
     name = f"c_{uuid.uuid4().hex[:16]}"
     dsn = pg_server.create_database(name, template=template_db)
     tmp = tmp_path_factory.mktemp("corpus")
-    settings = Settings(data_dir=tmp / "data", database_url=dsn, embedding_model_dir=model_dir,
-                        sync_in_server=False, _env_file=None)
+    settings = Settings(
+        data_dir=tmp / "data", database_url=dsn, embedding_model_dir=model_dir, sync_in_server=False, _env_file=None
+    )
     try:
-        async with open_runtime(settings, index=make_index(str(request.param), tmp / "index"),
-                                embedder=embedder) as rt:
+        async with open_runtime(settings, index=make_index(str(request.param), tmp / "index"), embedder=embedder) as rt:
             yield rt, await ingest_corpus(rt.service)
     finally:
         pg_server.drop_database(name)
@@ -124,8 +173,9 @@ async def snapshot(rt: Runtime) -> tuple[int, int, int, int]:
     return stats.documents, stats.chunks, stats.last_change_seq, await rt.index.count()
 
 
-def file_sources(paths: Sequence[Path], max_bytes: int, include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> Iterator[SourceDocument | SourceFailure]:
+def file_sources(
+    paths: Sequence[Path], max_bytes: int, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> Iterator[SourceDocument | SourceFailure]:
     """What the CLI feeds the service: documents, and a failure for each file that cannot be read."""
     for path in walk(paths, include, exclude):
         try:
@@ -159,16 +209,23 @@ async def test_inline_text_and_markdown(runtime: Runtime) -> None:
     again = await service.ingest_text(T, "Lighthouses guide ships past dangerous rocks at night.")
     assert (again.status, again.source_uri) == ("unchanged", plain.source_uri)
 
-    markdown = ("# Knots\n\nSailors tie knots.\n\n## Bowline\n\nThe bowline makes a fixed loop at the end of a rope."
-                "\n\n## Clove hitch\n\nThe clove hitch binds a rope to a post quickly.\n")
-    outcome = await service.ingest_text(T, markdown, collection="sea", title="Knots", source_uri="notes://knots",
-                                        metadata={"kind": "howto"})
+    markdown = (
+        "# Knots\n\nSailors tie knots.\n\n## Bowline\n\nThe bowline makes a fixed loop at the end of a rope."
+        "\n\n## Clove hitch\n\nThe clove hitch binds a rope to a post quickly.\n"
+    )
+    outcome = await service.ingest_text(
+        T, markdown, collection="sea", title="Knots", source_uri="notes://knots", metadata={"kind": "howto"}
+    )
     assert outcome.chunks == 3
     [hit] = await service.search(T, "bowline loop", mode="lexical", top_k=1)
     assert hit.document_id == outcome.document_id
     assert list(hit.heading_path) == ["Knots", "Bowline"]
-    assert (hit.title, hit.collection, hit.source_uri, hit.metadata) == ("Knots", "sea", "notes://knots",
-                                                                         {"kind": "howto"})
+    assert (hit.title, hit.collection, hit.source_uri, hit.metadata) == (
+        "Knots",
+        "sea",
+        "notes://knots",
+        {"kind": "howto"},
+    )
     doc = await service.get_document(T, outcome.document_id)
     assert doc.content is not None
     assert doc.content[hit.start_char : hit.end_char] == hit.text
@@ -186,8 +243,12 @@ async def test_files_of_every_type_from_a_directory(runtime: Runtime, tmp_path: 
         "water and spear fish with their long bills. They nest in colonies called heronries.</p></article>"
         "</body></html>"
     )
-    (root / "puffins.pdf").write_bytes(make_pdf("Atlantic puffins dig burrows on cliff tops and carry sand eels "
-                                                "crosswise in their colourful beaks.", "Puffins"))
+    (root / "puffins.pdf").write_bytes(
+        make_pdf(
+            "Atlantic puffins dig burrows on cliff tops and carry sand eels crosswise in their colourful beaks.",
+            "Puffins",
+        )
+    )
     (root / "guide" / "draft.md").write_text("# Draft\n\nNot ready: walruses.\n")
     (root / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
 
@@ -196,8 +257,12 @@ async def test_files_of_every_type_from_a_directory(runtime: Runtime, tmp_path: 
     titles = {d.title for d in (await runtime.service.list_documents(T, collection="wildlife")).documents}
     assert titles == {"Otters", "beavers.txt", "Grey herons", "Puffins"}
 
-    for query, title in [("shellfish", "Otters"), ("dams", "beavers.txt"), ("heronries", "Grey herons"),
-                         ("burrows", "Puffins")]:
+    for query, title in [
+        ("shellfish", "Otters"),
+        ("dams", "beavers.txt"),
+        ("heronries", "Grey herons"),
+        ("burrows", "Puffins"),
+    ]:
         [hit] = await runtime.service.search(T, query, mode="lexical", top_k=1)
         assert hit.title == title
         assert hit.source_uri.startswith((root.resolve()).as_uri())
@@ -231,7 +296,10 @@ async def test_pdf_outline_and_sphinx_headings_reach_the_search_hits(runtime: Ru
     report = await runtime.service.ingest(T, "orchard", file_sources([tmp_path], 1 << 20))
     assert report.added == 2
     [hit] = await runtime.service.search(T, "oxygen", mode="lexical", top_k=1)
-    assert (hit.title, list(hit.heading_path)) == ("3 Storage", ["3 Storage", "3.2 Cold rooms"])  # title: first bookmark
+    assert (hit.title, list(hit.heading_path)) == (
+        "3 Storage",
+        ["3 Storage", "3.2 Cold rooms"],
+    )  # title: first bookmark
     [hit] = await runtime.service.search(T, "buds swell", mode="lexical", top_k=1)
     assert (hit.title, list(hit.heading_path)) == ("Pruning \u2014 Orchard docs", ["Pruning", "Winter cuts"])
     assert "Cut `water_sprouts` in late winter" in hit.text
@@ -240,8 +308,11 @@ async def test_pdf_outline_and_sphinx_headings_reach_the_search_hits(runtime: Ru
 
 async def test_beir_corpus_file(runtime: Runtime, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps({"_id": key, "title": title, "text": text})
-                                for key, title, text, _, _ in CORPUS[:4]) + "\n", encoding="utf-8")
+    corpus.write_text(
+        "\n".join(json.dumps({"_id": key, "title": title, "text": text}) for key, title, text, _, _ in CORPUS[:4])
+        + "\n",
+        encoding="utf-8",
+    )
     report = await runtime.service.ingest(T, "beir", file_sources([corpus], 1 << 20))
     assert report.added == 4
     hits = await runtime.service.search(T, "honeycomb", mode="lexical", top_k=1)
@@ -254,8 +325,11 @@ async def test_beir_corpus_file(runtime: Runtime, tmp_path: Path) -> None:
 
 async def test_ingest_reingest_modify_delete(runtime: Runtime) -> None:
     service, store, index = runtime.service, runtime.store, runtime.index
-    original = ("# Kites\n\nA zanzibarian kite climbs on the sea breeze. " + "The line hums in the wind. " * 30
-                + "\n\n## Landing\n\nWalk the kite down slowly.")
+    original = (
+        "# Kites\n\nA zanzibarian kite climbs on the sea breeze. "
+        + "The line hums in the wind. " * 30
+        + "\n\n## Landing\n\nWalk the kite down slowly."
+    )
     first = await service.ingest_text(T, original, source_uri="notes://kites", title="Kites")
     assert first.status == "added"
     assert first.chunks >= 2
@@ -293,8 +367,9 @@ async def test_ingest_reingest_modify_delete(runtime: Runtime) -> None:
         await service.delete_document(T, doc_id)
 
 
-async def test_crash_between_commit_and_index_is_repaired_by_sync(runtime: Runtime,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_crash_between_commit_and_index_is_repaired_by_sync(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service, syncer = runtime.service, runtime.syncer
     first = await service.ingest_text(T, "Otters hold hands while they sleep.", source_uri="notes://otters")
     assert first.document_id is not None
@@ -307,8 +382,9 @@ async def test_crash_between_commit_and_index_is_repaired_by_sync(runtime: Runti
 
     # The index fails after the commit: the write is durable, so it is acknowledged.
     monkeypatch.setattr(syncer, "catch_up", index_down)
-    updated = await service.ingest_text(T, "Sea otters wrap themselves in kelp before sleeping.",
-                                        source_uri="notes://otters")
+    updated = await service.ingest_text(
+        T, "Sea otters wrap themselves in kelp before sleeping.", source_uri="notes://otters"
+    )
     assert updated.status == "updated"
     # The process dies after the commit: the caller sees the failure, Postgres has the document.
     monkeypatch.setattr(syncer, "catch_up", crash)
@@ -334,8 +410,20 @@ async def test_write_without_index_update_is_caught_up(runtime: Runtime) -> None
     service, store, syncer = runtime.service, runtime.store, runtime.syncer
     text = "Penguins huddle together against the Antarctic wind."
     [e] = await runtime.embedder.embed_passages([text])
-    await store.write_documents([DocumentWrite(T, "default", "notes://penguins", "", {}, text, "h",
-                                               [NewChunk(0, text, 0, len(text), (), e.dense, e.sparse)])])
+    await store.write_documents(
+        [
+            DocumentWrite(
+                T,
+                "default",
+                "notes://penguins",
+                "",
+                {},
+                text,
+                "h",
+                [NewChunk(0, text, 0, len(text), (), e.dense, e.sparse)],
+            )
+        ]
+    )
     assert await syncer.lag() == 1
     assert await runtime.index.count() == 0
     assert await syncer.catch_up() == 1
@@ -381,8 +469,7 @@ async def test_reindex_rebuilds_the_same_points(runtime: Runtime) -> None:
         ("hybrid", "frozen rivers of ice retreating", "glacier"),
     ],
 )
-async def test_each_mode_ranks_the_right_document_first(corpus: Corpus, mode: str,
-                                                        query: str, expected: str) -> None:
+async def test_each_mode_ranks_the_right_document_first(corpus: Corpus, mode: str, query: str, expected: str) -> None:
     rt, ids = corpus
     results = await rt.service.search(T, query, mode=mode, top_k=3)
     assert results
@@ -391,8 +478,9 @@ async def test_each_mode_ranks_the_right_document_first(corpus: Corpus, mode: st
     assert scores == sorted(scores, reverse=True)
 
 
-async def test_only_the_modes_that_rank_by_meaning_run_the_dense_model(corpus: Corpus,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_only_the_modes_that_rank_by_meaning_run_the_dense_model(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rt, ids = corpus
     provider = rt.embedder.provider
     queries: list[str] = []
@@ -436,8 +524,10 @@ async def test_filters(corpus: Corpus) -> None:
         ({"metadata": {"tags": "geology"}}, {ids["volcano"], ids["glacier"]}),
         ({"metadata": {"tags": ["food", "space"]}}, {ids["sourdough"], ids["tea"], ids["jupiter"]}),
         ({"metadata": {"lang": ["fr", "de"]}}, expected(lambda k, c, m: m["lang"] in ("fr", "de"))),
-        ({"collection": "science", "metadata": {"lang": "en", "tags": ["space", "biology"]}},
-         {ids["jupiter"], ids["bees"]}),
+        (
+            {"collection": "science", "metadata": {"lang": "en", "tags": ["space", "biology"]}},
+            {ids["jupiter"], ids["bees"]},
+        ),
         ({"metadata": {"lang": "xx"}}, set()),
         ({"collection": "no-such-collection"}, set()),
     ]
@@ -479,8 +569,9 @@ async def test_tenants_are_isolated(runtime: Runtime) -> None:
         await service.get_document("beta", mine.document_id)
     with pytest.raises(NotFoundError):
         await service.delete_document("beta", mine.document_id)
-    filtered = await service.search("beta", "saffron", mode="lexical",
-                                    filters=SearchFilters(document_ids=[mine.document_id]))
+    filtered = await service.search(
+        "beta", "saffron", mode="lexical", filters=SearchFilters(document_ids=[mine.document_id])
+    )
     assert filtered == []
     assert [d.id for d in (await service.list_documents("beta")).documents] == [theirs.document_id]
     stats, points, pending = await service.stats("beta")
@@ -495,26 +586,48 @@ async def test_bad_ingest_inputs_write_nothing(runtime: Runtime, tmp_path: Path)
     service = runtime.service
     await service.ingest_text(T, "A document that was here before.", source_uri="notes://before")
     before = await snapshot(runtime)
-    small = RagService(runtime.settings.model_copy(update={"max_document_bytes": 200}), runtime.store,
-                       runtime.index, runtime.embedder, runtime.syncer)
+    small = RagService(
+        runtime.settings.model_copy(update={"max_document_bytes": 200}),
+        runtime.store,
+        runtime.index,
+        runtime.embedder,
+        runtime.syncer,
+    )
     cases: list[tuple[Any, type[Exception], str]] = [
         (lambda: service.ingest_text(T, ""), InvalidInputError, "text is empty"),
         (lambda: service.ingest_text(T, " \n\t "), InvalidInputError, "text is empty"),
         (lambda: small.ingest_text(T, "x " * 150), TooLargeError, "300 bytes, over the limit of 200"),
-        (lambda: service.ingest_text(T, "Fine.", metadata={"nested": {"a": 1}}), InvalidInputError,
-         "nested objects are not allowed"),
-        (lambda: service.ingest_text(T, "Fine.", metadata={"bad key": 1}), InvalidInputError,
-         "invalid metadata key 'bad key'"),
-        (lambda: service.ingest_text(T, "Fine.", metadata={"n": float("nan")}), InvalidInputError,
-         "numbers must be finite"),
-        (lambda: service.ingest_text(T, "Fine.", metadata={"l": list(range(101))}), TooLargeError,
-         "over the limit of 100"),
-        (lambda: service.ingest_text(T, "Fine.", metadata="lang=en"), InvalidInputError,  # type: ignore[arg-type]
-         "metadata must be an object"),
-        (lambda: service.ingest_text(T, "Fine.", collection="bad name!"), InvalidInputError,
-         "invalid collection name 'bad name!'"),
-        (lambda: service.ingest_text(T, "Fine.", collection="-leading"), InvalidInputError,
-         "invalid collection name"),
+        (
+            lambda: service.ingest_text(T, "Fine.", metadata={"nested": {"a": 1}}),
+            InvalidInputError,
+            "nested objects are not allowed",
+        ),
+        (
+            lambda: service.ingest_text(T, "Fine.", metadata={"bad key": 1}),
+            InvalidInputError,
+            "invalid metadata key 'bad key'",
+        ),
+        (
+            lambda: service.ingest_text(T, "Fine.", metadata={"n": float("nan")}),
+            InvalidInputError,
+            "numbers must be finite",
+        ),
+        (
+            lambda: service.ingest_text(T, "Fine.", metadata={"l": list(range(101))}),
+            TooLargeError,
+            "over the limit of 100",
+        ),
+        (
+            lambda: service.ingest_text(T, "Fine.", metadata="lang=en"),
+            InvalidInputError,  # type: ignore[arg-type]
+            "metadata must be an object",
+        ),
+        (
+            lambda: service.ingest_text(T, "Fine.", collection="bad name!"),
+            InvalidInputError,
+            "invalid collection name 'bad name!'",
+        ),
+        (lambda: service.ingest_text(T, "Fine.", collection="-leading"), InvalidInputError, "invalid collection name"),
         (lambda: service.ingest_text(T, "Fine.", title="t" * 1001), InvalidInputError, "title must be at most"),
         (lambda: service.ingest_text(T, "NUL \x00 inside"), InvalidInputError, "NUL characters"),
         (lambda: service.ingest_text(T, "lone \ud800 surrogate"), InvalidInputError, "not valid Unicode"),
@@ -542,14 +655,18 @@ async def test_unreadable_files_are_reported_and_write_nothing(runtime: Runtime,
     assert await snapshot(runtime) == before
 
     with pytest.raises(InvalidInputError, match="unsupported file type"):  # a single source is raised
-        await runtime.service.ingest(T, None, [SourceFailure("x.pptx", "x.pptx: unsupported file type '.pptx'")],
-                                     raise_on_failure=True)
+        await runtime.service.ingest(
+            T, None, [SourceFailure("x.pptx", "x.pptx: unsupported file type '.pptx'")], raise_on_failure=True
+        )
     assert await snapshot(runtime) == before
 
 
 async def test_one_bad_document_does_not_stop_the_others(runtime: Runtime) -> None:
-    docs = [SourceDocument("notes://good-1", "Good one."), SourceDocument("notes://empty", "   "),
-            SourceDocument("notes://good-2", "Good two.", metadata={"x": {"nested": True}})]
+    docs = [
+        SourceDocument("notes://good-1", "Good one."),
+        SourceDocument("notes://empty", "   "),
+        SourceDocument("notes://good-2", "Good two.", metadata={"x": {"nested": True}}),
+    ]
     report = await runtime.service.ingest(T, None, docs)
     assert report.added == 1
     assert sorted(f.source for f in report.failed) == ["notes://empty", "notes://good-2"]
@@ -564,17 +681,25 @@ async def test_bad_search_inputs(corpus: Corpus) -> None:
         (lambda: s.search(T, "bees", top_k=0), InvalidInputError, "top_k must be an integer from 1 to 50, got 0"),
         (lambda: s.search(T, "bees", top_k=51), InvalidInputError, "top_k must be an integer from 1 to 50, got 51"),
         (lambda: s.search(T, "bees", top_k=True), InvalidInputError, "top_k"),
-        (lambda: s.search(T, "bees", mode="fuzzy"), InvalidInputError,
-         "unknown search mode 'fuzzy': use one of hybrid, dense, lexical"),
+        (
+            lambda: s.search(T, "bees", mode="fuzzy"),
+            InvalidInputError,
+            "unknown search mode 'fuzzy': use one of hybrid, dense, lexical",
+        ),
         (lambda: s.search(T, ""), InvalidInputError, "query is empty"),
         (lambda: s.search(T, "   "), InvalidInputError, "query is empty"),
         (lambda: s.search(T, "q" * 4001), TooLargeError, "over the limit of 4000"),
-        (lambda: s.search(T, "bees", filters=SearchFilters(collection="bad name!")), InvalidInputError,
-         "invalid collection name"),
-        (lambda: s.search(T, "bees", filters=SearchFilters(metadata={"tags": []})), InvalidInputError,
-         "empty list"),
-        (lambda: s.search(T, "bees", filters=SearchFilters(metadata={"a": {"b": 1}})), InvalidInputError,
-         "nested objects"),
+        (
+            lambda: s.search(T, "bees", filters=SearchFilters(collection="bad name!")),
+            InvalidInputError,
+            "invalid collection name",
+        ),
+        (lambda: s.search(T, "bees", filters=SearchFilters(metadata={"tags": []})), InvalidInputError, "empty list"),
+        (
+            lambda: s.search(T, "bees", filters=SearchFilters(metadata={"a": {"b": 1}})),
+            InvalidInputError,
+            "nested objects",
+        ),
         (lambda: s.list_documents(T, limit=0), InvalidInputError, "limit must be an integer from 1 to 100"),
         (lambda: s.list_documents(T, cursor="garbage"), InvalidInputError, "invalid cursor"),
         (lambda: s.get_document(T, "not-a-uuid"), NotFoundError, "no document with id 'not-a-uuid'"),
@@ -589,8 +714,13 @@ async def test_bad_search_inputs(corpus: Corpus) -> None:
 
 
 async def test_ingest_commits_in_bounded_batches(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    service = RagService(runtime.settings.model_copy(update={"ingest_batch_chunks": 8}), runtime.store,
-                         runtime.index, runtime.embedder, runtime.syncer)
+    service = RagService(
+        runtime.settings.model_copy(update={"ingest_batch_chunks": 8}),
+        runtime.store,
+        runtime.index,
+        runtime.embedder,
+        runtime.syncer,
+    )
     sizes: list[int] = []
     original = runtime.store.write_documents
 
@@ -605,8 +735,10 @@ async def test_ingest_commits_in_bounded_batches(runtime: Runtime, monkeypatch: 
     async def on_progress(done: int, total: int | None, message: str) -> None:
         progress.append((done, total))
 
-    docs = (SourceDocument(f"notes://n{i:02d}", f"Note {i} is about subject number {i} and nothing else.")
-            for i in range(40))
+    docs = (
+        SourceDocument(f"notes://n{i:02d}", f"Note {i} is about subject number {i} and nothing else.")
+        for i in range(40)
+    )
     report = await service.ingest(T, "notes", docs, total=40, progress=on_progress)
     assert report.added == 40
     assert sum(sizes) == report.chunks == 40
@@ -660,10 +792,16 @@ async def test_a_document_that_fits_the_window_is_one_chunk(runtime: Runtime) ->
     assert runtime.settings.chunk_tokens < tokens < runtime.embedder.window_tokens - 10
     whole = await runtime.service.ingest_text(T, text, title="Tides", source_uri="notes://whole")
     assert whole.chunks == 1
-    cut = RagService(runtime.settings.model_copy(update={"chunk_whole_documents": False}), runtime.store,
-                     runtime.index, runtime.embedder, runtime.syncer)
+    cut = RagService(
+        runtime.settings.model_copy(update={"chunk_whole_documents": False}),
+        runtime.store,
+        runtime.index,
+        runtime.embedder,
+        runtime.syncer,
+    )
     split = await cut.ingest_text(T, text, title="Tides", source_uri="notes://cut")
     assert split.chunks == 2
-    [hit] = await runtime.service.search(T, "harbour tides keel", top_k=1,
-                                         filters=SearchFilters(source_prefix="notes://whole"))
+    [hit] = await runtime.service.search(
+        T, "harbour tides keel", top_k=1, filters=SearchFilters(source_prefix="notes://whole")
+    )
     assert (hit.text, hit.start_char, hit.end_char) == (text, 0, len(text))

@@ -269,7 +269,6 @@ def test_allowed_roots_must_exist_and_are_resolved(monkeypatch: pytest.MonkeyPat
     assert "does not exist" in message
 
 
-
 # --- OAuth resource-server mode ---------------------------------------------------------------
 
 

@@ -25,18 +25,25 @@ WARMUP = 8.0
 CLIENTS = 32
 
 
-async def test_soak_32_clients_no_errors_flat_resources(pg_server: PgServer, template_db: str, model_dir: Path,
-                                                         tmp_path: Path) -> None:
+async def test_soak_32_clients_no_errors_flat_resources(
+    pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
+) -> None:
     name = f"soak_{uuid.uuid4().hex[:12]}"
     dsn = pg_server.create_database(name, template=template_db)
     try:
         env = server_env(tmp_path / "data", model_dir, dsn)
         with http_server(env, tmp_path / "server.log") as server:
-            result = await soak(server.url, server.pid, seconds=SECONDS, clients=CLIENTS, warmup=WARMUP,
-                                interval=1.0)
+            result = await soak(server.url, server.pid, seconds=SECONDS, clients=CLIENTS, warmup=WARMUP, interval=1.0)
         verdict = result.verdict()
-        report = json.dumps({"calls": result.calls, "searches": result.searches, "ingests": result.ingests,
-                             "errors": result.errors, **verdict})
+        report = json.dumps(
+            {
+                "calls": result.calls,
+                "searches": result.searches,
+                "ingests": result.ingests,
+                "errors": result.errors,
+                **verdict,
+            }
+        )
         print(report)  # the numbers for docs/reliability.md (pytest -s)
         assert result.errors == 0, result.error_messages
         assert result.calls >= CLIENTS and result.ingests >= 1 and result.searches >= CLIENTS, report

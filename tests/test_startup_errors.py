@@ -34,8 +34,16 @@ def base_env(model_dir: Path, data_dir: Path, **settings: str) -> dict[str, str]
 
 
 def run(env: dict[str, str], *args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MCP_RAG, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120,
-                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    return subprocess.run(
+        [MCP_RAG, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
 
 
 def one_line(done: subprocess.CompletedProcess[str], status: int, pattern: str, *, after_work: bool = False) -> str:
@@ -60,8 +68,9 @@ def guarded_pg() -> Iterator[PgServer]:
     """A server that checks passwords for one role and refuses unencrypted connections for another."""
     server = PgServer().init()
     hba = server.datadir / "pg_hba.conf"
-    hba.write_text("host all secure 127.0.0.1/32 scram-sha-256\n"
-                   "hostnossl all tlsonly 127.0.0.1/32 reject\n" + hba.read_text())
+    hba.write_text(
+        "host all secure 127.0.0.1/32 scram-sha-256\nhostnossl all tlsonly 127.0.0.1/32 reject\n" + hba.read_text()
+    )
     server.start()
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         conn.execute(f"CREATE ROLE secure LOGIN PASSWORD '{PASSWORD}'".encode())
@@ -79,35 +88,49 @@ def guarded_pg() -> Iterator[PgServer]:
 def test_postgres_that_does_not_answer(model_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     env = base_env(model_dir, tmp_path / "data", database_url=f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/rag")
-    line = one_line(run(env, "stats", cwd=tmp_path), 4,
-                    rf"cannot connect to PostgreSQL at app@127\.0\.0\.1:{port}/rag \(MCP_RAG_DATABASE_URL\): "
-                    r".*[Cc]onnection refused.*; start it or fix MCP_RAG_DATABASE_URL$")
+    line = one_line(
+        run(env, "stats", cwd=tmp_path),
+        4,
+        rf"cannot connect to PostgreSQL at app@127\.0\.0\.1:{port}/rag \(MCP_RAG_DATABASE_URL\): "
+        r".*[Cc]onnection refused.*; start it or fix MCP_RAG_DATABASE_URL$",
+    )
     assert "connection failed" not in line  # psycopg's repetition of the target is cut
 
 
 def test_wrong_password(guarded_pg: PgServer, model_dir: Path, tmp_path: Path) -> None:
     dsn = f"postgresql://secure:not-the-password@127.0.0.1:{guarded_pg.port}/guarded"
     done = run(base_env(model_dir, tmp_path / "data", database_url=dsn), "stats", cwd=tmp_path)
-    one_line(done, 2, r"PostgreSQL at secure@127\.0\.0\.1:\d+/guarded \(MCP_RAG_DATABASE_URL\) refused the "
-                      r"password: fix the credentials in MCP_RAG_DATABASE_URL$")
+    one_line(
+        done,
+        2,
+        r"PostgreSQL at secure@127\.0\.0\.1:\d+/guarded \(MCP_RAG_DATABASE_URL\) refused the "
+        r"password: fix the credentials in MCP_RAG_DATABASE_URL$",
+    )
     assert "not-the-password" not in done.stderr
 
 
 def test_missing_database(guarded_pg: PgServer, model_dir: Path, tmp_path: Path) -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{guarded_pg.port}/no_such_db"
-    one_line(run(base_env(model_dir, tmp_path / "data", database_url=dsn), "stats", cwd=tmp_path), 2,
-             r"no_such_db .*the database does not exist; create it or fix the name in MCP_RAG_DATABASE_URL$")
+    one_line(
+        run(base_env(model_dir, tmp_path / "data", database_url=dsn), "stats", cwd=tmp_path),
+        2,
+        r"no_such_db .*the database does not exist; create it or fix the name in MCP_RAG_DATABASE_URL$",
+    )
 
 
 def test_server_that_requires_tls(guarded_pg: PgServer, model_dir: Path, tmp_path: Path) -> None:
     dsn = f"postgresql://tlsonly@127.0.0.1:{guarded_pg.port}/guarded?sslmode=disable"
-    one_line(run(base_env(model_dir, tmp_path / "data", database_url=dsn), "stats", cwd=tmp_path), 2,
-             r"requires TLS .*add \?sslmode=require to MCP_RAG_DATABASE_URL$")
+    one_line(
+        run(base_env(model_dir, tmp_path / "data", database_url=dsn), "stats", cwd=tmp_path),
+        2,
+        r"requires TLS .*add \?sslmode=require to MCP_RAG_DATABASE_URL$",
+    )
 
 
 def test_debug_level_shows_the_underlying_error(model_dir: Path, tmp_path: Path) -> None:
-    env = base_env(model_dir, tmp_path / "data", database_url=f"postgresql://app@127.0.0.1:{free_port()}/rag",
-                   log_level="DEBUG")
+    env = base_env(
+        model_dir, tmp_path / "data", database_url=f"postgresql://app@127.0.0.1:{free_port()}/rag", log_level="DEBUG"
+    )
     done = run(env, "stats", cwd=tmp_path)
     assert done.returncode == 4
     assert "OperationalError" in done.stderr  # the cause, at DEBUG
@@ -120,9 +143,12 @@ def test_debug_level_shows_the_underlying_error(model_dir: Path, tmp_path: Path)
 def test_stdio_server_answers_initialize_with_the_error(model_dir: Path, tmp_path: Path) -> None:
     """What Claude Desktop shows: the initialize request gets the one-line reason as a JSON-RPC error."""
     env = base_env(model_dir, tmp_path / "data", database_url=f"postgresql://app@127.0.0.1:{free_port()}/rag")
-    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                             "clientInfo": {"name": "test", "version": "1"}}}
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}},
+    }
     done = run(env, "serve", "--transport", "stdio", cwd=tmp_path, stdin=json.dumps(initialize) + "\n")
     assert done.returncode == 4
     [answer] = [json.loads(line) for line in done.stdout.splitlines()]
@@ -148,9 +174,12 @@ def test_data_dir_that_cannot_be_created(database_url: str, model_dir: Path, tmp
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     env = base_env(model_dir, blocker / "data", database_url=database_url)
-    one_line(run(env, "stats", cwd=tmp_path), 2,
-             rf"MCP_RAG_DATA_DIR={re.escape(str(blocker))}/data cannot be created or written \(Not a directory\): "
-             "set MCP_RAG_DATA_DIR to a folder this user can write$")
+    one_line(
+        run(env, "stats", cwd=tmp_path),
+        2,
+        rf"MCP_RAG_DATA_DIR={re.escape(str(blocker))}/data cannot be created or written \(Not a directory\): "
+        "set MCP_RAG_DATA_DIR to a folder this user can write$",
+    )
 
 
 @pytest.fixture
@@ -168,8 +197,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root (as CI runs)")
 def test_full_disk(database_url: str, model_dir: Path, small_disk: Path, tmp_path: Path) -> None:
     env = base_env(model_dir, small_disk / "data", database_url=database_url)
-    one_line(run(env, "stats", cwd=tmp_path), 4,
-             r"the disk of MCP_RAG_DATA_DIR=.*/small/data is full \(\d+ MiB free, 64 MiB needed\): free some space")
+    one_line(
+        run(env, "stats", cwd=tmp_path),
+        4,
+        r"the disk of MCP_RAG_DATA_DIR=.*/small/data is full \(\d+ MiB free, 64 MiB needed\): free some space",
+    )
 
 
 def test_port_in_use(database_url: str, model_dir: Path, tmp_path: Path) -> None:
@@ -189,9 +221,12 @@ def test_port_in_use(database_url: str, model_dir: Path, tmp_path: Path) -> None
 def test_bad_env_file_line(database_url: str, model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("MCP_RAG_LOG_LEVEL=INFO\nMCP_RAG_TOP_K_DEFAULT=7\n")
     env = base_env(model_dir, tmp_path / "data", database_url=database_url)
-    one_line(run(env, "stats", cwd=tmp_path), 2,
-             r"invalid configuration: MCP_RAG_TOP_K_DEFAULT: unknown setting \(check the spelling against "
-             r"\.env\.example\)$")
+    one_line(
+        run(env, "stats", cwd=tmp_path),
+        2,
+        r"invalid configuration: MCP_RAG_TOP_K_DEFAULT: unknown setting \(check the spelling against "
+        r"\.env\.example\)$",
+    )
 
 
 def test_missing_allowed_root(database_url: str, model_dir: Path, tmp_path: Path) -> None:
@@ -206,7 +241,9 @@ def test_missing_model(database_url: str, tmp_path: Path) -> None:
 
 def test_stored_vectors_of_another_model(database_url: str, model_dir: Path, tmp_path: Path) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(b"INSERT INTO embedding_model (name, dimension, provider) VALUES ('other/model', 768, 'fastembed')")
+        conn.execute(
+            b"INSERT INTO embedding_model (name, dimension, provider) VALUES ('other/model', 768, 'fastembed')"
+        )
     env = base_env(model_dir, tmp_path / "data", database_url=database_url)
     one_line(run(env, "stats", cwd=tmp_path), 2, r"other/model.*768.*all-MiniLM-L6-v2.*384", after_work=True)
 

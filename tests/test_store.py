@@ -51,17 +51,27 @@ def empty_database(pg_server: PgServer) -> Iterator[str]:
         pg_server.drop_database(name)
 
 
-def make_write(embedder: Embedder, uri: str, texts: Sequence[str], *, tenant: str = T, collection: str = "docs",
-               title: str = "", metadata: dict[str, Any] | None = None) -> DocumentWrite:
+def make_write(
+    embedder: Embedder,
+    uri: str,
+    texts: Sequence[str],
+    *,
+    tenant: str = T,
+    collection: str = "docs",
+    title: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> DocumentWrite:
     content = "\n\n".join(texts)
     chunks = []
     offset = 0
     for position, (text, e) in enumerate(zip(texts, embedder.embed_passages_sync(list(texts)), strict=True)):
-        chunks.append(NewChunk(position, text, offset, offset + len(text), ("Section", str(position)), e.dense,
-                               e.sparse))
+        chunks.append(
+            NewChunk(position, text, offset, offset + len(text), ("Section", str(position)), e.dense, e.sparse)
+        )
         offset += len(text) + 2
-    return DocumentWrite(tenant, collection, uri, title, metadata or {}, content,
-                         hashlib.sha256(content.encode()).hexdigest(), chunks)
+    return DocumentWrite(
+        tenant, collection, uri, title, metadata or {}, content, hashlib.sha256(content.encode()).hexdigest(), chunks
+    )
 
 
 async def count_rows(dsn: str, table: str) -> int:
@@ -107,8 +117,13 @@ async def test_concurrent_migrations_apply_exactly_once(empty_database: str) -> 
 
 
 async def test_write_and_read_a_document(store: Store, embedder: Embedder) -> None:
-    w = make_write(embedder, "file:///notes/owls.md", ["Owls hunt at night.", "Barn owls nest in lofts."],
-                   title="Owls", metadata={"lang": "en", "tags": ["birds", "night"]})
+    w = make_write(
+        embedder,
+        "file:///notes/owls.md",
+        ["Owls hunt at night.", "Barn owls nest in lofts."],
+        title="Owls",
+        metadata={"lang": "en", "tags": ["birds", "night"]},
+    )
     [result] = await store.write_documents([w])
     assert result.status == "added"
     assert result.chunks == 2
@@ -164,10 +179,12 @@ async def test_rewriting_a_document_replaces_its_chunks(store: Store, embedder: 
 
 
 async def test_same_source_in_two_collections_is_two_documents(store: Store, embedder: Embedder) -> None:
-    a, b = await store.write_documents([
-        make_write(embedder, "file:///same.md", ["Same."], collection="one"),
-        make_write(embedder, "file:///same.md", ["Same."], collection="two"),
-    ])
+    a, b = await store.write_documents(
+        [
+            make_write(embedder, "file:///same.md", ["Same."], collection="one"),
+            make_write(embedder, "file:///same.md", ["Same."], collection="two"),
+        ]
+    )
     assert a.document_id != b.document_id
     assert (a.status, b.status) == ("added", "added")
 
@@ -178,8 +195,9 @@ async def test_cursor_pagination_lists_everything_once(store: Store, embedder: E
     writes = []
     for i, (text, e) in enumerate(zip(texts, vectors, strict=True)):
         chunk = NewChunk(0, text, 0, len(text), (), e.dense, e.sparse)
-        writes.append(DocumentWrite(T, "docs" if i % 5 else "other", f"file:///p/{i:02d}.md", "", {}, text,
-                                    f"h{i}", [chunk]))
+        writes.append(
+            DocumentWrite(T, "docs" if i % 5 else "other", f"file:///p/{i:02d}.md", "", {}, text, f"h{i}", [chunk])
+        )
     await store.write_documents(writes)
 
     seen: list[str] = []
@@ -204,11 +222,13 @@ async def test_cursor_pagination_lists_everything_once(store: Store, embedder: E
 
 
 async def test_source_prefix_is_literal(store: Store, embedder: Embedder) -> None:
-    await store.write_documents([
-        make_write(embedder, "file:///a_b/1.md", ["One."]),
-        make_write(embedder, "file:///aXb/2.md", ["Two."]),
-        make_write(embedder, "file:///a%b/3.md", ["Three."]),
-    ])
+    await store.write_documents(
+        [
+            make_write(embedder, "file:///a_b/1.md", ["One."]),
+            make_write(embedder, "file:///aXb/2.md", ["Two."]),
+            make_write(embedder, "file:///a%b/3.md", ["Three."]),
+        ]
+    )
 
     async def uris(prefix: str) -> list[str]:
         return [d.source_uri for d in (await store.list_documents(T, source_prefix=prefix)).documents]
@@ -239,10 +259,12 @@ async def test_tenants_are_isolated(store: Store, embedder: Embedder) -> None:
 
 
 async def test_delete_document(store: Store, embedder: Embedder) -> None:
-    [keep, gone] = await store.write_documents([
-        make_write(embedder, "file:///keep.md", ["Keep me."]),
-        make_write(embedder, "file:///gone.md", ["Delete me.", "Me too."]),
-    ])
+    [keep, gone] = await store.write_documents(
+        [
+            make_write(embedder, "file:///keep.md", ["Keep me."]),
+            make_write(embedder, "file:///gone.md", ["Delete me.", "Me too."]),
+        ]
+    )
     info = await store.delete_document(T, gone.document_id)
     assert info.source_uri == "file:///gone.md"
     with pytest.raises(NotFoundError, match="no document with id"):
@@ -258,11 +280,13 @@ async def test_delete_document(store: Store, embedder: Embedder) -> None:
 
 
 async def test_collections(store: Store, embedder: Embedder) -> None:
-    await store.write_documents([
-        make_write(embedder, "file:///1.md", ["A.", "B."], collection="alpha"),
-        make_write(embedder, "file:///2.md", ["C."], collection="alpha"),
-        make_write(embedder, "file:///3.md", ["D."], collection="beta"),
-    ])
+    await store.write_documents(
+        [
+            make_write(embedder, "file:///1.md", ["A.", "B."], collection="alpha"),
+            make_write(embedder, "file:///2.md", ["C."], collection="alpha"),
+            make_write(embedder, "file:///3.md", ["D."], collection="beta"),
+        ]
+    )
     collections = await store.list_collections(T)
     assert [(c.name, c.documents, c.chunks) for c in collections] == [("alpha", 2, 3), ("beta", 1, 1)]
     assert await store.delete_collection(T, "alpha") == 2
@@ -275,8 +299,9 @@ async def test_collections(store: Store, embedder: Embedder) -> None:
 
 async def test_change_log_is_ordered(store: Store, embedder: Embedder) -> None:
     assert await store.last_change_seq() == 0
-    [a, b] = await store.write_documents([make_write(embedder, "file:///a.md", ["A."]),
-                                          make_write(embedder, "file:///b.md", ["B."])])
+    [a, b] = await store.write_documents(
+        [make_write(embedder, "file:///a.md", ["A."]), make_write(embedder, "file:///b.md", ["B."])]
+    )
     [a2] = await store.write_documents([make_write(embedder, "file:///a.md", ["A again."])])
     await store.delete_document(T, b.document_id)
     await store.write_documents([make_write(embedder, "file:///c.md", ["C."], tenant="other", collection="misc")])
@@ -304,8 +329,9 @@ async def test_change_log_is_ordered(store: Store, embedder: Embedder) -> None:
 
 
 async def test_iterating_every_chunk_in_batches(store: Store, embedder: Embedder) -> None:
-    await store.write_documents([make_write(embedder, f"file:///{i}.md", [f"Chunk {i}a.", f"Chunk {i}b."])
-                                 for i in range(3)])
+    await store.write_documents(
+        [make_write(embedder, f"file:///{i}.md", [f"Chunk {i}a.", f"Chunk {i}b."]) for i in range(3)]
+    )
     batches = [batch async for batch in store.iter_indexable_chunks(batch=4)]
     assert [len(b) for b in batches] == [4, 2]
     ids = [c.chunk_id for b in batches for c in b]
@@ -347,8 +373,10 @@ async def test_the_first_model_claims_the_database(database_url: str) -> None:
 
 async def _kill_backends(database_url: str) -> int:
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
-        cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        cur = await admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])
@@ -457,8 +485,13 @@ def query(dsn: str) -> tuple[Any, ...]:
 
 
 def spawn(pgdata: Path) -> tuple[subprocess.Popen[str], str]:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(pgdata)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(pgdata)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert child.stdout is not None
     dsn = child.stdout.readline().strip()
     assert dsn.startswith("postgresql://"), dsn

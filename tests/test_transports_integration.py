@@ -30,9 +30,21 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "transport-test-" + "t" * 20
 API_KEYS = [{"token": TOKEN, "tenant": "acme", "scopes": ["read", "write"]}]
-ALL_TOOLS = {"search", "fetch", "get_chunks", "get_document", "list_documents", "list_collections", "stats", "ingest_status",
-             "ingest_text",
-             "ingest_file", "ingest_url", "delete_document", "delete_collection"}
+ALL_TOOLS = {
+    "search",
+    "fetch",
+    "get_chunks",
+    "get_document",
+    "list_documents",
+    "list_collections",
+    "stats",
+    "ingest_status",
+    "ingest_text",
+    "ingest_file",
+    "ingest_url",
+    "delete_document",
+    "delete_collection",
+}
 PROGRESS_FILES = 4
 INSPECTOR_VERSION = "1.0.3"
 INSPECTOR_PREFIX = Path(os.environ.get("MCP_RAG_TEST_INSPECTOR_DIR", "/tmp/mcp-rag-inspector"))
@@ -59,10 +71,19 @@ async def end_to_end(client: Client, label: str) -> str:
     tools = {t.name for t in (await client.list_tools()).tools}
     assert tools == ALL_TOOLS
     collection = f"{label}-{uuid.uuid4().hex[:8]}"
-    text = (f"# Transport {label}\n\nThe {label} transport delivered this note about basalt columns, "
-            f"which form when thick lava flows cool and contract. Marker {uuid.uuid4().hex}.")
-    out = await call(client, "ingest_text", text=text, title=f"Basalt via {label}", collection=collection,
-                     source_uri=f"notes://{collection}", metadata={"transport": label})
+    text = (
+        f"# Transport {label}\n\nThe {label} transport delivered this note about basalt columns, "
+        f"which form when thick lava flows cool and contract. Marker {uuid.uuid4().hex}."
+    )
+    out = await call(
+        client,
+        "ingest_text",
+        text=text,
+        title=f"Basalt via {label}",
+        collection=collection,
+        source_uri=f"notes://{collection}",
+        metadata={"transport": label},
+    )
     assert out["added"] == 1
     doc_id = out["documents"][0]["document_id"]
 
@@ -88,13 +109,13 @@ async def end_to_end(client: Client, label: str) -> str:
 
     deleted = await call(client, "delete_document", document_id=doc_id)
     assert deleted["deleted"] == doc_id
-    assert (await call(client, "search", query="why do basalt columns form", collection=collection))[
-        "results"] == []
+    assert (await call(client, "search", query="why do basalt columns form", collection=collection))["results"] == []
     assert (await call(client, "list_documents", collection=collection))["documents"] == []
     return text
 
 
 # --- stdio ------------------------------------------------------------------------------------
+
 
 def stdio_env(database_url: str, model_dir: Path, data_dir: Path, **settings: Any) -> dict[str, str]:
     return base_env(database_url=database_url, model_dir=model_dir, data_dir=data_dir, **settings)
@@ -123,15 +144,35 @@ async def test_stdio_stdout_carries_only_mcp_messages(database_url: str, model_d
     env = stdio_env(database_url, model_dir, tmp_path / "data", log_level="DEBUG")
     stderr_path = tmp_path / "raw.stderr"
     messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "0"},
+            },
+        },
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-            "name": "ingest_text", "arguments": {"text": "Stdout purity matters for stdio servers."}}},
-        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
-            "name": "search", "arguments": {"query": "stdout purity", "top_k": 1}}},
-        {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
-            "name": "get_document", "arguments": {"document_id": "nope"}}},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "ingest_text", "arguments": {"text": "Stdout purity matters for stdio servers."}},
+        },
+        {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "search", "arguments": {"query": "stdout purity", "top_k": 1}},
+        },
+        {
+            "jsonrpc": "2.0",
+            "id": 4,
+            "method": "tools/call",
+            "params": {"name": "get_document", "arguments": {"document_id": "nope"}},
+        },
     ]
     lines: list[bytes] = []
     with stderr_path.open("wb") as errlog:
@@ -175,9 +216,11 @@ async def test_stdio_stdout_carries_only_mcp_messages(database_url: str, model_d
 
 # --- HTTP and SSE -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
-def http_servers(pg_server: PgServer, template_db: str, model_dir: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+def http_servers(
+    pg_server: PgServer, template_db: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServerProcess]]:
     """Two ``serve --transport http`` processes, started side by side: stateful and stateless."""
     names, servers = [], {}
     try:
@@ -188,11 +231,19 @@ def http_servers(pg_server: PgServer, template_db: str, model_dir: Path,
             corpus = work / "roots" / "corpus"
             corpus.mkdir(parents=True)
             for i in range(PROGRESS_FILES):
-                (corpus / f"part-{i}.txt").write_text(" ".join(
-                    f"Part {i}, sentence {j}: the river delta deposits silt and sand." for j in range(14)))
+                (corpus / f"part-{i}.txt").write_text(
+                    " ".join(f"Part {i}, sentence {j}: the river delta deposits silt and sand." for j in range(14))
+                )
             # One file per ingest batch, so that every file is reported as it is done.
-            env = base_env(database_url=dsn, model_dir=model_dir, data_dir=work / "data", api_keys=API_KEYS,
-                           stateless_http=stateless, allowed_roots=str(work / "roots"), ingest_batch_chunks=1)
+            env = base_env(
+                database_url=dsn,
+                model_dir=model_dir,
+                data_dir=work / "data",
+                api_keys=API_KEYS,
+                stateless_http=stateless,
+                allowed_roots=str(work / "roots"),
+                ingest_batch_chunks=1,
+            )
             servers[kind] = ServerProcess(env, work).start()
         for proc in servers.values():
             proc.wait_ready()
@@ -246,8 +297,9 @@ async def test_progress_over_http_and_sse(http_servers: dict[str, ServerProcess]
             updates.append((progress, total))  # noqa: B023 - consumed within this iteration
 
         async with connect() as client:
-            result = await client.call_tool("ingest_file", {"path": "corpus", "collection": f"progress-{label}"},
-                                            progress_callback=on_progress)
+            result = await client.call_tool(
+                "ingest_file", {"path": "corpus", "collection": f"progress-{label}"}, progress_callback=on_progress
+            )
         assert not result.is_error, text_of(result)
         assert result.structured_content is not None
         assert result.structured_content["added"] == PROGRESS_FILES
@@ -256,6 +308,7 @@ async def test_progress_over_http_and_sse(http_servers: dict[str, ServerProcess]
 
 
 # --- the MCP Inspector CLI (npm) ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def inspector() -> list[str]:
@@ -266,9 +319,20 @@ def inspector() -> list[str]:
     if not installed:
         npm = shutil.which("npm")
         assert npm, "npm is needed for the MCP Inspector tests (Node 20+)"
-        subprocess.run([npm, "install", "--prefix", str(INSPECTOR_PREFIX), "--no-audit", "--no-fund",
-                        f"@modelcontextprotocol/inspector@{INSPECTOR_VERSION}"], check=True, capture_output=True,
-                       timeout=600)
+        subprocess.run(
+            [
+                npm,
+                "install",
+                "--prefix",
+                str(INSPECTOR_PREFIX),
+                "--no-audit",
+                "--no-fund",
+                f"@modelcontextprotocol/inspector@{INSPECTOR_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     return [str(binary), "--cli"]
 
 
@@ -281,11 +345,15 @@ def run_inspector(command: list[str], env: dict[str, str], cwd: Path) -> dict[st
     return parsed
 
 
-async def test_inspector_cli_over_stdio(inspector: list[str], runtime: Runtime, database_url: str,
-                                        model_dir: Path, tmp_path: Path) -> None:
+async def test_inspector_cli_over_stdio(
+    inspector: list[str], runtime: Runtime, database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
     # Stored beforehand through the service; the stdio server's own index catches up from the change log.
-    await runtime.service.ingest("default", None, [SourceDocument(
-        "notes://inspector", "The MCP Inspector speaks to servers from Node.", title="Inspector note")])
+    await runtime.service.ingest(
+        "default",
+        None,
+        [SourceDocument("notes://inspector", "The MCP Inspector speaks to servers from Node.", title="Inspector note")],
+    )
     env = stdio_env(database_url, model_dir, tmp_path / "stdio-data")
     listed = run_inspector([*inspector, MCP_RAG, "serve", "--method", "tools/list"], env, tmp_path)
     assert {t["name"] for t in listed["tools"]} == ALL_TOOLS
@@ -293,40 +361,98 @@ async def test_inspector_cli_over_stdio(inspector: list[str], runtime: Runtime, 
     assert search["annotations"]["readOnlyHint"] is True
     assert search["inputSchema"]["required"] == ["query"]
 
-    called = run_inspector([*inspector, MCP_RAG, "serve", "--method", "tools/call", "--tool-name", "search",
-                            "--tool-arg", "query=inspector node", "--tool-arg", "top_k=3"], env, tmp_path)
+    called = run_inspector(
+        [
+            *inspector,
+            MCP_RAG,
+            "serve",
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "search",
+            "--tool-arg",
+            "query=inspector node",
+            "--tool-arg",
+            "top_k=3",
+        ],
+        env,
+        tmp_path,
+    )
     assert called.get("isError", False) is False, called
     hits = called["structuredContent"]["results"]
     assert [h["title"] for h in hits] == ["Inspector note"]
 
 
-async def test_inspector_cli_over_http(inspector: list[str], http_servers: dict[str, ServerProcess],
-                                       tmp_path: Path) -> None:
+async def test_inspector_cli_over_http(
+    inspector: list[str], http_servers: dict[str, ServerProcess], tmp_path: Path
+) -> None:
     server = http_servers["stateless"]
     url = server.base_url + "/mcp"
     auth = ["--header", f"Authorization: Bearer {TOKEN}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_RAG_")}
     async with mcp_http(url, TOKEN) as client:
-        await call(client, "ingest_text", text="Kelp forests shelter sea otters along the Pacific coast.",
-                   title="Kelp", collection="inspector-http")
+        await call(
+            client,
+            "ingest_text",
+            text="Kelp forests shelter sea otters along the Pacific coast.",
+            title="Kelp",
+            collection="inspector-http",
+        )
 
     listed = run_inspector([*inspector, url, "--transport", "http", *auth, "--method", "tools/list"], env, tmp_path)
     assert {t["name"] for t in listed["tools"]} == ALL_TOOLS
 
-    called = run_inspector([*inspector, url, "--transport", "http", *auth, "--method", "tools/call", "--tool-name",
-                            "search", "--tool-arg", "query=sea otters kelp", "--tool-arg",
-                            "collection=inspector-http"], env, tmp_path)
+    called = run_inspector(
+        [
+            *inspector,
+            url,
+            "--transport",
+            "http",
+            *auth,
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "search",
+            "--tool-arg",
+            "query=sea otters kelp",
+            "--tool-arg",
+            "collection=inspector-http",
+        ],
+        env,
+        tmp_path,
+    )
     assert called.get("isError", False) is False, called
     assert called["structuredContent"]["results"][0]["title"] == "Kelp"
 
     # A tool error still exits 0: it is in the JSON.
-    failed = run_inspector([*inspector, url, "--transport", "http", *auth, "--method", "tools/call", "--tool-name",
-                            "get_document", "--tool-arg", "document_id=not-a-uuid"], env, tmp_path)
+    failed = run_inspector(
+        [
+            *inspector,
+            url,
+            "--transport",
+            "http",
+            *auth,
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "get_document",
+            "--tool-arg",
+            "document_id=not-a-uuid",
+        ],
+        env,
+        tmp_path,
+    )
     assert failed["isError"] is True
     assert "UUID" in failed["content"][0]["text"]
 
     # Without the token the Inspector cannot connect at all.
-    done = subprocess.run([*inspector, url, "--transport", "http", "--method", "tools/list"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*inspector, url, "--transport", "http", "--method", "tools/list"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert "unauthorized" in done.stdout + done.stderr
