@@ -717,8 +717,8 @@ def test_opaque_tokens_are_introspected_and_cached_no_longer_than_they_live(depl
 
 
 def test_inspector_cli_connects_with_a_token(
-    inspector: list[str],
-    deployment: Deployment,  # noqa: F811
+    inspector: list[str],  # noqa: F811  (the fixture imported above)
+    deployment: Deployment,
     tmp_path: Path,
 ) -> None:
     token = deployment.provider.token("acme-ro")
