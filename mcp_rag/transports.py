@@ -17,6 +17,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from types import FrameType
 
 import anyio
@@ -26,7 +28,7 @@ from .errors import ConfigurationError, ConflictError, RagError, describe
 from .http import RuntimeHolder, create_app
 from .local import shared
 from .logging import get_logger
-from .runtime import open_runtime
+from .runtime import Runtime, open_runtime
 from .server import build_server
 from .settings import Settings
 
@@ -51,10 +53,17 @@ def run_stdio(settings: Settings) -> None:
             log.info("stdio server ready", region=settings.region)
             await server.run_stdio_async()
 
+    serve_stdio(serve)
+
+
+def serve_stdio(serve: Callable[[], Awaitable[None]]) -> None:
+    """Run a stdio session until its input ends or SIGTERM arrives (which unwinds like Ctrl-C, so pools
+    close and the embedded Postgres is left cleanly); a runtime that cannot open answers the client's
+    ``initialize`` with the reason, then goes on to the command line's one line and exit status."""
+
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _StopRequested
 
-    # SIGTERM unwinds like Ctrl-C, so pools close and the embedded Postgres is left cleanly.
     signal.signal(signal.SIGTERM, stop)
     try:
         anyio.run(serve)
@@ -154,13 +163,12 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
     runtime (its failures are one line too), then serve; "http app ready" is logged once it really is."""
     listener = bind(settings.host, settings.port)
     holder = RuntimeHolder()
-    if shared(settings):
+    factory: Callable[[Settings], AbstractAsyncContextManager[Runtime]] = open_runtime
+    if shared(settings):  # this server holds the data directory and serves the other local processes
         from .local.stdio import held_runtime_factory, hold_for_http
 
         factory = held_runtime_factory(hold_for_http(settings))
-        app = create_app(settings, holder=holder, sse_only=sse_only, runtime_factory=factory)  # type: ignore[arg-type]
-    else:
-        app = create_app(settings, holder=holder, sse_only=sse_only)
+    app = create_app(settings, holder=holder, sse_only=sse_only)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -185,7 +193,7 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
 
     async def serve() -> None:
         nonlocal starting
-        async with open_runtime(settings) as runtime:
+        async with factory(settings) as runtime:
             holder.runtime = runtime
             starting = False
             await server.serve(sockets=[listener])

@@ -43,8 +43,8 @@ async def connect(
     except (FileNotFoundError, ConnectionRefusedError):
         raise NoHolder from None
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
-            raise NoHolder from None
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.ENOTDIR):
+            raise NoHolder from None  # (no socket, or no data directory: taking it says what is wrong)
         raise ConfigurationError(f"cannot connect to the local socket {where.socket}: {exc.strerror}") from None
     receive = BufferedByteReceiveStream(stream)
     try:

@@ -40,7 +40,10 @@ def try_hold(address: Address) -> HoldLock | None:
     except OSError as exc:
         if exc.errno in _NOT_WRITABLE:
             raise read_only_error(address, exc) from None
-        raise ConfigurationError(f"cannot use the data directory {address.data_dir}: {exc.strerror}") from None
+        raise ConfigurationError(
+            f"MCP_RAG_DATA_DIR={address.data_dir} cannot be created or written ({exc.strerror}): "
+            "set MCP_RAG_DATA_DIR to a folder this user can write"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from types import FrameType
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
-import anyio
-
-from ..errors import ConflictError, RagError, describe
+from ..errors import ConflictError
 from ..logging import get_logger
 from ..settings import Settings
 from .address import address
@@ -22,10 +16,6 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 log = get_logger(__name__)
-
-
-class _StopRequested(KeyboardInterrupt):
-    """Raised by the SIGTERM handler of the stdio server."""
 
 
 def run_stdio_shared(settings: Settings) -> None:
@@ -50,22 +40,9 @@ def run_stdio_shared(settings: Settings) -> None:
             )
             await server.run_stdio_async()
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise _StopRequested
+    from ..transports import serve_stdio
 
-    # SIGTERM unwinds like Ctrl-C, so pools close and the embedded Postgres is left cleanly.
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        anyio.run(serve)
-    except _StopRequested:
-        log.info("stopped by signal")
-        logging.shutdown()
-        os._exit(0)
-    except RagError as exc:  # the runtime could not open: the client's initialize gets the reason
-        from ..transports import refuse_initialize
-
-        refuse_initialize(describe(exc).message)
-        raise
+    serve_stdio(serve)
 
 
 def hold_for_http(settings: Settings) -> HoldLock:
@@ -82,7 +59,7 @@ def hold_for_http(settings: Settings) -> HoldLock:
     return lock
 
 
-def held_runtime_factory(lock: HoldLock) -> object:
+def held_runtime_factory(lock: HoldLock) -> Callable[[Settings], AbstractAsyncContextManager[Runtime]]:
     """An ``open_runtime``-like factory for the HTTP app that also serves the other local processes."""
     from .holder import hold
 
