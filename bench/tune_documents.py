@@ -17,20 +17,18 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 
+from bench.tune_fusion import COLLECTION, ingest_corpus
 from mcp_rag.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
-from mcp_rag.extract import iter_corpus
 from mcp_rag.index.base import FusionParams, Hit, IndexQuery, SearchFilter
 from mcp_rag.logging import configure_logging
 from mcp_rag.runtime import open_runtime
 from mcp_rag.settings import Settings
 
-COLLECTION = "tune"
 CANDIDATES = 400
 
 
@@ -61,28 +59,7 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
     judged = [q for q in queries if q in qrels][:max_queries]
     async with open_runtime(settings) as rt:
         tenant = settings.default_tenant
-        started = time.perf_counter()
-        docs = [d for d in iter_corpus(dataset / "corpus.jsonl", settings.max_document_bytes) if d.text.strip()]
-        report = await rt.service.ingest(tenant, COLLECTION, docs)
-        print(
-            json.dumps(
-                {
-                    "ingest": {
-                        "added": report.added,
-                        "unchanged": report.unchanged,
-                        "seconds": round(time.perf_counter() - started, 1),
-                    }
-                }
-            ),
-            flush=True,
-        )
-        async with rt.store._reading() as conn:  # a benchmark may peek: map chunk ids to corpus ids
-            cur = await conn.execute(
-                "SELECT c.id, d.metadata->>'corpus_id' FROM chunks c JOIN documents d ON d.id = c.document_id"
-                " WHERE d.tenant = %s AND d.collection = %s",
-                (tenant, COLLECTION),
-            )
-            corpus_of = {row[0]: row[1] for row in await cur.fetchall()}
+        corpus_of = await ingest_corpus(rt, dataset)
         flt = SearchFilter(tenant=tenant, collections=[COLLECTION])
         lists: dict[str, tuple[list[Hit], list[Hit], list[Hit]]] = {}
         for q in judged:

@@ -20,10 +20,30 @@ from mcp_rag.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
 from mcp_rag.extract import iter_corpus
 from mcp_rag.index.base import FusionParams, IndexQuery, SearchFilter
 from mcp_rag.logging import configure_logging
-from mcp_rag.runtime import open_runtime
+from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.settings import Settings
 
 COLLECTION = "tune"
+
+
+async def ingest_corpus(rt: Runtime, dataset: Path) -> dict[int, str]:
+    """Ingest the dataset's corpus into the scratch collection once (printing how long it took); returns
+    each chunk id's corpus id."""
+    tenant = rt.settings.default_tenant
+    started = time.perf_counter()
+    docs = [d for d in iter_corpus(dataset / "corpus.jsonl", rt.settings.max_document_bytes) if d.text.strip()]
+    report = await rt.service.ingest(tenant, COLLECTION, docs)
+    seconds = round(time.perf_counter() - started, 1)
+    print(
+        json.dumps({"ingest": {"added": report.added, "unchanged": report.unchanged, "seconds": seconds}}), flush=True
+    )
+    async with rt.store._reading() as conn:  # a benchmark may peek: map chunk ids to corpus ids
+        cur = await conn.execute(
+            "SELECT c.id, d.metadata->>'corpus_id' FROM chunks c JOIN documents d ON d.id = c.document_id"
+            " WHERE d.tenant = %s AND d.collection = %s",
+            (tenant, COLLECTION),
+        )
+        return {row[0]: row[1] for row in await cur.fetchall()}
 
 
 async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
@@ -33,28 +53,7 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None) -> None:
     judged = [q for q in queries if q in qrels][:max_queries]
     async with open_runtime(settings) as rt:
         tenant = settings.default_tenant
-        started = time.perf_counter()
-        docs = [d for d in iter_corpus(dataset / "corpus.jsonl", settings.max_document_bytes) if d.text.strip()]
-        report = await rt.service.ingest(tenant, COLLECTION, docs)
-        print(
-            json.dumps(
-                {
-                    "ingest": {
-                        "added": report.added,
-                        "unchanged": report.unchanged,
-                        "seconds": round(time.perf_counter() - started, 1),
-                    }
-                }
-            ),
-            flush=True,
-        )
-        async with rt.store._reading() as conn:  # a benchmark may peek: map chunk ids to corpus ids
-            cur = await conn.execute(
-                "SELECT c.id, d.metadata->>'corpus_id' FROM chunks c JOIN documents d ON d.id = c.document_id"
-                " WHERE d.tenant = %s AND d.collection = %s",
-                (tenant, COLLECTION),
-            )
-            corpus_of = {row[0]: row[1] for row in await cur.fetchall()}
+        corpus_of = await ingest_corpus(rt, dataset)
         embedded = {q: rt.embedder.embed_query_sync(queries[q]) for q in judged}
         flt = SearchFilter(tenant=tenant, collections=[COLLECTION])
 
