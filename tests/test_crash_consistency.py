@@ -238,7 +238,7 @@ def assert_fully_consistent(dsn: str, index_dir: Path, files: int = FILES) -> No
     assert index.cursor == state.last_seq
 
 
-INGEST_LINE = re.compile(r"added (\d+), updated (\d+), unchanged (\d+), failed (\d+)")
+INGEST_LINE = re.compile(r"added (\d+), updated (\d+), unchanged (\d+), removed \d+, failed (\d+)")
 
 
 def ingest_counts(stdout: str) -> dict[str, int]:
