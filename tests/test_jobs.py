@@ -21,10 +21,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FILES = 40
 
 
-def make_corpus(folder: Path, files: int = FILES) -> Path:
+def make_corpus(folder: Path, files: int = FILES, sentences_per_file: int = 8) -> Path:
     folder.mkdir(parents=True)
     for i in range(files):
-        sentences = " ".join(f"Sentence {j} of note {i} is about topic {i % 11} and item {j * i}." for j in range(8))
+        sentences = " ".join(
+            f"Sentence {j} of note {i} is about topic {i % 11} and item {j * i}." for j in range(sentences_per_file)
+        )
         (folder / f"note-{i:03d}.txt").write_text(sentences)
     return folder
 
@@ -50,7 +52,8 @@ async def wait_for(client: Client, job_id: str, status: str, timeout: float = 24
 async def test_long_ingest_returns_a_job_that_completes(
     pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    corpus = make_corpus(tmp_path / "corpus")
+    # Several chunks a file, four chunks a batch: far more than 3 s of embedding, even on an idle machine.
+    corpus = make_corpus(tmp_path / "corpus", sentences_per_file=80)
     env = server_env(
         pg_server,
         template_db,
