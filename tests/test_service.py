@@ -639,16 +639,18 @@ async def test_bad_ingest_inputs_write_nothing(runtime: Runtime, tmp_path: Path)
 
 
 async def test_unreadable_files_are_reported_and_write_nothing(runtime: Runtime, tmp_path: Path) -> None:
-    (tmp_path / "slides.pptx").write_bytes(b"PK\x03\x04")
+    (tmp_path / "slides.ppt").write_bytes(b"\xd0\xcf\x11\xe0")
+    (tmp_path / "broken.pptx").write_bytes(b"PK\x03\x04")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "big.md").write_text("# Big\n\n" + "word " * 100)
     (tmp_path / "fake.pdf").write_text("not a pdf")
     before = await snapshot(runtime)
-    named = [tmp_path / "slides.pptx", tmp_path / "latin1.txt", tmp_path / "big.md", tmp_path / "fake.pdf"]
+    named = [tmp_path / n for n in ("slides.ppt", "broken.pptx", "latin1.txt", "big.md", "fake.pdf")]
     report = await runtime.service.ingest(T, None, file_sources(named, max_bytes=200))
     assert (report.added, report.updated, report.unchanged) == (0, 0, 0)
     reasons = {Path(f.source).name: f.reason for f in report.failed}
-    assert "unsupported file type '.pptx'" in reasons["slides.pptx"]
+    assert "unsupported file type '.ppt'" in reasons["slides.ppt"]
+    assert "not a PPTX file" in reasons["broken.pptx"]
     assert "not valid UTF-8" in reasons["latin1.txt"]
     assert "exceeds the limit of 200 bytes" in reasons["big.md"]
     assert "not a PDF file" in reasons["fake.pdf"]
