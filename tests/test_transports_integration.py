@@ -92,7 +92,9 @@ async def end_to_end(client: Client, label: str) -> str:
     assert [h["document_id"] for h in found["results"]] == [doc_id]
     assert found["results"][0]["metadata"] == {"transport": label}
     # What the agent's model reads: compact, citable text, and a link to the document that resolves.
-    assert text_of(result).startswith(f"[1] Basalt via {label}\nnotes://{collection} · document {doc_id} · chunk 0\n")
+    assert text_of(result).startswith(
+        f"[1] Basalt via {label} > Transport {label}\nnotes://{collection} · document {doc_id} · chunk 0\n"
+    )
     [link] = [c for c in result.content if isinstance(c, ResourceLink)]
     assert str(link.uri) == f"rag://documents/{doc_id}"
     [resource] = (await client.read_resource(str(link.uri))).contents
