@@ -131,14 +131,7 @@ async def rerank_results(
 def create_reranker(settings: Settings) -> Reranker | None:
     if settings.reranker_url is None:
         return None
-    from .errors import ConfigurationError
-
-    try:
-        key = settings.secret(
-            settings.reranker_api_key, settings.reranker_api_key_file, "MCP_RAG_RERANKER_API_KEY_FILE"
-        )
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
+    key = settings.secret(settings.reranker_api_key, settings.reranker_api_key_file, "MCP_RAG_RERANKER_API_KEY_FILE")
     return Reranker(
         url=settings.reranker_url,
         model=settings.reranker_model,

@@ -474,13 +474,16 @@ class Settings(BaseSettings):
         return "qdrant" if self.qdrant_url else "embedded"
 
     def secret(self, value: str | None, file: Path | None, name: str) -> str | None:
-        """A secret given inline or as a file (a mounted secret), stripped of surrounding whitespace."""
+        """A secret given inline or as a file (a mounted secret), stripped of surrounding whitespace;
+        an unreadable file is a ConfigurationError naming the setting."""
         if file is None:
             return value
         try:
             return file.read_text(encoding="utf-8").strip() or None
         except OSError as exc:
-            raise ValueError(f"cannot read {name} {str(file)!r}: {exc.strerror or exc}") from None
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"cannot read {name} {str(file)!r}: {exc.strerror or exc}") from None
 
     @property
     def oauth_enabled(self) -> bool:

@@ -33,12 +33,9 @@ def _openai(settings: Settings) -> DenseProvider:
         budget = tokenizer_budget_from_file(settings.embedding_tokenizer, window)
     else:
         budget = CharacterBudget(window, settings.embedding_chars_per_token)
-    try:
-        api_key = settings.secret(
-            settings.embedding_api_key, settings.embedding_api_key_file, "MCP_RAG_EMBEDDING_API_KEY_FILE"
-        )
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
+    api_key = settings.secret(
+        settings.embedding_api_key, settings.embedding_api_key_file, "MCP_RAG_EMBEDDING_API_KEY_FILE"
+    )
     return OpenAIProvider(
         base_url=settings.embedding_base_url,
         model=settings.embedding_model,
