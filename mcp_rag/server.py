@@ -17,6 +17,7 @@ from . import __version__, tools
 from .runtime import Runtime
 from .tools import prompts, resources
 from .tools.base import CallerMiddleware, InFlight
+from .tools.schema import compact_schema
 
 INSTRUCTIONS = """\
 This server holds a searchable library of documents (retrieval-augmented generation).
@@ -28,38 +29,18 @@ and the ingest_* tools to add documents
 
 
 class RagServer(MCPServer[Any]):
-    """``MCPServer`` whose ``tools/list`` leaves out what every schema repeats: pydantic's generated
-    titles ("Document Id" beside ``document_id``), a third of the listing's size."""
+    """``MCPServer`` whose ``tools/list`` leaves out what every schema repeats (``compact_schema``)."""
 
     async def list_tools(self) -> list[MCPTool]:
         return [
             tool.model_copy(
                 update={
-                    "input_schema": without_titles(tool.input_schema),
-                    "output_schema": without_titles(tool.output_schema) if tool.output_schema else None,
+                    "input_schema": compact_schema(tool.input_schema),
+                    "output_schema": compact_schema(tool.output_schema) if tool.output_schema else None,
                 }
             )
             for tool in await super().list_tools()
         ]
-
-
-def without_titles(schema: Any) -> Any:
-    """A JSON schema without its ``title`` annotations (property names stay, even one called "title")."""
-    if isinstance(schema, list):
-        return [without_titles(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key == "title" and isinstance(value, str):
-            continue
-        if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
-            out[key] = {name: without_titles(sub) for name, sub in value.items()}
-        elif key in ("default", "const", "enum", "examples"):
-            out[key] = value  # values, not schemas
-        else:
-            out[key] = without_titles(value)
-    return out
 
 
 def build_server(
