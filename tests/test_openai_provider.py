@@ -351,6 +351,7 @@ async def test_an_index_refuses_a_model_whose_fingerprint_differs(
 # --- a provider that does not answer at start -------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_an_unreachable_provider_at_start_is_not_ready_with_the_reason_then_recovers(
     pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
 ) -> None:

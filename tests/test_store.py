@@ -498,6 +498,7 @@ def spawn(pgdata: Path) -> tuple[subprocess.Popen[str], str]:
     return child, dsn
 
 
+@pytest.mark.slow  # starts an embedded PostgreSQL
 def test_embedded_postgres_is_shared_in_a_process_and_stopped_by_the_last_user(pgdata: Path) -> None:
     first = EmbeddedPostgres(pgdata)
     dsn = first.start()
@@ -528,6 +529,7 @@ def test_embedded_postgres_is_shared_in_a_process_and_stopped_by_the_last_user(p
     assert server_pid(pgdata) is None
 
 
+@pytest.mark.slow  # starts an embedded PostgreSQL
 def test_embedded_postgres_is_shared_between_processes(pgdata: Path) -> None:
     child, dsn = spawn(pgdata)
     try:
@@ -546,6 +548,7 @@ def test_embedded_postgres_is_shared_between_processes(pgdata: Path) -> None:
             child.wait()
 
 
+@pytest.mark.slow  # starts an embedded PostgreSQL
 def test_server_left_by_a_killed_process_is_reused_then_stopped(pgdata: Path) -> None:
     child, dsn = spawn(pgdata)
     try:

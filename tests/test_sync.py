@@ -104,6 +104,7 @@ def overlaps_counted() -> float:
 # --- 8: passes the sync lock does not exclude ---------------------------------------------------
 
 
+@pytest.mark.slow  # makes two streaming replicas
 async def test_overlapping_passes_from_different_read_databases_keep_the_current_points(
     runtime: Runtime, embedder: Embedder, pg_server: PgServer, database_url: str
 ) -> None:
