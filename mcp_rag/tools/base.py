@@ -140,12 +140,13 @@ class CallerMiddleware:
     """Resolves who sent each MCP message, once, for every tool, resource and prompt it reaches.
 
     HTTP messages carry the principal the bearer-auth middleware left in the ASGI scope;
-    messages without an HTTP request (stdio, in-memory) come from the trusted local user.
+    messages without an HTTP request (stdio, in-memory) come from the trusted local user, or from
+    ``principal`` (a session an HTTP server relays to the holder, with the principal it authenticated).
     A tool call rejected before it ran (invalid arguments) still gets its log line and metric.
     """
 
-    def __init__(self, default_tenant: str, tools: set[str]) -> None:
-        self._local = local_principal(default_tenant)
+    def __init__(self, default_tenant: str, tools: set[str], *, principal: Principal | None = None) -> None:
+        self._local = principal or local_principal(default_tenant)
         self._tools = tools
 
     async def __call__(self, ctx: Any, call_next: Any) -> Any:
