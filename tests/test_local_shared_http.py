@@ -8,11 +8,14 @@ tenants and scopes applied in the holder; killing the holder makes the HTTP serv
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 import pytest
 from mcp import Client
@@ -20,7 +23,7 @@ from mcp.client.sse import sse_client
 
 from tests.mcp_calls import call, call_error
 from tests.reliability_support import base_env, http_client, server_process, wait_until
-from tests.test_local_shared import holder_pid, search_sources, stdio_server
+from tests.test_local_shared import holder_pid, long_text, search_sources, stdio_server
 
 pytestmark = pytest.mark.integration
 
@@ -85,8 +88,17 @@ async def test_an_http_server_relays_to_the_stdio_holder_with_its_keys_tenants_a
             async with sse_session(http.base, GLOBEX) as over_sse:
                 sse_found = await call(over_sse, "search", query="pangolin", mode="lexical", top_k=10)
                 assert search_sources(sse_found) == {"note://globex"}
-            # The probes and routes of a relaying server.
+            # The probes and routes of a relaying server: /ready asks the holder.
             assert httpx.get(http.base + "/health", timeout=10).status_code == 200
+            os.kill(holder, signal.SIGSTOP)
+            try:
+                stalled = http.ready()
+                assert httpx.get(http.base + "/health", timeout=10).status_code == 200
+            finally:
+                os.kill(holder, signal.SIGCONT)
+            assert stalled.status_code == 503
+            assert stalled.json()["reasons"] == [f"the process holding {data} does not answer"]
+            assert http.ready().status_code == 200
             metrics = httpx.get(http.base + "/metrics", headers={"Authorization": f"Bearer {SCRAPER}"}, timeout=30)
             assert metrics.status_code == 200, metrics.text
             assert 'mcp_rag_tool_calls_total{outcome="ok",tool="ingest_text"}' in metrics.text  # the holder's
@@ -118,16 +130,30 @@ async def test_kill_9_of_the_holder_makes_the_http_server_take_over(
             await call(acme, "ingest_text", text="Before the kill: the quokka.", source_uri="note://before")
             await call(local, "ingest_text", text="Stdio before the kill: the quokka.", source_uri="note://stdio")
             assert not model_loaded(http.stderr_text())
-            os.kill(holder, 9)
-            killed = time.monotonic()
-            # The same HTTP session keeps answering: the request is carried to the new holder, this process.
-            found = await call(acme, "search", query="quokka", mode="lexical", top_k=10)
-            assert search_sources(found) == {"note://before"}
+            # A long ingest through the HTTP server is running in the holder when the holder is killed.
+            outcome: dict[str, Any] = {}
+
+            async def long_ingest() -> None:
+                outcome["result"] = await call(
+                    acme, "ingest_text", text=long_text(6000, "the quokka"), source_uri="note://interrupted"
+                )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(long_ingest)
+                await anyio.sleep(1.0)
+                assert "result" not in outcome, "the ingest ended before the holder was killed: make it longer"
+                os.kill(holder, 9)
+                killed = time.monotonic()
+            # The interrupted call was sent again to the new holder, this HTTP server, and answered.
             took = time.monotonic() - killed
+            assert [d["status"] for d in outcome["result"]["documents"]] in (["added"], ["unchanged"])
             assert holder_pid(data) == http.pid
+            # The same HTTP session keeps answering.
+            found = await call(acme, "search", query="quokka", mode="lexical", top_k=10)
+            assert search_sources(found) == {"note://before", "note://interrupted"}
             await call(acme, "ingest_text", text="After the kill: the quokka again.", source_uri="note://after")
             found = await call(acme, "search", query="quokka", top_k=10)
-            assert search_sources(found) == {"note://before", "note://after"}
+            assert search_sources(found) == {"note://before", "note://interrupted", "note://after"}
             wait_until(lambda: http.ready().status_code == 200, "the HTTP server is ready as the holder")
             # A new client of a new tenant key works against the new holder too.
             async with http_client(http.url, GLOBEX) as globex:
@@ -139,3 +165,21 @@ async def test_kill_9_of_the_holder_makes_the_http_server_take_over(
             print(f"hand-over to the HTTP server: {took:.2f}s")
         # The stdio client's server is gone with the killed holder; closing it must not hang.
         await stack.aclose()
+
+
+async def test_a_stateless_http_server_relays_each_request(database_url: str, model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = base_env(model_dir, data, database_url, api_keys=KEYS, stateless_http="true")
+    async with AsyncExitStack() as stack:
+        local = await stack.enter_async_context(stdio_server(env, tmp_path, "stdio"))
+        await call(local, "ingest_text", text="The ibis wades in the river.", source_uri="note://local")
+        with server_process(env, tmp_path / "http.stderr") as http:
+            acme = await stack.enter_async_context(http_client(http.url, ACME))
+            await call(acme, "ingest_text", text="Acme's ibis, stateless.", source_uri="note://acme")
+            found = await call(acme, "search", query="ibis", mode="lexical", top_k=10)
+            assert search_sources(found) == {"note://acme"}
+            reader = await stack.enter_async_context(http_client(http.url, READER))
+            refused = await call_error(reader, "ingest_text", text="Not allowed.", source_uri="note://nope")
+            assert "lacks the 'write' scope" in refused
+            assert holder_pid(data) != http.pid
+        assert "Traceback" not in http.stderr_text()
