@@ -14,7 +14,6 @@ from mcp.server import MCPServer
 from mcp_types import Tool as MCPTool
 
 from . import __version__, tools
-from .auth import Principal
 from .runtime import Runtime
 from .tools import prompts, resources
 from .tools.base import CallerMiddleware, InFlight
@@ -70,18 +69,16 @@ def build_server(
     default_tenant: str = "default",
     lifespan: Any = None,
     in_flight: InFlight | None = None,
-    principal: Principal | None = None,
 ) -> MCPServer[Any]:
     """The MCP server. ``get_runtime`` returns the process-wide runtime (started elsewhere);
-    ``in_flight`` counts the tool calls running; ``principal`` is who calls in a session without an
-    HTTP request of its own (the local user of ``default_tenant`` unless given)."""
+    ``in_flight`` counts the tool calls running."""
     registered: set[str] = set()
     mcp: MCPServer[Any] = RagServer(
         name="mcp-rag",
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
-        middleware=[CallerMiddleware(default_tenant, registered, principal=principal)],
+        middleware=[CallerMiddleware(default_tenant, registered)],
     )
     registered |= tools.register(mcp, get_runtime, in_flight or InFlight(), read_only=read_only)
     resources.register(mcp, get_runtime)

@@ -25,12 +25,13 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .. import __version__
-from ..auth import Principal, local_principal
+from ..auth import local_principal
 from ..errors import ConfigurationError
 from ..logging import get_logger
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
 from ..tools import InFlight
+from ..tools.base import session_principal
 from .election import HoldLock
 from .protocol import HELLO, MAX_LINE, encode, principal_from_hello, store_fingerprint, version_refusal
 from .questions import QUESTIONS, answer
@@ -57,7 +58,7 @@ class Holder:
         self.runtime = runtime
         self.address = lock.address
         self.calls = InFlight()
-        self._servers: dict[tuple[bool, Principal], Any] = {}
+        self._servers: dict[bool, Any] = {}
         self.connections = 0
 
     def get_runtime(self) -> Runtime:
@@ -111,20 +112,15 @@ class Holder:
             )
         return None
 
-    def server(self, read_only: bool, principal: Principal) -> Any:
-        """The MCP server of the sessions of ``principal`` (one per read-only setting and principal)."""
-        key = (read_only, principal)
-        if key not in self._servers:
+    def server(self, read_only: bool) -> Any:
+        """The MCP server of the sessions served here (one per read-only setting); who calls is per session."""
+        if read_only not in self._servers:
             from ..server import build_server
 
-            self._servers[key] = build_server(
-                self.get_runtime,
-                read_only=read_only,
-                default_tenant=principal.tenant,
-                in_flight=self.calls,
-                principal=principal,
+            self._servers[read_only] = build_server(
+                self.get_runtime, read_only=read_only, default_tenant=self.settings.default_tenant, in_flight=self.calls
             )
-        return self._servers[key]
+        return self._servers[read_only]
 
     async def _serve_mcp(
         self, hello: dict[str, Any], receive: BufferedByteReceiveStream, stream: anyio.abc.SocketStream
@@ -136,12 +132,15 @@ class Holder:
         # A session an HTTP server relays carries the principal its authentication established; a stdio
         # session is the local user. Only processes of this user get here (``_peer_uid``).
         principal = principal_from_hello(hello.get("principal")) or local_principal(tenant)
-        server = self.server(read_only, principal)
-        lowlevel = server._lowlevel_server
+        lowlevel = self.server(read_only)._lowlevel_server
         lines_in = cast(Any, _LinesIn(receive))
         lines_out = cast(Any, _LinesOut(stream))
-        async with stdio_server(stdin=lines_in, stdout=lines_out) as (read, write):
-            await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        token = session_principal.set(principal)
+        try:
+            async with stdio_server(stdin=lines_in, stdout=lines_out) as (read, write):
+                await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        finally:
+            session_principal.reset(token)
 
 
 class _LinesIn:
