@@ -155,6 +155,15 @@ async def test_kill_9_of_the_holder_makes_the_http_server_take_over(
             found = await call(acme, "search", query="quokka", top_k=10)
             assert search_sources(found) == {"note://before", "note://interrupted", "note://after"}
             wait_until(lambda: http.ready().status_code == 200, "the HTTP server is ready as the holder")
+            # Holding now, the HTTP server serves the mobile API too.
+            mobile = httpx.get(
+                http.base + "/api/mobile/search",
+                params={"q": "quokka"},
+                headers={"Authorization": f"Bearer {ACME}"},
+                timeout=30,
+            )
+            assert mobile.status_code == 200, mobile.text
+            assert "note://before" in {r["source"] for r in mobile.json()["results"]}
             # A new client of a new tenant key works against the new holder too.
             async with http_client(http.url, GLOBEX) as globex:
                 assert search_sources(await call(globex, "search", query="quokka", mode="lexical")) == set()

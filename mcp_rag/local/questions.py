@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ..errors import RagError, describe
 from ..logging import get_logger
 from ..settings import Settings
-from .connect import connect
+from .connect import NoHolder, connect
 from .protocol import MAX_LINE
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 QUESTIONS = frozenset({"ready", "metrics", "tool_scopes"})
+QUESTION_TIMEOUT = 5.0
+"""Seconds a probe or a scrape waits for the holder's answer."""
 
 
 async def ask(settings: Settings, kind: str) -> dict[str, Any]:
@@ -60,3 +63,38 @@ async def answer(holder: Holder, kind: str) -> dict[str, Any]:
 
         return {"tools": {spec.name: spec.scope for spec in TOOLS}}
     raise ValueError(f"unknown question {kind!r}")
+
+
+class HolderQuestions:
+    """The questions an HTTP server relaying to the holder asks for its probes and its OAuth gate."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._scopes: dict[str, str] = {}
+
+    async def readiness(self) -> list[str]:
+        where = self.settings.data_dir
+        try:
+            with anyio.fail_after(QUESTION_TIMEOUT):
+                answer = await ask(self.settings, "ready")
+        except NoHolder:
+            return [f"no process holds {where} at the moment (a hand-over is under way)"]
+        except TimeoutError:
+            return [f"the process holding {where} does not answer"]
+        except RagError as exc:
+            return [describe(exc).message]
+        except (OSError, ValueError) as exc:
+            return [f"the process holding {where} answered badly: {exc}"]
+        return [str(r) for r in answer.get("reasons") or ()]
+
+    async def tool_scopes(self) -> dict[str, str]:
+        if not self._scopes:
+            try:
+                with anyio.fail_after(QUESTION_TIMEOUT):
+                    answer = await ask(self.settings, "tool_scopes")
+            except (NoHolder, TimeoutError, RagError, OSError, ValueError):
+                return {}  # the holder checks every call's scope itself
+            tools = answer.get("tools")
+            if isinstance(tools, dict):
+                self._scopes = {str(k): str(v) for k, v in tools.items()}
+        return self._scopes

@@ -19,7 +19,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -31,6 +31,9 @@ from .address import address
 from .connect import NoHolder, connect
 from .election import HoldLock, try_hold
 from .protocol import MAX_LINE
+
+if TYPE_CHECKING:
+    from .holder import Holder
 
 log = get_logger(__name__)
 
@@ -88,6 +91,8 @@ class Successor:
         """Where this process holds the data directory once it took it (set before the sessions run)."""
         self._lock = anyio.Lock()
         self.holding = False
+        self.holder: Holder | None = None
+        """This process's holder, once it took the data directory and its runtime is open."""
 
     async def try_take(self) -> bool:
         """Take the data directory if nobody holds it; ``True`` once this process holds it."""
@@ -107,9 +112,13 @@ class Successor:
     async def _hold(self, lock: HoldLock, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         from .holder import hold
 
-        async with hold(self.settings, lock):
-            task_status.started()
-            await anyio.sleep_forever()
+        async with hold(self.settings, lock) as holder:
+            self.holder = holder
+            try:
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                self.holder = None
 
 
 class SessionRelay:

@@ -15,6 +15,7 @@ API answering 503 with a reason (it is served by a server that holds its data di
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import FrameType
@@ -27,10 +28,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, Router
+from starlette.types import Receive, Scope, Send
 
 from ..auth import ApiKeys, principal_from_scope
-from ..errors import RagError, UnavailableError, describe
+from ..errors import RagError, UnavailableError
 from ..guards import MetricsToken, SessionLimits, SingleSecurityHeaders, metrics_refusal, session_owners
 from ..http_front import BearerAuth, require_authentication, transport_security
 from ..logging import get_logger
@@ -39,14 +41,11 @@ from ..settings import Settings
 from .address import address
 from .connect import HELLO_TIMEOUT, NoHolder
 from .election import try_hold
-from .questions import ask
+from .questions import QUESTION_TIMEOUT, HolderQuestions, ask
 from .relayed_sessions import RelayedSessions, RelayedSSE, RelayedStreamableHTTP
 from .session import Successor
 
 log = get_logger(__name__)
-
-QUESTION_TIMEOUT = 5.0
-"""Seconds a probe or a scrape waits for the holder's answer."""
 
 
 def run_http_shared(settings: Settings, *, sse_only: bool) -> None:
@@ -61,6 +60,7 @@ def run_http_shared(settings: Settings, *, sse_only: bool) -> None:
             return
         if anyio.run(_holder_answers, settings):
             break
+        time.sleep(0.05)  # the holder went away meanwhile: try to take the data directory again
     run_relaying(settings, sse_only=sse_only)
 
 
@@ -108,7 +108,7 @@ def create_relaying_app(settings: Settings, state: _Relaying | None = None, *, s
         from ..resource_server import ResourceServer
 
         resource_server = ResourceServer(settings)
-    holder = _HolderProxy(settings)
+    holder = HolderQuestions(settings)
     sessions = state.sessions = RelayedSessions(Successor(settings))
     streamable: RelayedStreamableHTTP | None = None
     mcp_routes: list[BaseRoute] = []
@@ -163,23 +163,11 @@ def create_relaying_app(settings: Settings, state: _Relaying | None = None, *, s
             )
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    async def mobile_unavailable(request: Request) -> Response:
-        return JSONResponse(
-            {
-                "error": "unavailable",
-                "message": f"this server relays to the process holding {settings.data_dir}; the mobile API is "
-                "served by an HTTP server that holds its data directory (start it first, or give it its own "
-                "MCP_RAG_DATA_DIR)",
-            },
-            status_code=503,
-            headers={"Retry-After": "30"},
-        )
-
     routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET", "HEAD"]),
         Route("/ready", ready, methods=["GET", "HEAD"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/api/mobile/{rest:path}", mobile_unavailable, methods=["GET"]),
+        Route("/api/mobile/{rest:path}", endpoint=_MobileAPI(settings, sessions.successor)),
         *mcp_routes,
     ]
 
@@ -215,39 +203,35 @@ def create_relaying_app(settings: Settings, state: _Relaying | None = None, *, s
     return app
 
 
-class _HolderProxy:
-    """The holder's answers to this server's probes, and the tools' scopes (asked once)."""
+class _MobileAPI:
+    """The mobile API: it needs the runtime of this process, so it answers 503 while the server relays,
+    and is served once this server took the data directory over."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, successor: Successor) -> None:
         self.settings = settings
-        self._scopes: dict[str, str] = {}
+        self.successor = successor
+        self._router: Router | None = None
 
-    async def readiness(self) -> list[str]:
-        where = self.settings.data_dir
-        try:
-            with anyio.fail_after(QUESTION_TIMEOUT):
-                answer = await ask(self.settings, "ready")
-        except NoHolder:
-            return [f"no process holds {where} at the moment (a hand-over is under way)"]
-        except TimeoutError:
-            return [f"the process holding {where} does not answer"]
-        except RagError as exc:
-            return [describe(exc).message]
-        except (OSError, ValueError) as exc:
-            return [f"the process holding {where} answered badly: {exc}"]
-        return [str(r) for r in answer.get("reasons") or ()]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        holder = self.successor.holder
+        if holder is None:
+            response = JSONResponse(
+                {
+                    "error": "unavailable",
+                    "message": f"this server relays to the process holding {self.settings.data_dir}; the mobile "
+                    "API is served by an HTTP server that holds its data directory (start it first, or give it "
+                    "its own MCP_RAG_DATA_DIR)",
+                },
+                status_code=503,
+                headers={"Retry-After": "30"},
+            )
+            await response(scope, receive, send)
+            return
+        if self._router is None:
+            from ..mobile import mobile_routes
 
-    async def tool_scopes(self) -> dict[str, str]:
-        if not self._scopes:
-            try:
-                with anyio.fail_after(QUESTION_TIMEOUT):
-                    answer = await ask(self.settings, "tool_scopes")
-            except (NoHolder, TimeoutError, RagError, OSError, ValueError):
-                return {}  # the holder checks every call's scope itself
-            tools = answer.get("tools")
-            if isinstance(tools, dict):
-                self._scopes = {str(k): str(v) for k, v in tools.items()}
-        return self._scopes
+            self._router = Router(routes=mobile_routes(holder.get_runtime))
+        await self._router(scope, receive, send)
 
 
 def run_relaying(settings: Settings, *, sse_only: bool = False) -> None:
