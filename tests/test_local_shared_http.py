@@ -114,6 +114,13 @@ async def test_an_http_server_relays_to_the_stdio_holder_with_its_keys_tenants_a
                 assert engine not in maps, f"the relaying HTTP server loaded {engine}"
             assert "relaying to the process holding the data directory" in log
         assert "Traceback" not in http.stderr_text()
+        # An SSE-only server (``--transport sse``) relays the same way.
+        with server_process(env, tmp_path / "sse.stderr", transport="sse") as sse_only:
+            async with sse_session(sse_only.base, ACME) as over_sse:
+                found = await call(over_sse, "search", query="pangolin", mode="lexical", top_k=10)
+                assert search_sources(found) == {"note://acme/http"}
+            assert holder_pid(data) == holder
+        assert "Traceback" not in sse_only.stderr_text()
 
 
 @pytest.mark.slow
