@@ -199,3 +199,32 @@ async def test_a_stateless_http_server_relays_each_request(database_url: str, mo
             assert "lacks the 'write' scope" in refused
             assert holder_pid(data) != http.pid
         assert "Traceback" not in http.stderr_text()
+
+
+@pytest.mark.slow
+async def test_sigterm_of_a_relaying_http_server_lets_its_running_call_finish(
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    env = base_env(model_dir, data, database_url, api_keys=KEYS)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(stdio_server(env, tmp_path, "stdio"))
+        with server_process(env, tmp_path / "http.stderr") as http:
+            acme = await stack.enter_async_context(http_client(http.url, ACME))
+            outcome: dict[str, Any] = {}
+
+            async def long_ingest() -> None:
+                outcome["result"] = await call(
+                    acme, "ingest_text", text=long_text(6000, "the heron"), source_uri="note://drained"
+                )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(long_ingest)
+                await anyio.sleep(1.0)
+                assert "result" not in outcome, "the ingest ended before the signal: make it longer"
+                http.popen.send_signal(signal.SIGTERM)
+                await anyio.sleep(0.3)
+                assert http.ready().status_code == 503  # draining: not ready, still listening
+            assert [d["status"] for d in outcome["result"]["documents"]] == ["added"]
+            assert await anyio.to_thread.run_sync(http.wait) == 0
+        assert "Traceback" not in http.stderr_text()

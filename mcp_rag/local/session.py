@@ -210,11 +210,11 @@ class SessionRelay:
             except GONE:
                 return
             answered = answered_id(line)
-            if answered is not None:
-                if answered == _REPLAY_KEY:
-                    continue  # the answer to our replayed initialize: the client has its own already
-                self.pending.pop(answered, None)
+            if answered == _REPLAY_KEY:
+                continue  # the answer to our replayed initialize: the client has its own already
             await self._deliver(line + b"\n")
+            if answered is not None:  # (only now: a server draining waits until every answer is handed on)
+                self.pending.pop(answered, None)
 
     async def fail_pending(self, message: str) -> None:
         """Answer every request still waiting with a retryable JSON-RPC error."""
