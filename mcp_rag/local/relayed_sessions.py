@@ -34,11 +34,9 @@ from ..auth import Principal, principal_from_scope
 from ..errors import RagError, describe
 from ..logging import get_logger
 from .protocol import principal_to_hello
-from .session import GONE, SessionRelay, Successor
+from .session import GONE, REPLAY_ID, SessionRelay, Successor
 
 log = get_logger(__name__)
-
-_STATELESS_INIT = "mcp-rag-stateless-initialize"
 
 
 class RelayedSessions:
@@ -75,14 +73,12 @@ class RelayedSessions:
                 await write_stream.send(SessionMessage(message, metadata=metadata))
 
         hello = {"principal": principal_to_hello(principal)} if principal is not None else {}
-        session = SessionRelay(self.successor, deliver, hello)
+        opening = _handshake(initialize_first) if initialize_first is not None else ()
+        session = SessionRelay(self.successor, deliver, hello, opening=opening, lazy=True)
         self._live.add(session)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._run, session)
-                if initialize_first is not None:
-                    await session.send(_initialize_line(initialize_first))
-                    await session.send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
                 with contextlib.suppress(anyio.ClosedResourceError):  # the client ended the session
                     async for item in read_stream:
                         if isinstance(item, Exception):
@@ -90,7 +86,8 @@ class RelayedSessions:
                         _remember_progress(item.message, progress)
                         line = item.message.model_dump_json(by_alias=True, exclude_unset=True)
                         await session.send(line.encode() + b"\n")
-                tg.cancel_scope.cancel()
+                if not await session.close():
+                    tg.cancel_scope.cancel()
         finally:
             self._live.discard(session)
 
@@ -104,10 +101,11 @@ class RelayedSessions:
             await session.fail_pending(message)
 
 
-def _initialize_line(version: str) -> bytes:
+def _handshake(version: str) -> tuple[bytes, bytes]:
+    """The handshake a stateless request's session opens with in the holder (its answer is not delivered)."""
     params = {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "mcp-rag-relay", "version": "1"}}
-    request = {"jsonrpc": "2.0", "id": _STATELESS_INIT, "method": "initialize", "params": params}
-    return json.dumps(request).encode() + b"\n"
+    request = {"jsonrpc": "2.0", "id": REPLAY_ID, "method": "initialize", "params": params}
+    return json.dumps(request).encode() + b"\n", b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n'
 
 
 def _remember_progress(message: Any, progress: dict[str, types.RequestId]) -> None:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -124,15 +124,32 @@ class Successor:
 class SessionRelay:
     """The lines of one MCP session: ``send`` what the client sends, ``run`` delivers the holder's answers."""
 
-    def __init__(self, successor: Successor, deliver: Deliver, hello: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        successor: Successor,
+        deliver: Deliver,
+        hello: dict[str, Any] | None = None,
+        *,
+        opening: Sequence[bytes] = (),
+        lazy: bool = False,
+    ) -> None:
+        """``opening``: lines that open the session on every connection to a holder, in place of the
+        client's own handshake (a stateless HTTP request has none); the answers to them are not delivered.
+        ``lazy``: connect once the client sent its first request (a notification alone needs no holder),
+        not at once (a stdio relay: a holder that refuses this process is reported at start)."""
         self.successor = successor
         self._deliver = deliver
         self._hello = hello or {}
+        self._opening = list(opening)
         self._initialize: dict[str, Any] | None = None
         self._initialized: bytes | None = None
         self.pending: dict[str, bytes] = {}
         self._conn: anyio.abc.SocketStream | None = None
         self._send_lock = anyio.Lock()
+        self._wanted = anyio.Event()
+        if not lazy:
+            self._wanted.set()
+        self._closed = False
 
     # -- client -> holder ------------------------------------------------------------------
 
@@ -161,25 +178,32 @@ class SessionRelay:
             self._initialized = line
         if isinstance(method, str) and "id" in message:
             self.pending[_key(message["id"])] = line
+            self._wanted.set()
+
+    async def close(self) -> bool:
+        """End the session. ``True``: ``run`` returns by itself (its connection is closed now); ``False``:
+        it has no connection (yet), cancel it."""
+        self._closed = True
+        async with self._send_lock:
+            conn = self._conn
+        if conn is None:
+            return False
+        await conn.aclose()  # (closing rather than cancelling a receive: anyio's Unix streams race there)
+        return True
 
     # -- holder -> client ------------------------------------------------------------------
 
     async def run(self) -> None:
         """Deliver the holder's lines until cancelled, handing over whenever the holder goes away.
         Raises the ``RagError`` of a holder that refuses this process (another version or store)."""
+        await self._wanted.wait()
         first = True
         while True:
             stream, receive = await self._reach_holder()
             async with self._send_lock:
                 self._conn = stream
-                try:
-                    if not first:
-                        await self._replay(stream)
-                    else:
-                        for line in self.pending.values():  # arrived before the first connection
-                            await stream.send(line)
-                except GONE:
-                    pass
+                with contextlib.suppress(*GONE):
+                    await self._open(stream, first)
             first = False
             try:
                 await self._pump(receive)
@@ -188,15 +212,21 @@ class SessionRelay:
                     self._conn = None
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
+            if self._closed:
+                return
             log.warning(
                 "the process holding the data directory went away; handing over",
                 data_dir=str(self.successor.address.data_dir),
                 requests_in_flight=len(self.pending),
             )
 
-    async def _replay(self, stream: anyio.abc.SocketStream) -> None:
-        """A new holder knows nothing of this session: initialize it again, then resend what had no answer."""
-        if self._initialize is not None and _key(self._initialize["id"]) not in self.pending:
+    async def _open(self, stream: anyio.abc.SocketStream, first: bool) -> None:
+        """Open the session on a holder's connection: the first time with what the client sent meanwhile;
+        after a hand-over the new holder knows nothing of it, so initialize it again, then resend what
+        had no answer."""
+        for line in self._opening:
+            await stream.send(line)
+        if not first and self._initialize is not None and _key(self._initialize["id"]) not in self.pending:
             await stream.send(json.dumps({**self._initialize, "id": REPLAY_ID}).encode() + b"\n")
             if self._initialized is not None:
                 await stream.send(self._initialized)
@@ -211,7 +241,7 @@ class SessionRelay:
                 return
             answered = answered_id(line)
             if answered == _REPLAY_KEY:
-                continue  # the answer to our replayed initialize: the client has its own already
+                continue  # the answer to our replayed (or opening) initialize: not the client's
             await self._deliver(line + b"\n")
             if answered is not None:  # (only now: a server draining waits until every answer is handed on)
                 self.pending.pop(answered, None)
