@@ -349,7 +349,7 @@ def test_a_holder_of_another_version_is_refused_naming_both(database_url: str, m
             "sys.argv = ['mcp-rag', *sys.argv[1:]]; main()"
         )
         python = str(Path(MCP_RAG).parent / "python")
-        for args in (["stats"], ["serve", "--transport", "stdio"]):
+        for args in (["stats"], ["serve", "--transport", "stdio"], ["serve", "--transport", "http", "--port", "0"]):
             done = subprocess.run(
                 [python, "-c", older, *args],
                 env=env,

@@ -22,7 +22,7 @@ from ..errors import RagError, describe
 from ..logging import get_logger
 from ..settings import Settings
 from .protocol import MAX_LINE
-from .session import SessionRelay, Successor
+from .session import HANDOVER_TIMEOUT, SessionRelay, Successor
 
 log = get_logger(__name__)
 
@@ -66,6 +66,9 @@ class Relay:
     async def _client_to_holder(self, session: SessionRelay, scope: anyio.CancelScope) -> None:
         async for line in self._client_lines():  # until the client closes stdin: the session is over
             await session.send(line)
+        # Not before the holder answered once: a holder that refuses this process is still reported.
+        with anyio.move_on_after(HANDOVER_TIMEOUT):
+            await session.connected.wait()
         scope.cancel()
 
     async def _write(self, data: bytes) -> None:

@@ -150,6 +150,8 @@ class SessionRelay:
         if not lazy:
             self._wanted.set()
         self._closed = False
+        self.connected = anyio.Event()
+        """Set once the session reached a holder that accepted it."""
 
     # -- client -> holder ------------------------------------------------------------------
 
@@ -196,12 +198,14 @@ class SessionRelay:
     async def run(self) -> None:
         """Deliver the holder's lines until cancelled, handing over whenever the holder goes away.
         Raises the ``RagError`` of a holder that refuses this process (another version or store)."""
-        await self._wanted.wait()
+        if not self._wanted.is_set():
+            await self._wanted.wait()
         first = True
         while True:
             stream, receive = await self._reach_holder()
             async with self._send_lock:
                 self._conn = stream
+                self.connected.set()
                 with contextlib.suppress(*GONE):
                     await self._open(stream, first)
             first = False
