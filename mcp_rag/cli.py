@@ -193,6 +193,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
         run_stdio(settings)
     else:
+        from .local import shared
+
+        if shared(settings):  # hold the data directory, or relay to the process that does (stays small)
+            from .local.web import run_http_shared
+
+            run_http_shared(settings, sse_only=args.transport == "sse")
+            return
         from .transports import run_http
 
         run_http(settings, sse_only=args.transport == "sse")

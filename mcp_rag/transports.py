@@ -7,14 +7,11 @@ stops accepting connections, closes the pools and exits 0.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import math
 import os
 import select
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,12 +21,14 @@ from types import FrameType
 import anyio
 import uvicorn
 
-from .errors import ConfigurationError, ConflictError, RagError, describe
+from .errors import RagError, describe
 from .http import RuntimeHolder, create_app
 from .local import shared
+from .local.election import HoldLock
 from .logging import get_logger
 from .runtime import Runtime, open_runtime
 from .server import build_server
+from .serving import DrainingServer, bind
 from .settings import Settings
 
 log = get_logger(__name__)
@@ -112,62 +111,23 @@ class _StopRequested(KeyboardInterrupt):
     """Raised by the SIGTERM handler of the stdio server (and of the HTTP server while it starts)."""
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn with a drain phase: on the first stop signal readiness turns 503 and new tool calls
-    are refused (retryable), while the running tool calls finish with the listener still open; then
-    uvicorn's own graceful shutdown closes the connections. Both phases share the grace period.
-    A second signal stops at once."""
-
-    def __init__(self, config: uvicorn.Config, holder: RuntimeHolder, grace_seconds: float, settings: Settings) -> None:
-        super().__init__(config)
-        self._holder = holder
-        self._grace = grace_seconds
-        self._settings = settings
-        self._drain_deadline: float | None = None
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            s = self._settings
-            log.info("http app ready", host=s.host, port=s.port, region=s.region)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_deadline is None and not self.should_exit:
-            log.info(
-                "stop signal received: draining",
-                signal=signal.Signals(sig).name,
-                tool_calls_in_flight=self._holder.calls.count,
-            )
-            self._holder.begin_shutdown()
-            self._drain_deadline = time.monotonic() + self._grace
-            return
-        super().handle_exit(sig, frame)
-
-    async def on_tick(self, counter: int) -> bool:
-        deadline = self._drain_deadline
-        if deadline is not None and not self.should_exit:
-            now = time.monotonic()
-            if self._holder.calls.count == 0 or now >= deadline:
-                if self._holder.calls.count:
-                    log.warning(
-                        "grace period over: stopping with tool calls still running",
-                        tool_calls_in_flight=self._holder.calls.count,
-                    )
-                self.config.timeout_graceful_shutdown = max(1, math.ceil(deadline - now))
-                self.should_exit = True
-        return await super().on_tick(counter)
-
-
-def run_http(settings: Settings, *, sse_only: bool = False) -> None:
+def run_http(settings: Settings, *, sse_only: bool = False, lock: HoldLock | None = None) -> None:
     """Bind the port first (a port in use is a one-line conflict, before any start-up work), open the
-    runtime (its failures are one line too), then serve; "http app ready" is logged once it really is."""
+    runtime (its failures are one line too), then serve; "http app ready" is logged once it really is.
+    On a shared data directory: ``lock`` is this process's hold of it; without it ``local.web`` decides
+    (hold it, or relay to the process holding it)."""
+    if shared(settings) and lock is None:  # hold the data directory, or relay to the process that does
+        from .local.web import run_http_shared
+
+        run_http_shared(settings, sse_only=sse_only)
+        return
     listener = bind(settings.host, settings.port)
     holder = RuntimeHolder()
     factory: Callable[[Settings], AbstractAsyncContextManager[Runtime]] = open_runtime
-    if shared(settings):  # this server holds the data directory and serves the other local processes
-        from .local.stdio import held_runtime_factory, hold_for_http
+    if lock is not None:  # this server holds the data directory and serves the other local processes
+        from .local.stdio import held_runtime_factory
 
-        factory = held_runtime_factory(hold_for_http(settings))
+        factory = held_runtime_factory(lock)
     app = create_app(settings, holder=holder, sse_only=sse_only)
     config = uvicorn.Config(
         app,
@@ -179,7 +139,7 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
         lifespan="on",
         server_header=False,
     )
-    server = _DrainingServer(config, holder, settings.shutdown_grace_seconds, settings)
+    server = DrainingServer(config, holder, settings.shutdown_grace_seconds, settings)
     starting = True
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -206,29 +166,3 @@ def run_http(settings: Settings, *, sse_only: bool = False) -> None:
     finally:
         listener.close()
     log.info("server stopped")
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``, or a ConflictError saying the port is taken."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigurationError(f"MCP_RAG_HOST={host} cannot be resolved ({exc.strerror})") from exc
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConflictError(
-                f"port {port} on {host} is already in use (another server is listening there): "
-                "stop it or set MCP_RAG_PORT (or --port) to a free port"
-            ) from exc
-        raise ConfigurationError(
-            f"cannot listen on {host}:{port} ({exc.strerror}): check MCP_RAG_HOST/MCP_RAG_PORT"
-        ) from exc
-    sock.set_inheritable(True)
-    return sock

@@ -393,7 +393,7 @@ def shared_data_dir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_second_http_server_on_the_same_embedded_data_dir_is_refused_by_name(
+async def test_second_http_server_on_the_same_embedded_data_dir_relays_to_the_first(
     shared_data_dir: Path, model_dir: Path, tmp_path: Path
 ) -> None:
     env = base_env(model_dir, shared_data_dir)  # embedded PostgreSQL + edge index
@@ -403,18 +403,24 @@ async def test_second_http_server_on_the_same_embedded_data_dir_is_refused_by_na
         async with http_client(first.url, timeout=CALL_GUARD) as client:
             assert not (await call(client, "ingest_text", {"text": DOC})).is_error
 
+            # A second HTTP server serves the same data directory through the first one.
             second = ServerProc(env, tmp_path / "second.log")
-            code = await anyio.to_thread.run_sync(second.wait)
-            second.close()
-            assert code == 3  # a conflict
-            expected = f"is held by another mcp-rag process (pid {first.pid})"
-            assert expected in second.stderr_text() and "Traceback" not in second.stderr_text()
+            try:
+                await anyio.to_thread.run_sync(second.wait_healthy)
+                async with http_client(second.url, timeout=CALL_GUARD) as relayed:
+                    found = await call(relayed, "search", {"query": "hexagonal basalt"})
+                    assert not found.is_error and found.structured_content["results"]
+                assert (await get(second.base + "/ready")).status_code == 200
+                assert second.terminate() == 0
+            finally:
+                second.close()
+            assert "Traceback" not in second.stderr_text()
             # A command is not refused: it runs in the server that holds the data directory.
             done = await anyio.to_thread.run_sync(lambda: run_cli("stats", "--json", env=env))
             assert done.returncode == 0, done.stderr
             assert json.loads(done.stdout)["documents"] == 1
 
-            # The refused processes attached to the shared embedded PostgreSQL and left it running.
+            # The command attached to the shared embedded PostgreSQL and left it running.
             found = await call(client, "search", {"query": "hexagonal basalt"})
             assert not found.is_error and found.structured_content["results"]
             assert (await get(first.base + "/ready")).status_code == 200

@@ -23,7 +23,7 @@ from mcp.client.stdio import stdio_client
 from mcp_rag.local.address import address
 from mcp_rag.local.election import holder_info
 from tests.mcp_calls import call
-from tests.reliability_support import MCP_RAG, ServerProc, base_env, http_client, run_cli, server_process
+from tests.reliability_support import MCP_RAG, base_env, http_client, run_cli, server_process
 
 pytestmark = pytest.mark.integration
 
@@ -349,7 +349,7 @@ def test_a_holder_of_another_version_is_refused_naming_both(database_url: str, m
             "sys.argv = ['mcp-rag', *sys.argv[1:]]; main()"
         )
         python = str(Path(MCP_RAG).parent / "python")
-        for args in (["stats"], ["serve", "--transport", "stdio"]):
+        for args in (["stats"], ["serve", "--transport", "stdio"], ["serve", "--transport", "http", "--port", "0"]):
             done = subprocess.run(
                 [python, "-c", older, *args],
                 env=env,
@@ -418,12 +418,13 @@ async def test_the_http_server_holds_and_stdio_servers_and_the_cli_use_it(
                 )
             cli = run_cli("search", "narwhal", "--mode", "lexical", "--top-k", "10", "--json", env=env)
             assert {r["source_uri"] for r in json.loads(cli.stdout)} == expected
-        # A second HTTP server on the same data directory says what to do in one line.
-        second = ServerProc(env, tmp_path / "second.stderr")
-        assert second.popen.wait(timeout=60) == 3  # a conflict
-        lines = second.stderr_text().strip().splitlines()
-        assert len(lines) == 1 and "is held by another mcp-rag process" in lines[0], lines
-        second.close()
+            # A second HTTP server on the same data directory serves it through the first one.
+            with server_process(env, tmp_path / "second.stderr") as second:
+                async with http_client(second.url) as relayed:
+                    found = await call(relayed, "search", query="narwhal", mode="lexical", top_k=10)
+                    assert search_sources(found) == expected
+                assert holder_pid(data) == http.pid
+                assert "relaying to the process holding the data directory" in second.stderr_text()
 
 
 def test_a_relaying_stdio_server_stays_small_and_loads_no_model(

@@ -3,8 +3,9 @@ other ``mcp-rag`` processes of the same user over the Unix socket of ``address``
 
 Each connection starts with a hello (``protocol``). An MCP connection becomes one MCP server session
 over the socket, exactly as a stdio session would be, with the tenant and read-only setting of the
-process at the other end; a command-line connection runs one ``mcp-rag`` command here and streams its
-output back.
+process at the other end (and, for a session an HTTP server relays, the principal it authenticated); a
+command-line connection runs one ``mcp-rag`` command here and streams its output back; a question
+(``questions``: readiness, metrics, the tools' scopes) gets one answer.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .. import __version__
+from ..auth import local_principal
 from ..errors import ConfigurationError
 from ..logging import get_logger
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
 from ..tools import InFlight
+from ..tools.base import session_principal
 from .election import HoldLock
-from .protocol import HELLO, MAX_LINE, encode, store_fingerprint, version_refusal
+from .protocol import HELLO, MAX_LINE, encode, principal_from_hello, store_fingerprint, version_refusal
+from .questions import QUESTIONS, answer
 
 if TYPE_CHECKING:
     from ..embedding import Embedder
@@ -54,7 +58,7 @@ class Holder:
         self.runtime = runtime
         self.address = lock.address
         self.calls = InFlight()
-        self._servers: dict[tuple[bool, str], Any] = {}
+        self._servers: dict[bool, Any] = {}
         self.connections = 0
 
     def get_runtime(self) -> Runtime:
@@ -78,10 +82,13 @@ class Holder:
                 await stream.send(encode({HELLO: {"version": __version__, "pid": os.getpid(), "refused": refusal}}))
                 if refusal is not None:
                     return
-                if hello.get("kind") == "cli":
+                kind = hello.get("kind")
+                if kind == "cli":
                     from .commands import serve_command
 
                     await serve_command(self, hello, stream)
+                elif kind in QUESTIONS:
+                    await stream.send(encode(await answer(self, str(kind))))
                 else:
                     await self._serve_mcp(hello, buffered, stream)
         except _GONE:
@@ -105,15 +112,15 @@ class Holder:
             )
         return None
 
-    def _server(self, read_only: bool, tenant: str) -> Any:
-        key = (read_only, tenant)
-        if key not in self._servers:
+    def server(self, read_only: bool) -> Any:
+        """The MCP server of the sessions served here (one per read-only setting); who calls is per session."""
+        if read_only not in self._servers:
             from ..server import build_server
 
-            self._servers[key] = build_server(
-                self.get_runtime, read_only=read_only, default_tenant=tenant, in_flight=self.calls
+            self._servers[read_only] = build_server(
+                self.get_runtime, read_only=read_only, default_tenant=self.settings.default_tenant, in_flight=self.calls
             )
-        return self._servers[key]
+        return self._servers[read_only]
 
     async def _serve_mcp(
         self, hello: dict[str, Any], receive: BufferedByteReceiveStream, stream: anyio.abc.SocketStream
@@ -121,12 +128,19 @@ class Holder:
         from mcp.server.stdio import stdio_server
 
         read_only = bool(hello.get("read_only")) or self.settings.read_only
-        server = self._server(read_only, str(hello.get("tenant") or self.settings.default_tenant))
-        lowlevel = server._lowlevel_server
+        tenant = str(hello.get("tenant") or self.settings.default_tenant)
+        # A session an HTTP server relays carries the principal its authentication established; a stdio
+        # session is the local user. Only processes of this user get here (``_peer_uid``).
+        principal = principal_from_hello(hello.get("principal")) or local_principal(tenant)
+        lowlevel = self.server(read_only)._lowlevel_server
         lines_in = cast(Any, _LinesIn(receive))
         lines_out = cast(Any, _LinesOut(stream))
-        async with stdio_server(stdin=lines_in, stdout=lines_out) as (read, write):
-            await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        token = session_principal.set(principal)
+        try:
+            async with stdio_server(stdin=lines_in, stdout=lines_out) as (read, write):
+                await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        finally:
+            session_principal.reset(token)
 
 
 class _LinesIn:

@@ -5,9 +5,13 @@ Newline-delimited JSON over the Unix socket. The client's first line is a hello
 its own hello (version, pid) or a refusal; after that:
 
 * ``kind: "mcp"`` — the lines are the MCP session itself (JSON-RPC messages, one per line, as on
-  stdio): the holder runs an MCP server session for the connection;
+  stdio): the holder runs an MCP server session for the connection, for the hello's ``principal``
+  (``{"tenant", "scopes", "key_id"}``, sent by an HTTP server for the caller it authenticated) or
+  else the local user of the hello's ``tenant``;
 * ``kind: "cli"`` — the holder runs the command line of the hello and sends
-  ``{"out": text}`` / ``{"err": text}`` lines, then ``{"exit": status}``.
+  ``{"out": text}`` / ``{"err": text}`` lines, then ``{"exit": status}``;
+* ``kind: "ready"`` / ``"metrics"`` / ``"tool_scopes"`` — a question (``questions``): one JSON line
+  answers it, then the holder closes the connection.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 from typing import Any
 
 from .. import __version__
+from ..auth import Principal
 from ..settings import Settings
 
 HELLO = "mcp_rag_hello"
@@ -58,3 +63,17 @@ def version_refusal(holder_version: str, holder_pid: object, data_dir: object) -
         f"the process holding {data_dir} (pid {holder_pid}) runs mcp-rag {holder_version}, this is mcp-rag "
         f"{__version__}; stop that process (or restart every client with one version) and try again"
     )
+
+
+def principal_to_hello(principal: Principal) -> dict[str, Any]:
+    return {"tenant": principal.tenant, "scopes": sorted(principal.scopes), "key_id": principal.key_id}
+
+
+def principal_from_hello(value: object) -> Principal | None:
+    """The principal a hello carries; ``None`` when it carries none (or a malformed one)."""
+    if not isinstance(value, dict):
+        return None
+    tenant, scopes, key_id = value.get("tenant"), value.get("scopes"), value.get("key_id")
+    if not isinstance(tenant, str) or not isinstance(key_id, str) or not isinstance(scopes, list):
+        return None
+    return Principal(tenant=tenant, scopes=frozenset(str(s) for s in scopes), key_id=key_id)

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
-from ..errors import ConflictError
 from ..logging import get_logger
 from ..settings import Settings
 from .address import address
-from .election import HoldLock, holder_info, try_hold
+from .election import HoldLock, try_hold
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -43,20 +42,6 @@ def run_stdio_shared(settings: Settings) -> None:
     from ..transports import serve_stdio
 
     serve_stdio(serve)
-
-
-def hold_for_http(settings: Settings) -> HoldLock:
-    """The HTTP server holds the data directory (the other processes reach it through the socket)."""
-    where = address(settings.data_dir)
-    lock = try_hold(where)
-    if lock is None:
-        info = holder_info(where)
-        raise ConflictError(
-            f"{where.data_dir} is held by another mcp-rag process (pid {info.get('pid', '?')}); the HTTP server "
-            "must hold its data directory: stop that process first (stdio servers and commands started after "
-            "the HTTP server use it through the local socket), or give the HTTP server another MCP_RAG_DATA_DIR"
-        )
-    return lock
 
 
 def held_runtime_factory(lock: HoldLock) -> Callable[[Settings], AbstractAsyncContextManager[Runtime]]:

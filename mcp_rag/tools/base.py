@@ -136,11 +136,18 @@ class _ToolCallState:
 _tool_call: ContextVar[_ToolCallState | None] = ContextVar("mcp_rag_tool_call", default=None)
 
 
+session_principal: ContextVar[Principal | None] = ContextVar("mcp_rag_session_principal", default=None)
+"""Who calls in a session without HTTP requests of its own, when it is not this process's local user: set
+around the whole session (its message handlers run in copies of that context)."""
+
+
 class CallerMiddleware:
     """Resolves who sent each MCP message, once, for every tool, resource and prompt it reaches.
 
     HTTP messages carry the principal the bearer-auth middleware left in the ASGI scope;
-    messages without an HTTP request (stdio, in-memory) come from the trusted local user.
+    messages without an HTTP request come from ``session_principal`` when the session sets it (a
+    session the holder of a data directory runs for another process: that process's local user, or
+    the caller an HTTP server authenticated), else from the trusted local user (stdio, in-memory).
     A tool call rejected before it ran (invalid arguments) still gets its log line and metric.
     """
 
@@ -150,7 +157,10 @@ class CallerMiddleware:
 
     async def __call__(self, ctx: Any, call_next: Any) -> Any:
         request = getattr(ctx, "request", None)
-        principal = self._local if request is None else principal_from_scope(getattr(request, "scope", {}))
+        if request is None:
+            principal: Principal | None = session_principal.get() or self._local
+        else:
+            principal = principal_from_scope(getattr(request, "scope", {}))
         token = _caller.set(principal)
         is_call = getattr(ctx, "method", None) == "tools/call"
         name = (getattr(ctx, "params", None) or {}).get("name") if is_call else None
