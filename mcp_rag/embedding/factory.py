@@ -9,16 +9,19 @@ from ..errors import ConfigurationError
 from ..settings import Settings
 from .base import DenseProvider
 from .fastembed import DEFAULT_MODEL, FastembedProvider
+from .model_build import DEFAULT_MODEL_DIRNAME, Quantization, folder_quantization, provision_default_model
 from .tokens import CharacterBudget, TokenBudget, tokenizer_budget_from_file
 
 
 def _fastembed(settings: Settings) -> DenseProvider:
+    model_dir, quantization = resolve_model(settings)
     return FastembedProvider(
         settings.embedding_model,
-        resolve_model_dir(settings),
+        model_dir,
         settings.models_dir / "fastembed",
         threads=settings.embedding_threads,
         batch_size=settings.embedding_batch_size,
+        quantization=quantization,
     )
 
 
@@ -49,6 +52,9 @@ def _openai(settings: Settings) -> DenseProvider:
     )
 
 
+DEFAULT_QUANTIZATION: Quantization = "none"
+"""The build of the default model used when MCP_RAG_EMBEDDING_QUANTIZATION is unset."""
+
 PROVIDERS: dict[str, Callable[[Settings], DenseProvider]] = {"fastembed": _fastembed, "openai": _openai}
 
 
@@ -63,19 +69,32 @@ def create_provider(settings: Settings, name: str | None = None) -> DenseProvide
     return make(settings)
 
 
-def resolve_model_dir(settings: Settings) -> Path | None:
-    """The local folder to load the fastembed model from, building the default one if needed.
+def resolve_model(settings: Settings) -> tuple[Path | None, Quantization]:
+    """The local folder to load the fastembed model from, building the default one if needed, and
+    which build it holds (``int8`` gets a model identity of its own).
 
-    ``None`` means: let fastembed fetch the named model itself (needs internet).
+    A ``None`` folder means: let fastembed fetch the named model itself (needs internet).
     """
+    wanted = settings.embedding_quantization
     if settings.embedding_model_dir is not None:
-        return settings.embedding_model_dir
+        built = folder_quantization(settings.embedding_model_dir)
+        if wanted is not None and built is not None and built != wanted:
+            raise ConfigurationError(
+                f"MCP_RAG_EMBEDDING_QUANTIZATION is {wanted!r} but the model folder {settings.embedding_model_dir} "
+                f"holds the {built!r} build (its BUILD_INFO.json says so): point MCP_RAG_EMBEDDING_MODEL_DIR at the "
+                f"{wanted!r} build (`mcp-rag model build --quantization {wanted}`) or unset the quantization"
+            )
+        return settings.embedding_model_dir, built or wanted or "none"
     if settings.embedding_model != DEFAULT_MODEL:
-        return None
-    from .model_build import DEFAULT_MODEL_DIRNAME, provision_default_model
-
+        if wanted == "int8":
+            raise ConfigurationError(
+                f"MCP_RAG_EMBEDDING_QUANTIZATION=int8 is built for the default model ({DEFAULT_MODEL}) only; for "
+                f"{settings.embedding_model!r} quantise it yourself and set MCP_RAG_EMBEDDING_MODEL_DIR to that folder"
+            )
+        return None, "none"
+    quantization = wanted or DEFAULT_QUANTIZATION
     try:
-        return provision_default_model(settings.models_dir)
+        return provision_default_model(settings.models_dir, quantization=quantization), quantization
     except FileNotFoundError as exc:
         if (settings.models_dir / DEFAULT_MODEL_DIRNAME).exists():
             raise ConfigurationError(str(exc)) from exc
