@@ -168,8 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--quantization",
         choices=("none", "int8"),
-        help="which build: none (float32) or int8 (quantised from the float32 build, which is built first); "
-        "default: MCP_RAG_EMBEDDING_QUANTIZATION, else the default build",
+        help="which build: int8 (quantised from the float32 build, which is built first and kept) or none "
+        "(float32 only); default: MCP_RAG_EMBEDDING_QUANTIZATION, else int8",
     )
     b.set_defaults(func=_model_build)
     return p

@@ -149,10 +149,11 @@ class Settings(BaseSettings):
     embedding_model_dir: Path | None = None
     """A local folder holding the model (fastembed layout). Unset: the built-in offline build for the default model."""
     embedding_quantization: EmbeddingQuantization | None = None
-    """Which build of the default model (fastembed provider): ``none`` (float32) or ``int8`` (ONNX Runtime's
-    dynamic quantisation: about 2x less CPU per embedding, vectors of its own, so a model identity of its own).
-    Unset: QUANTIZATION_DEFAULT_DOC. With MCP_RAG_EMBEDDING_MODEL_DIR, the folder's BUILD_INFO.json says
-    which it holds (a folder without one is taken as this setting says, float32 when unset)."""
+    """Which build of the default model (fastembed provider): ``int8`` (ONNX Runtime's dynamic quantisation:
+    about half the CPU per embedding; its vectors differ, so it has a model identity of its own) or ``none``
+    (float32). Unset: the build the database's vectors were made with, and ``int8`` for a new database. With
+    MCP_RAG_EMBEDDING_MODEL_DIR, the folder's BUILD_INFO.json says which it holds (a folder without one is
+    taken as this setting says, float32 when unset)."""
     embedding_batch_size: int = Field(default=8, ge=1, le=1024)
     """Passages per model call. On CPU, 8 embeds as fast as 32 and its activations need ~370 MiB less."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import pytest
 from pydantic import ValidationError
 
 from mcp_rag.embedding import Embedder, model_build
-from mcp_rag.embedding.factory import resolve_model
+from mcp_rag.embedding.factory import DEFAULT_QUANTIZATION, resolve_model
+from mcp_rag.embedding.model_build import Quantization
 from mcp_rag.errors import ConfigurationError
 from mcp_rag.runtime import open_runtime
 from mcp_rag.settings import Settings
+from tests.pgcluster import PgServer
 from tests.reliability_support import base_env, run_cli
 
 FP32_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -220,3 +223,41 @@ def test_the_cli_refuses_a_database_of_the_other_build_in_one_line(
     assert lines[0].startswith(f"mcp-rag: the database holds vectors of model fastembed:{FP32_NAME} (384-d")
     assert f"configured with fastembed:{INT8_NAME}" in lines[0]
     assert "Traceback" not in refused.stderr
+
+
+async def test_unset_quantization_keeps_the_build_a_database_was_made_with(
+    make_settings: Callable[..., Settings],
+    model_dir: Path,
+    int8_model_dir: Path,
+    pg_server: PgServer,
+    template_db: str,
+    tmp_path: Path,
+) -> None:
+    """Data embedded with one build keeps it when the setting is unset, whatever the default build is;
+    a new database gets the default build."""
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    for folder in (model_dir, int8_model_dir):  # as `mcp-rag model build` leaves them
+        shutil.copytree(folder, data / "models" / folder.name)
+    other: Quantization = "none" if DEFAULT_QUANTIZATION == "int8" else "int8"
+    names = {"none": FP32_NAME, "int8": INT8_NAME}
+
+    async with open_runtime(make_settings(embedding_model_dir=None, embedding_quantization=other)) as rt:
+        assert rt.embedder.identity.name == names[other]
+        await rt.service.ingest_text("default", DOCUMENTS["note://glacier"], source_uri="note://glacier")
+    async with open_runtime(make_settings(embedding_model_dir=None)) as rt:
+        assert rt.embedder.identity.name == names[other]
+        assert rt.settings.embedding_quantization == other
+        [hit] = await rt.service.search("default", QUERIES["frozen rivers eroding mountains"], mode="dense", top_k=1)
+        assert hit.source_uri == "note://glacier"
+
+    fresh = f"t_{uuid.uuid4().hex[:16]}"
+    url = pg_server.create_database(fresh, template=template_db)
+    try:
+        settings = make_settings(embedding_model_dir=None, database_url=url, data_dir=tmp_path / "fresh")
+        (tmp_path / "fresh").mkdir()
+        (tmp_path / "fresh" / "models").symlink_to(data / "models")
+        async with open_runtime(settings) as rt:
+            assert rt.embedder.identity.name == names[DEFAULT_QUANTIZATION]
+    finally:
+        pg_server.drop_database(fresh)

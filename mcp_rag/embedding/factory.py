@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import ConfigurationError
+from ..logging import get_logger
 from ..settings import Settings
+from ..types import ModelIdentity
 from .base import DenseProvider
 from .fastembed import DEFAULT_MODEL, FastembedProvider
-from .model_build import DEFAULT_MODEL_DIRNAME, Quantization, folder_quantization, provision_default_model
+from .model_build import (
+    DEFAULT_MODEL_DIRNAME,
+    Quantization,
+    folder_quantization,
+    identity_name,
+    provision_default_model,
+)
 from .tokens import CharacterBudget, TokenBudget, tokenizer_budget_from_file
 
 
@@ -52,8 +61,44 @@ def _openai(settings: Settings) -> DenseProvider:
     )
 
 
-DEFAULT_QUANTIZATION: Quantization = "none"
-"""The build of the default model used when MCP_RAG_EMBEDDING_QUANTIZATION is unset."""
+DEFAULT_QUANTIZATION: Quantization = "int8"
+"""The build of the default model a new database gets when MCP_RAG_EMBEDDING_QUANTIZATION is unset:
+int8 costs about half the CPU per embedding and scored within 0.005 nDCG@10 of float32 on SciFact-train
+through the search tool (docs/benchmarks.md, "The int8 encoder")."""
+
+log = get_logger(__name__)
+
+
+class RecordsModel(Protocol):
+    def recorded_model(self) -> Awaitable[ModelIdentity | None]: ...
+
+
+async def keep_recorded_build(settings: Settings, store: RecordsModel) -> Settings:
+    """``settings`` with the build of the default model the database's vectors were made with, when
+    MCP_RAG_EMBEDDING_QUANTIZATION is unset: data embedded before the default build changed keeps its
+    model (a new database gets the default build). An explicit setting or model folder is left as it is
+    (a mismatch is then refused with the usual message)."""
+    if (
+        settings.embedding_quantization is not None
+        or settings.embedding_provider != "fastembed"
+        or settings.embedding_model_dir is not None
+        or settings.embedding_model != DEFAULT_MODEL
+    ):
+        return settings
+    recorded = await store.recorded_model()
+    if recorded is None or recorded.provider != "fastembed":
+        return settings
+    builds: tuple[Quantization, ...] = ("none", "int8")
+    for quantization in builds:
+        if quantization != DEFAULT_QUANTIZATION and recorded.name == identity_name(DEFAULT_MODEL, quantization):
+            log.info(
+                "the database's vectors belong to another build of the default model; keeping it",
+                model=recorded.name,
+                quantization=quantization,
+            )
+            return settings.model_copy(update={"embedding_quantization": quantization})
+    return settings
+
 
 PROVIDERS: dict[str, Callable[[Settings], DenseProvider]] = {"fastembed": _fastembed, "openai": _openai}
 
