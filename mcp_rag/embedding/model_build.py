@@ -52,9 +52,7 @@ __all__ = [
     "find_packaged_checkpoint",
     "folder_quantization",
     "identity_name",
-    "model_dirname",
     "provision_default_model",
-    "quantize_model",
     "verify_model",
 ]
 
@@ -683,7 +681,9 @@ def provision_default_model(
     installed package's checkpoint (``mcp-rag model build --download``).
 
     ``quantization="int8"`` returns ``cache_dir / "all-MiniLM-L6-v2-onnx-int8"`` instead: the
-    float folder is provisioned first (as above), then quantised (:func:`quantize_model`).
+    float folder is provisioned first (as above), then quantised with ONNX Runtime's
+    ``quantize_dynamic`` (weights of every MatMul to signed int8, per tensor), verified against
+    the reference similarities and the float vectors, and published the same way.
     """
     if quantization == "int8":
         return _provision_int8(Path(cache_dir), checkpoint_dir)
@@ -722,11 +722,6 @@ def provision_default_model(
 
 
 # --------------------------------------------------------------------------- int8
-
-
-def model_dirname(quantization: Quantization) -> str:
-    """The folder name :func:`provision_default_model` uses for ``quantization``."""
-    return INT8_MODEL_DIRNAME if quantization == "int8" else DEFAULT_MODEL_DIRNAME
 
 
 def identity_name(model: str, quantization: Quantization) -> str:
@@ -769,27 +764,6 @@ def _write_quantized_files(source_dir: Path, out_dir: Path) -> None:
         source = source_dir / name
         if source.is_file():
             _write_file(out_dir / name, source.read_bytes())
-
-
-def quantize_model(source_dir: Path, out_dir: Path) -> Path:
-    """Write the dynamic int8 quantisation of the fastembed folder ``source_dir`` to ``out_dir``.
-
-    Weights of every MatMul become int8 (per tensor, signed), activations are quantised at run
-    time; the tokenizer files are copied. Published atomically like :func:`build_onnx_model`;
-    deterministic for a given onnxruntime version.
-
-    Returns:
-        ``out_dir``.
-    """
-    source_dir = Path(source_dir)
-    out_dir = Path(out_dir)
-    missing = [name for name in _REQUIRED_FILES if not (source_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"model folder {source_dir} lacks {', '.join(missing)}")
-    with _staging_dir(out_dir) as staging:
-        _write_quantized_files(source_dir, staging)
-        _publish(staging, out_dir, _has_model_files)
-    return out_dir
 
 
 def _provision_int8(cache_dir: Path, checkpoint_dir: Path | None) -> Path:
