@@ -760,6 +760,8 @@ def _write_quantized_files(source_dir: Path, out_dir: Path) -> None:
         quantize_dynamic(source_dir / "model.onnx", out_dir / "model.onnx", weight_type=QuantType.QInt8)
     finally:
         root.removeFilter(chatter)
+    with open(out_dir / "model.onnx", "rb") as written:  # the quantiser does not fsync what it writes
+        os.fsync(written.fileno())
     for name in (*_COPIED_FILES, "tokenizer_config.json"):
         source = source_dir / name
         if source.is_file():
