@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
-    DEFAULT_MODEL_PARENT,
     check_dataset,
     emit,
     log,
@@ -32,7 +31,6 @@ from bench.common import (
     parser,
     read_corpus,
     read_queries,
-    write_tiny_dataset,
 )
 
 BENCH = "quantization"
@@ -64,7 +62,6 @@ def main() -> None:
     p.add_argument("--int8-model-dir", type=Path, default=None, help="the int8 folder (default: build it)")
     args = p.parse_args()
     if args.tiny:
-        args.dataset = write_tiny_dataset(args.work_dir / "quantization-tiny")
         args.passages, args.queries = 16, 10
     elif args.quick:
         args.passages, args.queries = 64, 100
@@ -74,7 +71,8 @@ def main() -> None:
     from mcp_rag.embedding.model_build import provision_default_model
 
     fp32_dir = model_dir(args.model_dir)
-    int8_dir = args.int8_model_dir or provision_default_model(DEFAULT_MODEL_PARENT, quantization="int8")
+    # the int8 build beside the float one (quantised from it when missing)
+    int8_dir = args.int8_model_dir or provision_default_model(fp32_dir.parent, quantization="int8")
     work = args.work_dir / "quantization"
     models = {"fp32": provider(fp32_dir, threads, work), "int8": provider(int8_dir, threads, work)}
     for name, model in models.items():
