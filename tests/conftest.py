@@ -94,6 +94,23 @@ def model_dir() -> Path:
     return provision_default_model(Path(tempfile.gettempdir()) / "mcp-rag-test-models")
 
 
+@pytest.fixture(scope="session")
+def int8_model_dir(model_dir: Path) -> Path:
+    """The int8 build of the default model, quantised from the float one beside it (cached across runs)."""
+    return provision_default_model(model_dir.parent, quantization="int8")
+
+
+@pytest.fixture(scope="session")
+def int8_embedder(int8_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Embedder:
+    """The int8 model, loaded once for the session."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("int8-embedder"), embedding_model_dir=int8_model_dir, _env_file=None
+    )
+    instance = Embedder(settings)
+    instance.load_sync()
+    return instance
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, model_dir: Path, database_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:

@@ -39,6 +39,7 @@ EXTRA_ARGS = {
     "listing": (),
     "providers": ("--docs", "6", "--queries", "3"),
     "shared_store": (),
+    "quantization": (),
 }
 
 
@@ -245,6 +246,19 @@ def test_shared_store(bench_env: Callable[[str], Lines]) -> None:
     handover = of(lines, "handover")[0]
     positive(handover, "seconds")
     assert handover["new_holder_was_relay"] is True
+
+
+def test_quantization(bench_env: Callable[[str], Lines]) -> None:
+    lines = {line["measurement"]: line for line in bench_env("quantization")}
+    assert set(lines) == {"passage_embedding", "query_embedding", "int8_vectors"}
+    for kind in ("passage_embedding", "query_embedding"):
+        line = lines[kind]
+        assert line["samples"] > 0
+        for key in ("fp32_cpu_ms", "int8_cpu_ms", "fp32_wall_ms", "int8_wall_ms", "cpu_ratio", "wall_ratio"):
+            assert line[key] > 0, (kind, key)
+    vectors = lines["int8_vectors"]
+    assert 0.8 < vectors["cosine_min"] <= vectors["cosine_mean"] < 0.999
+    assert vectors["model_onnx_mb"]["int8"] < vectors["model_onnx_mb"]["fp32"] / 3
 
 
 @pytest.mark.integration

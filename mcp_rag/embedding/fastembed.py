@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..types import ModelIdentity
 from .base import DenseProvider, DenseVector
+from .model_build import Quantization, identity_name
 from .tokens import TokenBudget, TokenizerBudget
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -19,9 +20,17 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 class FastembedProvider(DenseProvider):
     def __init__(
-        self, model: str, model_dir: Path | None, cache_dir: Path, *, threads: int | None = None, batch_size: int = 8
+        self,
+        model: str,
+        model_dir: Path | None,
+        cache_dir: Path,
+        *,
+        threads: int | None = None,
+        batch_size: int = 8,
+        quantization: Quantization = "none",
     ) -> None:
         self._name = model
+        self._quantization: Quantization = quantization
         self._model_dir = model_dir
         self._cache_dir = cache_dir
         self._threads = threads
@@ -55,7 +64,10 @@ class FastembedProvider(DenseProvider):
         window = int((tokenizer.truncation or {}).get("max_length", 512)) - 2
         self._budget = TokenizerBudget(tokenizer, window)
         self._model = model
-        self._identity = ModelIdentity(name=self._name, dimension=int(probe.shape[0]))
+        # fastembed knows the model (and its pooling) by its own name; the identity says which build.
+        self._identity = ModelIdentity(
+            name=identity_name(self._name, self._quantization), dimension=int(probe.shape[0])
+        )
         return self._identity
 
     def embed_passages(self, texts: Sequence[str]) -> list[DenseVector]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ..errors import CursorConflictError as CursorConflictError
 from ..errors import IndexDivergedError as IndexDivergedError
@@ -113,12 +113,20 @@ def identity_from_meta(data: Mapping[str, Any]) -> ModelIdentity:
     )
 
 
+_INT8: Final = "@int8"
+
+
 def _difference(built: ModelIdentity, configured: ModelIdentity) -> str:
     same = (built.provider, built.name, built.dimension) == (configured.provider, configured.name, configured.dimension)
     if same:
         return (
             " — same name, but the vector of a fixed probe text differs by "
             f"{built.fingerprint_distance(configured):.4f} (another model served under that name, or another build of it)"
+        )
+    if built.provider == configured.provider and built.name.removesuffix(_INT8) == configured.name.removesuffix(_INT8):
+        wanted = "int8" if built.name.endswith(_INT8) else "none"
+        return (
+            f" (the float32 and int8 builds of one model; MCP_RAG_EMBEDDING_QUANTIZATION={wanted} selects this data's)"
         )
     return ""
 

@@ -288,6 +288,15 @@ class Store:
 
     # --- the embedding model of the stored vectors ------------------------------------
 
+    async def recorded_model(self) -> ModelIdentity | None:
+        """The model the stored vectors belong to; None before the first process claimed one."""
+        async with self._writing() as conn:
+            cur = await conn.execute("SELECT name, dimension, provider, fingerprint FROM embedding_model")
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return ModelIdentity(row[0], row[1], provider=row[2], fingerprint=tuple(row[3] or ()))
+
     async def claim_model(self, model: ModelIdentity) -> ModelIdentity:
         """Record ``model`` as the one the stored vectors belong to unless one already is;
         returns the recorded one (``model`` itself on first use, whatever concurrent callers do).
