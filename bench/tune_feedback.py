@@ -50,6 +50,7 @@ from fastembed.common.utils import remove_non_alphanumeric
 from bench.tune_fusion import COLLECTION, ingest_corpus
 from mcp_rag.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
 from mcp_rag.extract import iter_corpus
+from mcp_rag.index.base import FusionParams, IndexQuery, SearchFilter
 from mcp_rag.logging import configure_logging
 from mcp_rag.runtime import Runtime, open_runtime
 from mcp_rag.settings import Settings
@@ -65,6 +66,8 @@ K = TypeVar("K")
 
 @dataclass
 class Corpus:
+    ids: list[int]
+    """Chunk id of each chunk row."""
     doc_of: list[str]
     """Corpus id of each chunk row."""
     dense: np.ndarray
@@ -234,7 +237,7 @@ async def load_corpus(rt: Runtime, dataset: Path) -> tuple[Corpus, dict[str, str
     print(json.dumps({"store": {"documents": expected, "ingest_skipped": have == expected}}), flush=True)
     async with rt.store._reading() as conn:
         cur = await conn.execute(
-            "SELECT d.metadata->>'corpus_id', d.title, c.dense, c.sparse_indices, c.sparse_values, c.text"
+            "SELECT d.metadata->>'corpus_id', d.title, c.dense, c.sparse_indices, c.sparse_values, c.text, c.id"
             " FROM chunks c JOIN documents d ON d.id = c.document_id"
             " WHERE d.tenant = %s AND d.collection = %s ORDER BY c.id",
             (tenant, COLLECTION),
@@ -249,10 +252,65 @@ async def load_corpus(rt: Runtime, dataset: Path) -> tuple[Corpus, dict[str, str
     for i, d in enumerate(doc_of):
         doc_rows.setdefault(d, []).append(i)
     titles = {r[0]: r[1] or "" for r in rows}
-    return Corpus(doc_of, dense, sparse, postings, idf, doc_rows), titles, [r[5] for r in rows]
+    return Corpus([r[6] for r in rows], doc_of, dense, sparse, postings, idf, doc_rows), titles, [r[5] for r in rows]
 
 
-async def main(dataset: Path, data_dir: Path, max_queries: int | None, cache: Path, grids: set[str]) -> None:
+async def verify(
+    rt: Runtime,
+    corpus: Corpus,
+    q_dense: dict[str, np.ndarray],
+    q_sparse: dict[str, dict[int, float]],
+    qids: Sequence[str],
+    qrels: dict[str, dict[str, int]],
+) -> None:
+    """The same queries through the real index (one fused DBSF query, 200 candidates a side, as search
+    sends it), plain and with lexical feedback (k 10, m 20, alpha 0.8): the top ten documents and
+    nDCG@10 must agree with the in-memory scoring."""
+    flt = SearchFilter(tenant=rt.settings.default_tenant, collections=[COLLECTION])
+    row_of = {cid: i for i, cid in enumerate(corpus.ids)}
+    n = len(corpus.ids)
+    for name in ("baseline", "prf-lex k=10 m=20 sel=tf alpha=0.8"):
+        same = 0
+        ndcg_sim = ndcg_index = 0.0
+        for q in qids:
+            dense = dense_scores(q_dense[q], corpus.dense)
+            lexical = q_sparse[q]
+            if name != "baseline":
+                fused = fuse((dense, 1.0), (sparse_scores(lexical, corpus.postings, corpus.idf, n), 1.0))
+                lexical = mix(lexical, expansion(best_chunks(fused, corpus, 10), corpus, 20, False), 0.8)
+            simulated = documents(
+                fuse((dense, 1.0), (sparse_scores(lexical, corpus.postings, corpus.idf, n), 1.0)), corpus, TOOL_TOP_K
+            )
+            hits = await rt.index.query(
+                IndexQuery(
+                    filter=flt,
+                    limit=TOOL_TOP_K * 4,
+                    dense=q_dense[q].tolist(),
+                    sparse=SparseVector(indices=list(lexical), values=list(lexical.values())),
+                    fusion=FusionParams("dbsf", prefetch_limit=CANDIDATES),
+                )
+            )
+            indexed = documents([row_of[h.id] for h in hits], corpus, TOOL_TOP_K)
+            same += simulated == indexed
+            ndcg_sim += ndcg_at_k(simulated, qrels[q])
+            ndcg_index += ndcg_at_k(indexed, qrels[q])
+        print(
+            json.dumps(
+                {
+                    "verify": name,
+                    "queries": len(qids),
+                    "same_top10": same,
+                    "ndcg@10 in memory": round(ndcg_sim / len(qids), 4),
+                    "ndcg@10 index": round(ndcg_index / len(qids), 4),
+                }
+            ),
+            flush=True,
+        )
+
+
+async def main(
+    dataset: Path, data_dir: Path, max_queries: int | None, cache: Path, grids: set[str], verify_queries: int
+) -> None:
     settings = Settings(data_dir=data_dir, sync_in_server=False, _env_file=None)  # type: ignore[call-arg]
     queries = load_queries(dataset / "queries.jsonl")
     qrels = load_qrels(dataset / "qrels.tsv")
@@ -279,6 +337,8 @@ async def main(dataset: Path, data_dir: Path, max_queries: int | None, cache: Pa
         bm25_model = rt.embedder._bm25._model.model  # a benchmark may peek: fastembed's BM25 itself
         bm25_texts = [f"{titles[d]}\n{t}" if titles[d] else t for d, t in zip(corpus.doc_of, chunk_texts, strict=True)]
         print(json.dumps({"prepared_seconds": round(time.perf_counter() - started, 1)}), flush=True)
+        if verify_queries:
+            await verify(rt, corpus, q_dense, q_sparse, judged[:verify_queries], qrels)
     title_sparse = [dict(zip(s.indices, s.values, strict=True)) for s in title_sparse_vecs]
     t_postings, t_idf = build_postings(title_sparse)
     n = len(corpus.doc_of)
@@ -538,7 +598,12 @@ if __name__ == "__main__":
         default=Path("/var/tmp/mcp-rag-tune-feedback-titles.npy"),
         help="the titles' dense vectors, kept between runs",
     )
+    parser.add_argument(
+        "--verify", type=int, default=0, help="check the in-memory scoring against the index on this many queries"
+    )
     args = parser.parse_args()
     configure_logging(level="WARNING")
-    anyio.run(main, args.dataset, args.data_dir, args.max_queries, args.title_cache, set(args.grids.split(",")))
+    anyio.run(
+        main, args.dataset, args.data_dir, args.max_queries, args.title_cache, set(args.grids.split(",")), args.verify
+    )
     sys.exit(0)
