@@ -97,7 +97,11 @@ def build_postings(
 
 
 def sparse_scores(
-    query: dict[int, float], postings: dict[int, tuple[np.ndarray, np.ndarray]], idf: dict[int, float], n: int
+    query: dict[int, float],
+    postings: dict[int, tuple[np.ndarray, np.ndarray]],
+    idf: dict[int, float],
+    n: int,
+    limit: int = CANDIDATES,
 ) -> Scores:
     total = np.zeros(n)
     touched = np.zeros(n, dtype=bool)
@@ -107,7 +111,7 @@ def sparse_scores(
             np.add.at(total, rows, qw * idf[term] * w)
             touched[rows] = True
     idx = np.flatnonzero(touched)
-    return top(dict(zip(idx.tolist(), total[idx].tolist(), strict=True)), CANDIDATES)
+    return top(dict(zip(idx.tolist(), total[idx].tolist(), strict=True)), limit)
 
 
 def sparse_scores_all(
@@ -121,9 +125,9 @@ def sparse_scores_all(
     return total
 
 
-def dense_scores(vector: np.ndarray, matrix: np.ndarray) -> Scores:
+def dense_scores(vector: np.ndarray, matrix: np.ndarray, limit: int = CANDIDATES) -> Scores:
     sims = matrix @ vector
-    idx = np.argpartition(-sims, CANDIDATES)[:CANDIDATES]
+    idx = np.argpartition(-sims, limit)[:limit] if len(sims) > limit else np.arange(len(sims))
     return {int(i): float(sims[i]) for i in idx}
 
 
