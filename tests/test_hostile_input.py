@@ -496,6 +496,7 @@ TOOLS = [
 ]
 
 
+@pytest.mark.slow  # hypothesis over every tool
 @pytest.mark.parametrize("tool", TOOLS)
 async def test_tool_survives_hostile_arguments(tool: str, hostile_runtime: Runtime, traps: dict[str, Path]) -> None:
     async with Client(build_server(lambda: hostile_runtime)) as client:
@@ -645,6 +646,7 @@ async def test_service_api_refuses_text_it_cannot_encode(hostile_runtime: Runtim
 # --- 2. files that lie, bombs, and escapes ------------------------------------------------------
 
 
+@pytest.mark.slow  # parses every bomb to its limit
 async def test_files_that_lie_and_parser_bombs_fail_cleanly(hostile_runtime: Runtime, traps: dict[str, Path]) -> None:
     import resource
 
@@ -1114,6 +1116,7 @@ def pdf_form_bomb(invocations: int) -> bytes:
     )
 
 
+@pytest.mark.slow  # extracts megabytes of text
 def test_extraction_limits_are_about_work_not_size() -> None:
     """Unit-level, 10 MB size limit: bombs are stopped by work limits, ordinary PDFs still extract."""
     from mcp_rag.extract import extract_bytes

@@ -165,6 +165,7 @@ OPERATIONS = 14
 COLLECTIONS = ("alpha", "beta")
 
 
+@pytest.mark.slow  # eight writers and a sync worker racing
 async def test_concurrent_writers_and_a_sync_worker_end_with_index_equal_to_postgres(
     runtime: Runtime, database_url: str
 ) -> None:
