@@ -205,8 +205,13 @@ async def open_runtime(
         await store.open()
         stack.push_async_callback(store.close)
 
+        kept = await keep_recorded_build(settings, store)
+        if kept is not settings:
+            # The database's vectors belong to the other build of the default model. An embedder loaded
+            # in advance from the settings alone (a holder does that while the database starts) is the
+            # wrong one: load the database's build instead.
+            settings, embedder = kept, None
         if embedder is None:
-            settings = await keep_recorded_build(settings, store)
             embedder = Embedder(settings, on_batch=lambda n, secs: metrics.EMBED_BATCH_SECONDS.observe(secs))
             stack.callback(embedder.provider.close)
         follow = settings.sync_in_server if follow_changes is None else follow_changes

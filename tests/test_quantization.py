@@ -17,6 +17,9 @@ from mcp_rag.embedding import Embedder, model_build
 from mcp_rag.embedding.factory import DEFAULT_QUANTIZATION, resolve_model
 from mcp_rag.embedding.model_build import Quantization
 from mcp_rag.errors import ConfigurationError
+from mcp_rag.local.address import address
+from mcp_rag.local.election import try_hold
+from mcp_rag.local.holder import hold
 from mcp_rag.runtime import open_runtime
 from mcp_rag.settings import Settings
 from tests.pgcluster import PgServer
@@ -249,6 +252,17 @@ async def test_unset_quantization_keeps_the_build_a_database_was_made_with(
         assert rt.embedder.identity.name == names[other]
         assert rt.settings.embedding_quantization == other
         [hit] = await rt.service.search("default", QUERIES["frozen rivers eroding mountains"], mode="dense", top_k=1)
+        assert hit.source_uri == "note://glacier"
+    # The same through a holder (every stdio server and CLI command), which starts loading the model
+    # from the settings alone before the database says which build its vectors are.
+    settings = make_settings(embedding_model_dir=None)
+    lock = try_hold(address(settings.data_dir))
+    assert lock is not None
+    async with hold(settings, lock) as holder:
+        assert holder.runtime.embedder.identity.name == names[other]
+        [hit] = await holder.runtime.service.search(
+            "default", QUERIES["frozen rivers eroding mountains"], mode="dense", top_k=1
+        )
         assert hit.source_uri == "note://glacier"
 
     fresh = f"t_{uuid.uuid4().hex[:16]}"
