@@ -12,7 +12,6 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..types import ModelIdentity
 from .base import DenseProvider, DenseVector
-from .batching import length_batches
 from .model_build import Quantization, identity_name
 from .tokens import TokenBudget, TokenizerBudget
 
@@ -72,12 +71,9 @@ class FastembedProvider(DenseProvider):
         return self._identity
 
     def embed_passages(self, texts: Sequence[str]) -> list[DenseVector]:
-        vectors: list[DenseVector] = [np.empty(0, dtype=np.float32)] * len(texts)
-        for batch in length_batches([len(t) for t in texts], self._batch_size):
-            embedded = self._model.passage_embed([texts[i] for i in batch], batch_size=len(batch))
-            for i, vector in zip(batch, embedded, strict=True):
-                vectors[i] = np.asarray(vector, dtype=np.float32)
-        return vectors
+        return [
+            np.asarray(v, dtype=np.float32) for v in self._model.passage_embed(list(texts), batch_size=self._batch_size)
+        ]
 
     def embed_query(self, text: str) -> DenseVector:
         return np.asarray(next(iter(self._model.query_embed(text))), dtype=np.float32)
