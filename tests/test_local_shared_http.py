@@ -207,7 +207,9 @@ async def test_sigterm_of_a_relaying_http_server_lets_its_running_call_finish(
     database_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    env = base_env(model_dir, data, database_url, api_keys=KEYS)
+    # Stateless HTTP: no standing stream for the client to re-open while the server drains and exits
+    # (the drain of the call is what this test is about).
+    env = base_env(model_dir, data, database_url, api_keys=KEYS, stateless_http="true")
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(stdio_server(env, tmp_path, "stdio"))
         with server_process(env, tmp_path / "http.stderr") as http:
