@@ -19,6 +19,7 @@ from tests.serverproc import base_env, mcp_http, running, scratch_database
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FILES = 40
+RESTART_FILES = 200
 
 
 def make_corpus(folder: Path, files: int = FILES, sentences_per_file: int = 8) -> Path:
@@ -101,7 +102,7 @@ async def test_long_ingest_returns_a_job_that_completes(
 async def test_restart_during_a_job_resumes_it(
     pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    corpus = make_corpus(tmp_path / "corpus")
+    corpus = make_corpus(tmp_path / "corpus", files=RESTART_FILES)  # long enough to stop it midway
     env = server_env(
         pg_server,
         template_db,
@@ -129,8 +130,10 @@ async def test_restart_during_a_job_resumes_it(
             done = await wait_for(client, job_id, "done")
             assert done["attempts"] == 2
             report = done["report"]
-            assert report["added"] + report["unchanged"] == FILES  # what the first server wrote is unchanged now
+            assert (
+                report["added"] + report["unchanged"] == RESTART_FILES
+            )  # what the first server wrote is unchanged now
             assert report["unchanged"] > 0
             stats = await call(client, "stats")
-            assert stats["documents"] == FILES
+            assert stats["documents"] == RESTART_FILES
     assert "resuming an ingest job" in second.log()
