@@ -19,7 +19,6 @@ from contextlib import AbstractAsyncContextManager
 from types import FrameType
 
 import anyio
-import uvicorn
 
 from .errors import RagError, describe
 from .http import RuntimeHolder, create_app
@@ -28,7 +27,7 @@ from .local.election import HoldLock
 from .logging import get_logger
 from .runtime import Runtime, open_runtime
 from .server import build_server
-from .serving import DrainingServer, bind
+from .serving import DrainingServer, bind, uvicorn_config
 from .settings import Settings
 
 log = get_logger(__name__)
@@ -129,16 +128,7 @@ def run_http(settings: Settings, *, sse_only: bool = False, lock: HoldLock | Non
 
         factory = held_runtime_factory(lock)
     app = create_app(settings, holder=holder, sse_only=sse_only)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
-        lifespan="on",
-        server_header=False,
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, holder, settings.shutdown_grace_seconds, settings)
     starting = True
 

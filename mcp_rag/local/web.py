@@ -21,7 +21,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from types import FrameType
 
 import anyio
-import uvicorn
 from mcp.server.sse import SseServerTransport
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -36,7 +35,7 @@ from ..errors import RagError, UnavailableError
 from ..guards import MetricsToken, SessionLimits, SingleSecurityHeaders, metrics_refusal, session_owners
 from ..http_front import BearerAuth, require_authentication, transport_security
 from ..logging import get_logger
-from ..serving import DrainingServer, bind
+from ..serving import DrainingServer, bind, uvicorn_config
 from ..settings import Settings
 from .address import address
 from .connect import HELLO_TIMEOUT, NoHolder
@@ -239,16 +238,7 @@ def run_relaying(settings: Settings, *, sse_only: bool = False) -> None:
     listener = bind(settings.host, settings.port)
     state = _Relaying()
     app = create_relaying_app(settings, state, sse_only=sse_only)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
-        lifespan="on",
-        server_header=False,
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, state, settings.shutdown_grace_seconds, settings)
     log.info("relaying to the process holding the data directory", data_dir=str(address(settings.data_dir).data_dir))
 
