@@ -154,8 +154,10 @@ class Settings(BaseSettings):
     (float32). Unset: the build the database's vectors were made with, and ``int8`` for a new database. With
     MCP_RAG_EMBEDDING_MODEL_DIR, the folder's BUILD_INFO.json says which it holds (a folder without one is
     taken as this setting says, float32 when unset)."""
-    embedding_batch_size: int = Field(default=8, ge=1, le=1024)
-    """Passages per model call. On CPU, 8 embeds as fast as 32 and its activations need ~370 MiB less."""
+    embedding_batch_size: int = Field(default=1, ge=1, le=1024)
+    """Passages per model call. The model pads every passage of a call to the longest one, and on CPU a
+    larger call saves nothing else, so one passage a call is fastest (docs/benchmarks.md, "Passages per
+    model call") and needs the least memory for activations."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)
     embedding_provider: EmbeddingProvider = "fastembed"
     """``fastembed`` (the model in this process) or ``openai`` (any server speaking ``POST /v1/embeddings``)."""

@@ -41,7 +41,7 @@ def test_defaults() -> None:
     assert s.resolved_index_backend == "embedded"
     assert s.embedding_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert s.embedding_model_dir is None
-    assert s.embedding_batch_size == 8
+    assert s.embedding_batch_size == 1
     assert (s.chunk_tokens, s.chunk_overlap_tokens) == (200, 32)
     assert s.ingest_batch_chunks == 256
     assert s.max_document_bytes == 10 * 1024 * 1024
