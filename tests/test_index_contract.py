@@ -593,19 +593,51 @@ async def test_edge_kill_9_rewinds_the_cursor_to_the_last_flush(tmp_path: Path, 
 
 async def test_edge_writes_flush_by_themselves(tmp_path: Path) -> None:
     """Without close or flush, the grouped flush comes within flush_seconds of the first write."""
-    index = EdgeIndex(tmp_path, flush_seconds=0.05)
+    index = EdgeIndex(tmp_path, flush_seconds=1.0)
     await index.open(MODEL)
     try:
         vec = [1.0] + [0.0] * (DIM - 1)
         await index.upsert([IndexPoint(1, vec, SparseVector([1], [1.0]), PointPayload("a", "c", "d", "file:///x"))])
         await index.set_cursor(3, "3@1")
-        assert json.loads((tmp_path / "index_meta.json").read_text())["flushed"] == {"cursor": 0, "origin": ""}
-        for _ in range(200):
-            if "flushed" not in json.loads((tmp_path / "index_meta.json").read_text()):
+        # The durable cursor names what the flushed segments hold: not yet the write above.
+        assert json.loads((tmp_path / "index_meta.json").read_text())["cursor"] == 0
+        assert await index.read_cursor() == Cursor(3, "3@1")
+        for _ in range(500):
+            if json.loads((tmp_path / "index_meta.json").read_text())["cursor"] == 3:
                 break
             await asyncio.sleep(0.02)
         meta = json.loads((tmp_path / "index_meta.json").read_text())
-        assert meta["cursor"] == 3 and "flushed" not in meta
+        assert meta["cursor"] == 3 and meta["origin"] == "3@1" and "flushed" not in meta
+    finally:
+        await index.close()
+
+
+async def test_edge_cursor_without_unflushed_writes_is_durable_at_once(tmp_path: Path) -> None:
+    """A cursor that moves while every write is flushed (a change that touched no point) is written
+    to the meta file at once: nothing pending would write it."""
+    index = EdgeIndex(tmp_path, flush_seconds=3600)
+    await index.open(MODEL)
+    try:
+        await index.set_cursor(4, "4@1")
+        assert json.loads((tmp_path / "index_meta.json").read_text())["cursor"] == 4
+    finally:
+        await index.close()
+
+
+async def test_edge_reads_the_flushed_cursor_of_an_earlier_meta_file(tmp_path: Path) -> None:
+    """Meta files of earlier versions kept the cursor of the last flush beside a later cursor; an
+    index left that way by a killed owner reopens at the flushed one."""
+    index = EdgeIndex(tmp_path, flush_seconds=3600)
+    await index.open(MODEL)
+    await index.set_cursor(5, "5@1")
+    await index.close()
+    meta = json.loads((tmp_path / "index_meta.json").read_text())
+    meta.update(cursor=9, origin="9@1", flushed={"cursor": 5, "origin": "5@1"})
+    (tmp_path / "index_meta.json").write_text(json.dumps(meta))
+    index = EdgeIndex(tmp_path)
+    await index.open(MODEL)
+    try:
+        assert await index.read_cursor() == Cursor(5, "5@1")
     finally:
         await index.close()
 

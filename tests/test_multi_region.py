@@ -558,6 +558,8 @@ def _cli_env(cluster: Cluster, data_dir: Path, model_dir: Path) -> dict[str, str
             "MCP_RAG_DATA_DIR": str(data_dir),
             "MCP_RAG_EMBEDDING_MODEL_DIR": str(model_dir),
             "MCP_RAG_SYNC_INTERVAL_SECONDS": "0.2",
+            # The test watches the durable cursor in the index's meta file: flush every write.
+            "MCP_RAG_INDEX_FLUSH_SECONDS": "0",
             "MCP_RAG_LOG_FORMAT": "json",
         }
     )

@@ -11,11 +11,12 @@ Durability: every update is appended to the shard's WAL before ``update`` return
 the WAL is replayed on load, so a ``kill -9`` right after a write loses nothing. Flushing the
 segments (fsyncs of many files) is grouped: one flush for all the writes of up to
 ``flush_seconds`` (a timer after the first unflushed write; ``close`` flushes too), instead of
-one per write. The meta file keeps, beside the cursor, the cursor of the last flush while
-writes after it are unflushed (``flushed``); opening an index whose owner stopped without
-flushing rewinds the cursor to it, so the writes the WAL may not hold durably (a power loss)
-are applied again from the change log — re-applying a change is idempotent. The cursor never
-claims more than the flushed segments hold plus what the change log re-applies.
+one per write. The cursor in the meta file is written with that flush, not with each write: it
+names what the flushed segments hold, so an index whose owner stopped without flushing reopens
+at the last flush and the change log applies the rest again (re-applying a change is
+idempotent), including writes the WAL may not hold durably after a power loss. The cursor
+never claims more than the flushed segments hold. (Meta files of earlier versions may carry
+the cursor of the last flush as ``flushed`` beside a later cursor; an open rewinds to it.)
 
 The engine does not optimise segments in the background (``EdgeShard.optimize`` exists
 but blocks for a long time), so points stay in plain appendable segments searched
@@ -260,7 +261,8 @@ class EdgeIndex(VectorIndex):
     # -- meta: model identity and cursor --------------------------------------------
 
     def _read_meta(self) -> tuple[ModelIdentity, Cursor, bool, Cursor | None] | None:
-        """(model, cursor, clearing, flushed cursor if behind) or None when there is no meta file."""
+        """(model, cursor, clearing, flushed cursor if behind: meta files of earlier versions) or None
+        when there is no meta file."""
         try:
             data = json.loads(self._meta_path.read_text())
         except FileNotFoundError:
@@ -275,8 +277,6 @@ class EdgeIndex(VectorIndex):
         data: dict[str, Any] = {**identity_meta(model), "cursor": cursor.seq, "origin": cursor.origin}
         if clearing:
             data["clearing"] = True
-        if not clearing and self._dirty and self._flushed != cursor:
-            data["flushed"] = {"cursor": self._flushed.seq, "origin": self._flushed.origin}
         tmp = self._meta_path.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -301,11 +301,12 @@ class EdgeIndex(VectorIndex):
                     raise CursorConflictError(
                         f"edge index {self._dir}: cursor is {self._cursor.seq}, expected {expected}"
                     )
-                cursor = Cursor(seq, origin)
-                self._write_meta(self._model, cursor)
-                self._cursor = cursor
+                self._cursor = Cursor(seq, origin)
                 if not self._dirty:
-                    self._flushed = cursor
+                    # Everything is flushed: the cursor is durable now. Otherwise the pending
+                    # flush writes it with the segments it names.
+                    self._flushed = self._cursor
+                    self._write_meta(self._model, self._cursor)
 
         await anyio.to_thread.run_sync(set_cursor)
 
