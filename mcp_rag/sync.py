@@ -168,13 +168,16 @@ class IndexSyncer:
                     break
                 await self._apply(changes)
                 last = changes[-1]
-                try:
-                    await self.index.set_cursor(last.seq, last.stamp, expected=cursor)
-                    cursor = last.seq
-                except CursorConflictError as exc:
-                    cursor = await self._overlapped(changes, exc)
                 applied += len(changes)
                 metrics.CHANGES_APPLIED.inc(len(changes))
+                try:
+                    await self.index.set_cursor(last.seq, last.stamp, expected=cursor)
+                except CursorConflictError as exc:
+                    cursor = await self._overlapped(changes, exc)
+                    continue  # from the other pass's cursor
+                cursor = last.seq
+                if len(changes) < self.batch_size:
+                    break  # the log's end when it was read: later entries are the next pass's
         if applied:
             log.debug("index caught up", applied=applied, cursor=cursor)
         metrics.INDEX_LAG.set(0)
