@@ -28,7 +28,10 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mcp_rag.embedding.model_build import Quantization
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = REPO.parent / "shared" / "eval" / "scifact-train"
@@ -196,15 +199,23 @@ def write_subset(docs: Sequence[dict[str, Any]], folder: Path, name: str = "subs
 # --- the model ------------------------------------------------------------------------------
 
 
-def model_dir(arg: Path | None) -> Path:
+def model_dir(arg: Path | None, *, quantization: Quantization | None = None) -> Path:
+    """The model folder for mcp-rag: ``--model-dir``, else MCP_RAG_EMBEDDING_MODEL_DIR, else the build
+    of the default model a new database gets (int8), or the one ``quantization`` names."""
     if arg is not None:
         return arg
     env = os.environ.get("MCP_RAG_EMBEDDING_MODEL_DIR")
     if env:
         return Path(env)
+    return default_model_dir(quantization)
+
+
+def default_model_dir(quantization: Quantization | None = None) -> Path:
+    """The default model's build (``quantization``; unset: what a new database gets), built offline once."""
+    from mcp_rag.embedding.factory import DEFAULT_QUANTIZATION
     from mcp_rag.embedding.model_build import provision_default_model
 
-    return provision_default_model(DEFAULT_MODEL_PARENT)
+    return provision_default_model(DEFAULT_MODEL_PARENT, quantization=quantization or DEFAULT_QUANTIZATION)
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------

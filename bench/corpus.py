@@ -32,7 +32,6 @@ from bench.common import TENANT, Postgres, file_key, log, read_corpus, write_sub
 
 SEED_COLLECTION = "seed"
 CORPUS_COLLECTION = "bench"
-MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @dataclass
@@ -41,10 +40,19 @@ class Seed:
     docs: list[dict[str, Any]]  # corpus_id, title, content, chunk range [first, last)
     chunks: list[dict[str, Any]]  # position, text, start, end, heading_path, sparse indices/values
     dense: np.ndarray[Any, np.dtype[np.float32]]
+    model_name: str  # the identity of the build that embedded it (the server must load the same)
 
     @property
     def dimension(self) -> int:
         return int(self.dense.shape[1])
+
+
+def model_name(model: Path) -> str:
+    """The identity name a server gives the default model's build in ``model``."""
+    from mcp_rag.embedding import DEFAULT_MODEL
+    from mcp_rag.embedding.model_build import folder_quantization, identity_name
+
+    return identity_name(DEFAULT_MODEL, folder_quantization(model) or "none")
 
 
 def settings_for(data_dir: Path, database_url: str, model: Path, **extra: Any) -> Any:
@@ -69,7 +77,7 @@ def load_seed(dataset: Path, doc_limit: int | None, model: Path, pg: Postgres, w
     if cache_npz.is_file() and cache_json.is_file():
         meta = json.loads(cache_json.read_text())
         dense = np.load(cache_npz)["dense"]
-        return Seed(key, meta["docs"], meta["chunks"], dense)
+        return Seed(key, meta["docs"], meta["chunks"], dense, model_name(model))
     docs = read_corpus(dataset, doc_limit)
     log(f"embedding the seed corpus once ({len(docs)} documents; cached in {cache_npz.parent})")
     subset = write_subset(docs, work / "seeds" / f"seed-{key}", "corpus.jsonl")
@@ -122,7 +130,7 @@ async def _embed_seed(corpus: Path, model: Path, pg: Postgres, scratch: Path, ke
         )
         vectors.append(np.frombuffer(r[8], dtype="<f4"))
         out_docs[-1]["last"] = len(chunks)
-    return Seed(key, out_docs, chunks, np.stack(vectors).astype(np.float32))
+    return Seed(key, out_docs, chunks, np.stack(vectors).astype(np.float32), model_name(model))
 
 
 def synthetic_dense(seed: Seed, copy: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -184,7 +192,7 @@ async def _build(seed: Seed, target: int, dsn: str, index_dir: Path) -> dict[str
     store = Store(dsn, max_size=2)
     await store.open()
     index = EdgeIndex(index_dir)
-    await index.open(ModelIdentity(MODEL_NAME, seed.dimension))
+    await index.open(ModelIdentity(seed.model_name, seed.dimension))
     syncer = IndexSyncer(store, index)
     written = documents = real = 0
     try:

@@ -48,6 +48,7 @@ import anyio
 from bench.common import (
     Postgres,
     check_dataset,
+    default_model_dir,
     emit,
     fresh_dir,
     latency_fields,
@@ -453,7 +454,8 @@ def main() -> None:
         print(f"bench peer: {exc}", file=sys.stderr)
         raise SystemExit(UNREACHABLE) from exc
     model = model_dir(args.model_dir)
-    cache = fastembed_cache(model, work_dir / "fastembed-cache")
+    # The peer gets the float32 model it ships with, whatever build mcp-rag runs.
+    cache = fastembed_cache(default_model_dir("none"), work_dir / "fastembed-cache")
     work = workload(dataset, n_docs, n_queries)
     emit(
         BENCH,

@@ -70,7 +70,7 @@ def main() -> None:
 
     from mcp_rag.embedding.model_build import provision_default_model
 
-    fp32_dir = model_dir(args.model_dir)
+    fp32_dir = model_dir(args.model_dir, quantization="none")
     # the int8 build beside the float one (quantised from it when missing)
     int8_dir = args.int8_model_dir or provision_default_model(fp32_dir.parent, quantization="int8")
     work = args.work_dir / "quantization"
