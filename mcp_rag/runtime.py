@@ -260,7 +260,7 @@ async def open_runtime(
             log.warning(
                 "the index does not answer; starting without it (search fails until it does)", error=unreachable
             )
-        service = RagService(settings, store, index, embedder, syncer, defer_index_writes=follow and index.exclusive)
+        service = RagService(settings, store, index, embedder, syncer)
         runtime = Runtime(settings, store, index, embedder, syncer, service)
         if catch_up:
             try:

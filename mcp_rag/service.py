@@ -129,25 +129,14 @@ class _Prepared:
 
 class RagService:
     def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        index: VectorIndex,
-        embedder: Embedder,
-        syncer: IndexSyncer,
-        *,
-        defer_index_writes: bool = False,
+        self, settings: Settings, store: Store, index: VectorIndex, embedder: Embedder, syncer: IndexSyncer
     ) -> None:
-        """``defer_index_writes``: the sync worker runs in this process and the index is this
-        process's alone, so a write returns once committed and the worker applies it to the index;
-        searches here first wait for every write committed before them (read-your-writes)."""
         self.settings = settings
         self.store = store
         self.index = index
         self.embedder = embedder
         self.syncer = syncer
         self.reranker = create_reranker(settings)
-        self.defer_index_writes = defer_index_writes
 
     # --- ingestion -------------------------------------------------------------------
 
@@ -325,26 +314,15 @@ class RagService:
         return report
 
     async def _index_committed(self) -> None:
-        """Apply what was just committed to the index, or hand it to the sync worker (see
-        ``defer_index_writes``). The write is durable in Postgres with its change-log entry, so an
-        index that does not answer fails nothing: the sync worker (or the next catch-up) applies
-        it, and search never shows chunks Postgres does not have."""
-        if self.defer_index_writes:
-            self.syncer.committed()
-            return
+        """Apply what was just committed to the index. The write is durable in Postgres with its
+        change-log entry, so an index that does not answer fails nothing: the sync worker (or the
+        next catch-up) applies it, and search never shows chunks Postgres does not have."""
         try:
             await self.syncer.catch_up()
         except (IndexError_, UnavailableError) as exc:  # the index, or a read replica that does not answer
             log.warning(
                 "index not updated after a committed write; it will catch up from the change log", error=str(exc)[:300]
             )
-
-    async def _read_own_writes(self) -> None:
-        """Before reading the index: every write this process handed to the sync worker is in it."""
-        try:
-            await self.syncer.catch_up_if_behind()
-        except (IndexError_, UnavailableError) as exc:  # as after a write (above): answer from the index as it is
-            log.warning("index not caught up with this process's writes before reading it", error=str(exc)[:300])
 
     async def _prepare(
         self, tenant: str, collection: str, sources: Iterable[Source], raise_on_failure: bool
@@ -542,7 +520,6 @@ class RagService:
         self.syncer.require_model()
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")
-        await self._read_own_writes()
         wanted = limit if per_document is None else min(limit * DOCUMENT_OVERFETCH, MAX_CHUNKS_FETCHED)
         fetch = wanted if self.reranker is None else max(wanted, self.reranker.candidates)
         while True:
@@ -672,7 +649,6 @@ class RagService:
         every tenant's when ``tenant`` is None (the operator's CLI)."""
         stats = await self.store.stats(tenant)
         self.syncer.require_open()
-        await self._read_own_writes()
         points = await self.index.count(SearchFilter(tenant=tenant) if tenant is not None else None)
         return stats, points, await self.syncer.lag(tenant)
 

@@ -75,11 +75,6 @@ class IndexSyncer:
         self.diverged = ""
         """Why the index does not belong to the database's change-log history ("" when it does)."""
         self.rebuilding = False
-        self._committed = 0
-        """Writes this process committed and handed to the sync worker (see ``committed``)."""
-        self._covered = 0
-        """How many of them a finished pass has applied."""
-        self._wake = anyio.Event()
 
     # --- an index that could not be opened at start (a Qdrant server that does not answer) ---
 
@@ -159,32 +154,10 @@ class IndexSyncer:
         self.open_error = ""
         log.info("index opened; catching up from the change log")
 
-    # --- writes applied by the sync worker, read by this process's searches --------------
-
-    def committed(self) -> None:
-        """A write was committed here and its change-log entries wait for the sync worker: wake it.
-        Until a pass has applied them, ``catch_up_if_behind`` (every search) applies them first."""
-        self._committed += 1
-        self._wake.set()
-
-    async def catch_up_if_behind(self) -> None:
-        """Read-your-writes: return once every write ``committed`` in this process so far is in the
-        index, running the pass (or waiting for the one in progress) when one is not."""
-        if self._covered >= self._committed:
-            return
-        async with self._lock:
-            if self._covered < self._committed:
-                await self._catch_up_locked()
-
     async def catch_up(self) -> int:
         """Apply every change not yet in the index; returns how many entries were applied."""
-        async with self._lock:
-            return await self._catch_up_locked()
-
-    async def _catch_up_locked(self) -> int:
         applied = 0
-        target = self._committed  # committed before the change log is read below: this pass applies them
-        async with self.store.sync_lock():
+        async with self._lock, self.store.sync_lock():
             await self._ensure_open()
             start = await self.index.read_cursor()
             await self.check_history(start)
@@ -208,7 +181,6 @@ class IndexSyncer:
         if applied:
             log.debug("index caught up", applied=applied, cursor=cursor)
         metrics.INDEX_LAG.set(0)
-        self._covered = max(self._covered, target)
         return applied
 
     async def _overlapped(self, changes: Sequence[Change], exc: CursorConflictError) -> int:
@@ -263,8 +235,10 @@ class IndexSyncer:
                 if failures in (1, 10) or failures % 100 == 0:
                     log.warning("index sync failed; retrying", error=str(exc)[:300], failures=failures)
             with anyio.move_on_after(interval):
-                await _first_of(self._wake, stop)
-            self._wake = anyio.Event()
+                if stop is not None:
+                    await stop.wait()
+                else:
+                    await anyio.sleep(interval)
 
     async def reindex(self, *, only_if_diverged: bool = False) -> int:
         """Rebuild the index from Postgres alone; returns the number of points written.
@@ -326,16 +300,3 @@ class IndexSyncer:
         keep = [c.chunk_id for c in chunks]
         for tenant, ids in by_tenant.items():
             await self.index.delete_documents(tenant, ids, keep_ids=keep)
-
-
-async def _first_of(*events: anyio.Event | None) -> None:
-    """Return when any of ``events`` (None: never) is set."""
-    async with anyio.create_task_group() as tg:
-
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        for event in events:
-            if event is not None:
-                tg.start_soon(wait, event)

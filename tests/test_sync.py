@@ -4,8 +4,7 @@ lock cannot exclude, and a bounded stress run of concurrent writers with a sync 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import anyio
 import psycopg
@@ -26,12 +25,9 @@ from mcp_rag.index.base import (
     SearchFilter,
     VectorIndex,
 )
-from mcp_rag.index.qdrant_edge import EdgeIndex
-from mcp_rag.runtime import Runtime, open_runtime
-from mcp_rag.settings import Settings
+from mcp_rag.runtime import Runtime
 from mcp_rag.store.postgres import Store
 from mcp_rag.sync import IndexSyncer
-from tests.conftest import make_index
 from tests.pgcluster import PgServer
 from tests.test_multi_region import standby_of, wait_replayed
 from tests.test_store import T, make_write
@@ -43,7 +39,6 @@ class GatedIndex(VectorIndex):
 
     def __init__(self, inner: VectorIndex) -> None:
         self.inner = inner
-        self.exclusive = inner.exclusive
         self.upsert_gate: tuple[anyio.Event, anyio.Event] | None = None
         self.cursor_gate: tuple[anyio.Event, anyio.Event] | None = None
 
@@ -335,54 +330,3 @@ async def test_an_index_of_another_history_is_refused_then_rebuilt_once(runtime:
     assert await runtime.readiness() == []
     assert await index.read_cursor() == Cursor(seq, await store.log_stamp(seq) or "")
     assert await index.point_ids() == await store.all_chunk_ids()
-
-
-# --- writes applied by the sync worker, read back by the same process ------------------------------
-
-
-async def test_with_its_own_index_a_write_returns_once_committed_and_a_search_waits_for_it(
-    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
-) -> None:
-    """A server process whose index no other process opens (the embedded engine) hands its writes to
-    its sync worker: an ingest returns once Postgres has it, the worker (woken by the write, not its
-    timer) applies it, and a search in the process waits for that before reading the index."""
-    settings = make_settings(sync_in_server=True, sync_interval_seconds=3600)
-    gated = GatedIndex(EdgeIndex(tmp_path / "index"))
-    async with open_runtime(settings, index=gated, embedder=embedder) as rt:
-        assert rt.service.defer_index_writes
-        gated.upsert_gate = at_upsert = gate()
-        with anyio.fail_after(60):  # an ingest that applied its write itself would stop at the gate
-            outcome = await rt.service.ingest_text(
-                T, "Lighthouse keepers trimmed the lamp wicks every night.", title="Lighthouses", source_uri="t://l"
-            )
-            await at_upsert[0].wait()  # the worker's pass, after the ingest returned
-        assert await gated.count() == 0
-        found: list[str] = []
-
-        async def search() -> None:
-            found.extend(r.document_id for r in await rt.service.search(T, "trimming lamp wicks", top_k=3))
-
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(search)
-                await anyio.sleep(0.3)
-                assert found == []  # waiting for the pass that holds the write
-                at_upsert[1].set()
-        assert found == [outcome.document_id]
-        stats, points, lag = await rt.service.stats(T)
-        assert (stats.chunks, points, lag) == (outcome.chunks, outcome.chunks, 0)
-
-
-async def test_an_index_other_processes_share_is_written_before_a_write_returns(
-    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
-) -> None:
-    """A Qdrant server is read by every replica of the region: a write is in it before the write
-    returns, so a search on any replica finds it."""
-    settings = make_settings(sync_in_server=True, sync_interval_seconds=3600)
-    index = make_index("qdrant-server", tmp_path / "index")
-    async with open_runtime(settings, index=index, embedder=embedder) as rt:
-        assert not rt.service.defer_index_writes
-        outcome = await rt.service.ingest_text(
-            T, "Canal locks raise barges between two water levels.", title="Canals", source_uri="t://c"
-        )
-        assert await index.count() == outcome.chunks > 0

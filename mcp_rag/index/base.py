@@ -152,10 +152,6 @@ def model_mismatch_message(stored: ModelIdentity, configured: ModelIdentity) -> 
 class VectorIndex(abc.ABC):
     """One interface, several engines. All methods are safe to call from the event loop."""
 
-    exclusive = False
-    """Only the process that opened it reads and writes it (an embedded engine's directory): its
-    searches can wait for its own writes, which then need not be applied inside the request."""
-
     @abc.abstractmethod
     async def open(self, model: ModelIdentity) -> None:
         """Create the index if missing, else verify it was built with ``model``.

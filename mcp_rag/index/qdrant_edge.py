@@ -91,8 +91,6 @@ _SCROLL_PAGE = 1000
 
 
 class EdgeIndex(VectorIndex):
-    exclusive = True  # the owner lock keeps every other process out
-
     def __init__(self, directory: Path, *, flush_seconds: float = 5.0) -> None:
         self._dir = Path(directory)
         self._flush_seconds = flush_seconds
