@@ -16,7 +16,7 @@ import anyio
 
 from . import metrics
 from .chunking import chunk_text
-from .embedding import Embedder, QueryEmbedding
+from .embedding import Embedder, Embedding, QueryEmbedding
 from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, UnavailableError
 from .extract import SourceDocument, read_file
 from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
@@ -386,14 +386,8 @@ class RagService:
         todo = [(doc, h) for uri, (doc, h) in pending.items() if existing.get(uri) != h]
         if not todo:
             return _Prepared([], unchanged, failures, seen, restat)
-        chunked = await anyio.to_thread.run_sync(self._chunk_all, [doc for doc, _ in todo])
-        items = [
-            (doc, chunk.heading_path, chunk.text)
-            for doc, chunks in zip([d for d, _ in todo], chunked, strict=True)
-            for chunk in chunks
-        ]
-        texts = await anyio.to_thread.run_sync(passage_texts, self.embedder, self.settings.chunk_tokens, items)
-        embeddings = await self.embedder.embed_passages(texts)
+        # One worker thread for the whole CPU-bound step: chunking, context lines and the models.
+        chunked, embeddings = await anyio.to_thread.run_sync(self._chunk_and_embed, [doc for doc, _ in todo])
         writes: list[DocumentWrite] = []
         k = 0
         for (doc, digest), chunks in zip(todo, chunked, strict=True):
@@ -418,6 +412,14 @@ class RagService:
                 )
             )
         return _Prepared(writes, unchanged, failures, seen, restat)
+
+    def _chunk_and_embed(self, docs: Sequence[SourceDocument]) -> tuple[list[list[Any]], list[Embedding]]:
+        chunked = self._chunk_all(docs)
+        items = [
+            (doc, chunk.heading_path, chunk.text) for doc, chunks in zip(docs, chunked, strict=True) for chunk in chunks
+        ]
+        texts = passage_texts(self.embedder, self.settings.chunk_tokens, items)
+        return chunked, self.embedder.embed_passages_sync(texts) if texts else []
 
     def _chunk_all(self, docs: Sequence[SourceDocument]) -> list[list[Any]]:
         counter = self.embedder.count_tokens
