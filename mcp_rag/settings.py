@@ -156,8 +156,8 @@ class Settings(BaseSettings):
     taken as this setting says, float32 when unset)."""
     embedding_batch_size: int = Field(default=1, ge=1, le=1024)
     """Passages per model call. The model pads every passage of a call to the longest one, and on CPU a
-    larger call saves nothing else, so one passage a call is fastest (docs/benchmarks.md, "Passages per
-    model call") and needs the least memory for activations."""
+    larger call saves nothing else, so one passage a call is fastest (docs/benchmarks.md, "One-call-per-document
+    ingest") and needs the least memory for activations."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)
     embedding_provider: EmbeddingProvider = "fastembed"
     """``fastembed`` (the model in this process) or ``openai`` (any server speaking ``POST /v1/embeddings``)."""
