@@ -27,7 +27,7 @@ from .resource_server import OAuthGate, ResourceServer, tool_scopes
 from .runtime import Runtime, open_runtime
 from .server import build_server
 from .settings import Settings
-from .tools import InFlight
+from .types import InFlight
 
 log = get_logger(__name__)
 

@@ -16,8 +16,9 @@ from mcp_types import Tool as MCPTool
 from . import __version__, tools
 from .runtime import Runtime
 from .tools import prompts, resources
-from .tools.base import CallerMiddleware, InFlight
+from .tools.base import CallerMiddleware
 from .tools.schema import compact_schema
+from .types import InFlight
 
 INSTRUCTIONS = """\
 This server holds a searchable library of documents (retrieval-augmented generation).

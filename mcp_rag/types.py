@@ -78,3 +78,10 @@ def fingerprint_of(vector: Sequence[float]) -> tuple[float, ...]:
     """The fingerprint of a model from its vector of ``FINGERPRINT_PROBE``."""
     norm = sum(float(v) * float(v) for v in vector) ** 0.5 or 1.0
     return tuple(round(float(v) / norm, 6) for v in list(vector)[:FINGERPRINT_COMPONENTS])
+
+
+class InFlight:
+    """How many tool calls are running now: a server lets them finish before it stops."""
+
+    def __init__(self) -> None:
+        self.count = 0

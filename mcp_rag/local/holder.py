@@ -30,8 +30,7 @@ from ..errors import ConfigurationError
 from ..logging import get_logger
 from ..runtime import Runtime, open_runtime
 from ..settings import Settings
-from ..tools import InFlight
-from ..tools.base import session_principal
+from ..types import InFlight
 from .election import HoldLock
 from .protocol import HELLO, MAX_LINE, encode, principal_from_hello, store_fingerprint, version_refusal
 from .questions import QUESTIONS, answer
@@ -126,6 +125,8 @@ class Holder:
         self, hello: dict[str, Any], receive: BufferedByteReceiveStream, stream: anyio.abc.SocketStream
     ) -> None:
         from mcp.server.stdio import stdio_server
+
+        from ..tools.base import session_principal
 
         read_only = bool(hello.get("read_only")) or self.settings.read_only
         tenant = str(hello.get("tenant") or self.settings.default_tenant)

@@ -5,6 +5,6 @@ module imported below) and its test; ``register`` picks it up.
 """
 
 from . import documents, ingest, search  # noqa: F401  (importing a module declares its tools)
-from .base import TOOLS, CallerMiddleware, InFlight, current, register, tool
+from .base import TOOLS, CallerMiddleware, current, register, tool
 
-__all__ = ["TOOLS", "CallerMiddleware", "InFlight", "current", "register", "tool"]
+__all__ = ["TOOLS", "CallerMiddleware", "current", "register", "tool"]

@@ -31,6 +31,7 @@ from ..errors import RagError, UnavailableError, describe
 from ..logging import get_logger
 from ..runtime import Runtime
 from ..service import RagService
+from ..types import InFlight
 
 log = get_logger("mcp_rag.tools")
 
@@ -107,13 +108,6 @@ def current() -> Call:
     if call is None:
         raise RuntimeError("current() outside a tool call")
     return call
-
-
-class InFlight:
-    """How many tool calls are running now: the HTTP server lets them finish before it stops."""
-
-    def __init__(self) -> None:
-        self.count = 0
 
 
 _caller: ContextVar[Principal | None] = ContextVar("mcp_rag_caller", default=None)
