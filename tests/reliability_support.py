@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -246,7 +247,6 @@ class GateProxy:
     """
 
     def __init__(self, target_port: int) -> None:
-        import socket
         import threading
 
         self._threading = threading
@@ -270,8 +270,6 @@ class GateProxy:
         self._open.set()
 
     def _accept(self) -> None:
-        import socket
-
         while not self._stop.is_set():
             try:
                 client, _ = self._listener.accept()
@@ -303,7 +301,13 @@ class GateProxy:
         except OSError:
             pass
         finally:
+            # Shut down before closing: the pump of the other direction is blocked in recv() on one of
+            # these sockets, and a plain close() leaves the connection open until that recv returns.
+            # Postgres would then keep a killed client's backend (and its session locks, such as the
+            # index sync lock) alive until the proxy closes.
             for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     s.close()
 

@@ -23,10 +23,13 @@ is reused, then stopped, by the next one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -331,6 +334,26 @@ def crash_env(tmp_path: Path, model_dir: Path, database_url: str, pg_server: PgS
     finally:
         obs.close()
         proxy.close()
+
+
+def test_the_proxy_passes_a_dead_clients_disconnect_on(crash_env: dict[str, Any]) -> None:
+    """A process killed while its connection through the proxy is idle must not leave its Postgres
+    session (and the session locks it holds, such as the index sync lock) behind: the next server
+    would wait for that lock on every write."""
+    proxy, dsn = crash_env["proxy"], crash_env["dsn"]
+    through_proxy = psycopg.connect(dsn.replace(f":{proxy.target_port}/", f":{proxy.port}/"), autocommit=True)
+    through_proxy.execute("SELECT pg_advisory_lock(4242)")
+    # The process dies: the kernel closes its socket (the connection object is simply dropped here).
+    socket.socket(fileno=os.dup(through_proxy.pgconn.socket)).shutdown(socket.SHUT_RDWR)
+    with psycopg.connect(dsn, autocommit=True) as other:
+
+        def lock_free() -> bool:
+            row = other.execute("SELECT pg_try_advisory_lock(4242)").fetchone()
+            return bool(row and row[0])
+
+        wait_until(lock_free, "the dead client's session lock to go", timeout=10, interval=0.1)
+    with contextlib.suppress(psycopg.Error):
+        through_proxy.close()
 
 
 def test_cli_ingest_killed_before_during_and_after_commit(crash_env: dict[str, Any]) -> None:
