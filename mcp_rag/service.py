@@ -419,7 +419,7 @@ class RagService:
             (doc, chunk.heading_path, chunk.text) for doc, chunks in zip(docs, chunked, strict=True) for chunk in chunks
         ]
         texts = passage_texts(self.embedder, self.settings.chunk_tokens, items)
-        return chunked, self.embedder.embed_passages_sync(texts) if texts else []
+        return chunked, self.embedder.embed_passages_sync(texts)
 
     def _chunk_all(self, docs: Sequence[SourceDocument]) -> list[list[Any]]:
         counter = self.embedder.count_tokens

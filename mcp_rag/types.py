@@ -1,5 +1,6 @@
-"""The vocabulary every layer shares: vectors, the model identity, metadata values, search modes
-and the limits of a query. Nothing here depends on any other module of the package."""
+"""The vocabulary every layer shares: vectors, the model identity, metadata values, search modes,
+the limits of a query and the count of tool calls in flight. Nothing here depends on any other
+module of the package."""
 
 from __future__ import annotations
 

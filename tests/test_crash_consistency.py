@@ -344,7 +344,8 @@ def test_the_proxy_passes_a_dead_clients_disconnect_on(crash_env: dict[str, Any]
     through_proxy = psycopg.connect(dsn.replace(f":{proxy.target_port}/", f":{proxy.port}/"), autocommit=True)
     through_proxy.execute("SELECT pg_advisory_lock(4242)")
     # The process dies: the kernel closes its socket (the connection object is simply dropped here).
-    socket.socket(fileno=os.dup(through_proxy.pgconn.socket)).shutdown(socket.SHUT_RDWR)
+    with socket.socket(fileno=os.dup(through_proxy.pgconn.socket)) as dying:
+        dying.shutdown(socket.SHUT_RDWR)
     with psycopg.connect(dsn, autocommit=True) as other:
 
         def lock_free() -> bool:
