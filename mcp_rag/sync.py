@@ -4,10 +4,11 @@ Each change names a document (or a whole collection). Applying it *reconciles* t
 index with what Postgres says now: the document's current chunks are upserted and every
 other point of that document is deleted; a document that no longer exists loses all its
 points. Reconciling is idempotent, so replaying entries (after a crash, or by two
-workers) is harmless; still, the workers of one region (every replica of the server, and
-``mcp-rag sync --follow``) take turns through an advisory lock on the read database, so
-two passes never interleave their reads and writes. The cursor (last applied seq) lives with the index, which is the
-one thing a region can always write.
+workers) is harmless; still, the workers of one region that share a Qdrant server (every
+replica of the server, and ``mcp-rag sync --follow``) take turns through an advisory lock on
+the read database, so two passes never interleave their reads and writes. An index only its own
+process can open (``VectorIndex.exclusive``: the embedded engine) needs no such lock. The cursor (last applied seq) lives with the index, which is the one thing
+a region can always write.
 
 Two guards do not rely on that lock:
 
@@ -27,7 +28,9 @@ Two guards do not rely on that lock:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 
@@ -105,7 +108,10 @@ class IndexSyncer:
     async def check_history(self, cursor: Cursor) -> None:
         """Raise IndexDivergedError unless ``cursor`` names an entry of the database's change log
         (UnavailableError while a replica has not replayed that entry yet)."""
-        stamp = await self.store.log_stamp(cursor.seq) if cursor.seq else ""
+        await self._check_stamp(cursor, await self.store.log_stamp(cursor.seq) if cursor.seq else "")
+
+    async def _check_stamp(self, cursor: Cursor, stamp: str | None) -> None:
+        """``check_history`` with the stamp the log has at the cursor's seq (None: no such entry)."""
         if cursor.seq == 0 or (stamp is not None and (stamp == cursor.origin or not cursor.origin)):
             # The same entry (an index from before stamps were kept adopts the one it finds), or an
             # empty index. A rebuild in progress stays diverged until it has finished.
@@ -157,15 +163,13 @@ class IndexSyncer:
     async def catch_up(self) -> int:
         """Apply every change not yet in the index; returns how many entries were applied."""
         applied = 0
-        async with self._lock, self.store.sync_lock():
+        async with self._lock, self._region_lock():
             await self._ensure_open()
             start = await self.index.read_cursor()
-            await self.check_history(start)
             cursor = start.seq
-            while True:
-                changes = await self.store.changes_after(cursor, self.batch_size)
-                if not changes:
-                    break
+            stamp, changes = await self.store.changes_from(cursor, self.batch_size)
+            await self._check_stamp(start, stamp)
+            while changes:
                 await self._apply(changes)
                 last = changes[-1]
                 applied += len(changes)
@@ -174,14 +178,20 @@ class IndexSyncer:
                     await self.index.set_cursor(last.seq, last.stamp, expected=cursor)
                 except CursorConflictError as exc:
                     cursor = await self._overlapped(changes, exc)
-                    continue  # from the other pass's cursor
-                cursor = last.seq
-                if len(changes) < self.batch_size:
-                    break  # the log's end when it was read: later entries are the next pass's
+                else:
+                    cursor = last.seq
+                    if len(changes) < self.batch_size:
+                        break  # the log's end when it was read: later entries are the next pass's
+                changes = await self.store.changes_after(cursor, self.batch_size)
         if applied:
             log.debug("index caught up", applied=applied, cursor=cursor)
         metrics.INDEX_LAG.set(0)
         return applied
+
+    def _region_lock(self) -> AbstractAsyncContextManager[None]:
+        """The database lock that makes the region's passes take turns; none for an index only
+        this process writes (its passes already take turns through ``self._lock``)."""
+        return contextlib.nullcontext() if self.index.exclusive else self.store.sync_lock()
 
     async def _overlapped(self, changes: Sequence[Change], exc: CursorConflictError) -> int:
         """Another pass moved the cursor while this one applied ``changes``: its writes and ours
@@ -245,7 +255,7 @@ class IndexSyncer:
 
         ``only_if_diverged``: first check again, under the sync lock, that the index still does
         not match the change log (another worker of the region may have rebuilt it meanwhile)."""
-        async with self._lock, self.store.sync_lock():
+        async with self._lock, self._region_lock():
             await self._ensure_open()
             if only_if_diverged:
                 try:

@@ -226,6 +226,7 @@ async def test_delete_collection_counts_documents_committed_while_it_waited(
 # --- 6: a cancelled sync pass ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("index_kind", ["qdrant-server"])  # the shared index: the one whose passes lock
 async def test_sync_pass_cancelled_while_waiting_for_the_lock_stays_cancelled(
     runtime: Runtime, database_url: str
 ) -> None:
@@ -257,6 +258,21 @@ async def test_sync_pass_cancelled_while_waiting_for_the_lock_stays_cancelled(
     # The pool is left healthy, and no session kept the lock: the next pass runs at once.
     with anyio.fail_after(5):
         assert await runtime.syncer.catch_up() == 0
+
+
+@pytest.mark.parametrize("index_kind", ["qdrant-edge"])
+async def test_a_pass_over_an_index_only_its_process_opens_takes_no_database_lock(
+    runtime: Runtime, database_url: str, embedder: Embedder
+) -> None:
+    # Another process's pass, over its own index, holds the region's lock: it is no reason to wait.
+    assert runtime.index.exclusive
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as other:
+        await other.execute("SELECT pg_advisory_lock(%s)", (SYNC_LOCK_KEY,))
+        with anyio.fail_after(5):
+            await runtime.service.ingest_text(T, "Herons wade in shallow water.", source_uri="note://heron")
+            assert await runtime.syncer.lag() == 0
+            assert [r.source_uri for r in await runtime.service.search(T, "heron", top_k=3)] == ["note://heron"]
+        await other.execute("SELECT pg_advisory_unlock(%s)", (SYNC_LOCK_KEY,))
 
 
 # --- 9: pending changes are the caller's own ----------------------------------------------------

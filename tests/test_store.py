@@ -321,6 +321,12 @@ async def test_change_log_is_ordered(store: Store, embedder: Embedder) -> None:
     assert len(set(seqs)) == len(seqs)
     assert await store.changes_after(seqs[2], 1) == [changes[3]]
     assert await store.changes_after(seqs[-1], 10) == []
+    # What a sync pass reads first: the stamp at its cursor, and the entries after it.
+    assert await store.changes_from(0, 2) == ("", changes[:2])
+    assert await store.changes_from(seqs[2], 1) == (changes[2].stamp, [changes[3]])
+    assert await store.changes_from(seqs[-1], 10) == (changes[-1].stamp, [])
+    assert await store.changes_from(seqs[-1] + 5, 10) == (None, [])  # no such entry: another history
+    assert changes[2].stamp == await store.log_stamp(seqs[2])
     assert await store.pending_changes(0) == 6
     assert await store.pending_changes(seqs[3]) == 2
     assert await store.last_change_seq() == seqs[-1]

@@ -152,6 +152,10 @@ def model_mismatch_message(stored: ModelIdentity, configured: ModelIdentity) -> 
 class VectorIndex(abc.ABC):
     """One interface, several engines. All methods are safe to call from the event loop."""
 
+    exclusive: bool = False
+    """Whether only the process that opened the index can write to it (the engine locks it): then
+    no other process's sync pass shares it, and index sync takes no lock in the database."""
+
     @abc.abstractmethod
     async def open(self, model: ModelIdentity) -> None:
         """Create the index if missing, else verify it was built with ``model``.

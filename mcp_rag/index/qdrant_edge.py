@@ -91,6 +91,8 @@ _SCROLL_PAGE = 1000
 
 
 class EdgeIndex(VectorIndex):
+    exclusive = True  # owner.pid is flock-ed by the process that opened it
+
     def __init__(self, directory: Path, *, flush_seconds: float = 5.0) -> None:
         self._dir = Path(directory)
         self._flush_seconds = flush_seconds
