@@ -36,6 +36,9 @@ _SENTENCE_END = re.compile(
     r"(?:(?<=[.!?…])|(?<=[.!?…][\"')\]])|(?<=[.!?…][\"')\]]{2}))\s+(?=[\"'(\[]?[A-Z0-9À-Ý])|(?<=[\u3002\uff01\uff1f])"
 )
 _WORD = re.compile(r"\S+")
+# A line a top-level heading could be on: an ATX "#" or a setext underline, behind at most three
+# spaces. A text without one has no headings, and is not parsed for them.
+_HEADING_CANDIDATE = re.compile(r"(?:^|[\r\n])[ ]{0,3}[#=-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,8 @@ def markdown_headings(text: str, *, raw_html: bool = True) -> list[Heading]:
     """Top-level ATX and setext headings of a markdown text, with their text as a reader sees it.
     ``raw_html=False`` reads ``<tag>`` as text: right for markdown converted from HTML, where such
     text is literal (an option named ``<script>``) and must not open an HTML block."""
+    if not _HEADING_CANDIDATE.search(text):
+        return []
     line_starts = [0] + [m.end() for m in _NEWLINE.finditer(text)]
     return [
         (line_starts[min(line, len(line_starts) - 1)], level, title)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mcp_rag import chunking
 from mcp_rag.chunking import Chunk, chunk_text
 from mcp_rag.embedding import Embedder
 
@@ -364,6 +365,23 @@ def test_a_text_that_fits_whole_tokens_is_one_chunk_without_overlap() -> None:
     split = chunk_text(text, words, max_tokens=20, overlap_tokens=5, whole_tokens=65)
     assert split == chunk_text(text, words, max_tokens=20, overlap_tokens=5)  # one token over: cut as before
     assert len(split) > 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            ["# A", "   ## B", "Text.", "===", " ---", "    # code", "\t# tab", "- item", "> # quoted", ""]
+        ),
+        max_size=8,
+    ),
+    st.sampled_from(["\n", "\r\n", "\r"]),
+)
+def test_texts_skipped_by_the_heading_prefilter_have_no_headings(lines: list[str], newline: str) -> None:
+    # Only a text with a line a heading could be on is parsed: what the parser finds is still found.
+    text = newline.join(lines)
+    parsed = [title for _, _, title in chunking._headings(chunking._parser(True).parse(text)) if title]
+    assert [title for _, _, title in chunking.markdown_headings(text)] == parsed
 
 
 def test_headings_still_split_a_text_that_would_fit_whole() -> None:
