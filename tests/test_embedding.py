@@ -169,6 +169,21 @@ def test_large_batches_match_one_by_one(model_dir: Path, tmp_path: Path, embedde
         np.testing.assert_allclose(got.sparse.values, alone.sparse.values, rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_queries_and_passages_get_the_same_vectors_whatever_the_threads(
+    model_dir: Path, tmp_path: Path, embedder: Embedder, threads: int | None
+) -> None:
+    # Queries run in their own single-threaded session of the model: the same model, the same vectors.
+    other = Embedder(
+        Settings(data_dir=tmp_path, embedding_model_dir=model_dir, embedding_threads=threads, _env_file=None)
+    )
+    texts = ["Lichens grow on bare rock.", "How do glaciers carve valleys?"]
+    for text, passage in zip(texts, embedder.embed_passages_sync(texts), strict=True):
+        query = other.embed_query_sync(text).dense
+        assert query is not None
+        np.testing.assert_allclose(query, passage.dense, atol=1e-5)
+
+
 async def test_embedding_does_not_block_the_event_loop(embedder: Embedder) -> None:
     texts = [f"Paragraph {i}: " + "the river flows past the old mill and the meadow " * 12 for i in range(32)]
     ticks = 0

@@ -36,6 +36,7 @@ class FastembedProvider(DenseProvider):
         self._threads = threads
         self._batch_size = batch_size
         self._model: Any = None
+        self._query_model: Any = None
         self._identity: ModelIdentity | None = None
         self._budget: TokenizerBudget | None = None
 
@@ -51,6 +52,10 @@ class FastembedProvider(DenseProvider):
             kwargs["specific_model_path"] = str(self._model_dir)
         try:
             model: Any = TextEmbedding(self._name, **kwargs)
+            # A query is a few tokens: splitting it over threads costs more than it saves, and on a
+            # busy machine the threads' wait for each other is most of its time. Queries get their
+            # own single-threaded session of the same model (unless passages already have one thread).
+            query_model: Any = model if self._threads == 1 else TextEmbedding(self._name, **{**kwargs, "threads": 1})
         except Exception as exc:
             hint = (
                 f"from {self._model_dir}"
@@ -58,12 +63,13 @@ class FastembedProvider(DenseProvider):
                 else "(fastembed downloads it; set MCP_RAG_EMBEDDING_MODEL_DIR offline)"
             )
             raise ConfigurationError(f"cannot load embedding model {self._name!r} {hint}: {exc}") from exc
-        probe = np.asarray(next(iter(model.query_embed("dimension probe"))), dtype=np.float32)
+        probe = np.asarray(next(iter(query_model.query_embed("dimension probe"))), dtype=np.float32)
         tokenizer = model.model.tokenizer
         # The window in text tokens: the tokenizer's max_length less [CLS] and [SEP].
         window = int((tokenizer.truncation or {}).get("max_length", 512)) - 2
         self._budget = TokenizerBudget(tokenizer, window)
         self._model = model
+        self._query_model = query_model
         # fastembed knows the model (and its pooling) by its own name; the identity says which build.
         self._identity = ModelIdentity(
             name=identity_name(self._name, self._quantization), dimension=int(probe.shape[0])
@@ -76,7 +82,7 @@ class FastembedProvider(DenseProvider):
         ]
 
     def embed_query(self, text: str) -> DenseVector:
-        return np.asarray(next(iter(self._model.query_embed(text))), dtype=np.float32)
+        return np.asarray(next(iter(self._query_model.query_embed(text))), dtype=np.float32)
 
     def token_budget(self) -> TokenBudget:
         if self._budget is None:
