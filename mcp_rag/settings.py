@@ -159,8 +159,9 @@ class Settings(BaseSettings):
     larger call saves nothing else, so one passage a call is fastest (docs/benchmarks.md, "One-call-per-document
     ingest") and needs the least memory for activations."""
     embedding_threads: int | None = Field(default=None, ge=1, le=64)
-    """ONNX Runtime threads for passages (unset: one per core). Queries always run on one thread, in a
-    session of their own: a query is too short to gain from more (docs/benchmarks.md)."""
+    """Cores the local model uses (unset: every core this process may run on). A lone passage runs on a
+    session with this many ONNX Runtime threads; several passages run this many single-threaded calls
+    side by side; a query always runs on one thread (docs/benchmarks.md has why)."""
     embedding_provider: EmbeddingProvider = "fastembed"
     """``fastembed`` (the model in this process) or ``openai`` (any server speaking ``POST /v1/embeddings``)."""
     embedding_base_url: str | None = None

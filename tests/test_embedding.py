@@ -153,15 +153,25 @@ def test_count_tokens(embedder: Embedder) -> None:
 # --- batching and the event loop -------------------------------------------------------------------
 
 
-def test_large_batches_match_one_by_one(model_dir: Path, tmp_path: Path, embedder: Embedder) -> None:
+@pytest.mark.parametrize(("threads", "sizes_seen"), [(1, [4, 4, 2]), (2, [8, 2])])
+def test_large_batches_match_one_by_one(
+    model_dir: Path, tmp_path: Path, embedder: Embedder, threads: int, sizes_seen: list[int]
+) -> None:
+    # Calls of 4 passages; with two threads, two such calls at once (side by side on the cores).
     sizes: list[int] = []
     small = Embedder(
-        Settings(data_dir=tmp_path, embedding_model_dir=model_dir, embedding_batch_size=4, _env_file=None),
+        Settings(
+            data_dir=tmp_path,
+            embedding_model_dir=model_dir,
+            embedding_batch_size=4,
+            embedding_threads=threads,
+            _env_file=None,
+        ),
         on_batch=lambda n, seconds: sizes.append(n),
     )
     texts = [f"Passage number {i} talks about topic {i * 7 % 5} in some detail." for i in range(10)]
     batched = small.embed_passages_sync(texts)
-    assert sizes == [4, 4, 2]
+    assert sizes == sizes_seen
     for text, got in zip(texts, batched, strict=True):
         [alone] = embedder.embed_passages_sync([text])
         np.testing.assert_allclose(got.dense, alone.dense, atol=1e-5)

@@ -1,9 +1,17 @@
 """The default dense provider: a fastembed ONNX model in this process, loaded from a local folder
-(the default model is built offline from a PyPI package, so nothing is downloaded)."""
+(the default model is built offline from a PyPI package, so nothing is downloaded).
+
+Two sessions of the model: one whose calls spread over the cores (``threads``, unset: all), for a
+lone passage, and a single-threaded one for queries, and for several passages at once, one call per
+core side by side. A short input gains little from threads that wait for each other at every
+layer; separate inputs on separate cores do not wait (docs/benchmarks.md has the measurements).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +42,12 @@ class FastembedProvider(DenseProvider):
         self._model_dir = model_dir
         self._cache_dir = cache_dir
         self._threads = threads
+        self._workers = threads or available_cores()
+        """Calls of several passages at once run side by side, on the single-threaded session."""
+        self._pool: ThreadPoolExecutor | None = None
         self._batch_size = batch_size
         self._model: Any = None
-        self._query_model: Any = None
+        self._single: Any = None
         self._identity: ModelIdentity | None = None
         self._budget: TokenizerBudget | None = None
 
@@ -52,10 +63,7 @@ class FastembedProvider(DenseProvider):
             kwargs["specific_model_path"] = str(self._model_dir)
         try:
             model: Any = TextEmbedding(self._name, **kwargs)
-            # A query is a few tokens: splitting it over threads costs more than it saves, and on a
-            # busy machine the threads' wait for each other is most of its time. Queries get their
-            # own single-threaded session of the same model (unless passages already have one thread).
-            query_model: Any = model if self._threads == 1 else TextEmbedding(self._name, **{**kwargs, "threads": 1})
+            single: Any = model if self._threads == 1 else TextEmbedding(self._name, **{**kwargs, "threads": 1})
         except Exception as exc:
             hint = (
                 f"from {self._model_dir}"
@@ -63,28 +71,50 @@ class FastembedProvider(DenseProvider):
                 else "(fastembed downloads it; set MCP_RAG_EMBEDDING_MODEL_DIR offline)"
             )
             raise ConfigurationError(f"cannot load embedding model {self._name!r} {hint}: {exc}") from exc
-        probe = np.asarray(next(iter(query_model.query_embed("dimension probe"))), dtype=np.float32)
+        probe = np.asarray(next(iter(single.query_embed("dimension probe"))), dtype=np.float32)
         tokenizer = model.model.tokenizer
         # The window in text tokens: the tokenizer's max_length less [CLS] and [SEP].
         window = int((tokenizer.truncation or {}).get("max_length", 512)) - 2
         self._budget = TokenizerBudget(tokenizer, window)
         self._model = model
-        self._query_model = query_model
+        self._single = single
+        if self._workers > 1:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="mcp-rag-embed")
         # fastembed knows the model (and its pooling) by its own name; the identity says which build.
         self._identity = ModelIdentity(
             name=identity_name(self._name, self._quantization), dimension=int(probe.shape[0])
         )
         return self._identity
 
+    def passages_per_call(self, default: int) -> int:
+        return self._batch_size * self._workers  # one model call per core
+
     def embed_passages(self, texts: Sequence[str]) -> list[DenseVector]:
-        return [
-            np.asarray(v, dtype=np.float32) for v in self._model.passage_embed(list(texts), batch_size=self._batch_size)
-        ]
+        calls = [list(texts[i : i + self._batch_size]) for i in range(0, len(texts), self._batch_size)]
+        if len(calls) == 1 or self._pool is None:
+            return [v for call in calls for v in self._embed(self._model, call)]
+        return [v for vectors in self._pool.map(lambda call: self._embed(self._single, call), calls) for v in vectors]
+
+    def _embed(self, model: Any, texts: list[str]) -> list[DenseVector]:
+        return [np.asarray(v, dtype=np.float32) for v in model.passage_embed(texts, batch_size=len(texts))]
 
     def embed_query(self, text: str) -> DenseVector:
-        return np.asarray(next(iter(self._query_model.query_embed(text))), dtype=np.float32)
+        return np.asarray(next(iter(self._single.query_embed(text))), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def token_budget(self) -> TokenBudget:
         if self._budget is None:
             raise RuntimeError("token_budget() before load()")
         return self._budget
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
