@@ -91,9 +91,15 @@ class FastembedProvider(DenseProvider):
 
     def embed_passages(self, texts: Sequence[str]) -> list[DenseVector]:
         calls = [list(texts[i : i + self._batch_size]) for i in range(0, len(texts), self._batch_size)]
-        if len(calls) == 1 or self._pool is None:
-            return [v for call in calls for v in self._embed(self._model, call)]
-        return [v for vectors in self._pool.map(lambda call: self._embed(self._single, call), calls) for v in vectors]
+        pool = self._pool
+        if len(calls) > 1 and pool is not None:
+            try:
+                side_by_side = pool.map(lambda call: self._embed(self._single, call), calls)
+            except RuntimeError:  # closed meanwhile: the process is ending, finish the call here
+                pass
+            else:
+                return [v for vectors in side_by_side for v in vectors]
+        return [v for call in calls for v in self._embed(self._model, call)]
 
     def _embed(self, model: Any, texts: list[str]) -> list[DenseVector]:
         return [np.asarray(v, dtype=np.float32) for v in model.passage_embed(texts, batch_size=len(texts))]
@@ -102,9 +108,9 @@ class FastembedProvider(DenseProvider):
         return np.asarray(next(iter(self._single.query_embed(text))), dtype=np.float32)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)  # calls in hand finish
 
     def token_budget(self) -> TokenBudget:
         if self._budget is None:
