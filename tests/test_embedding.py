@@ -194,6 +194,18 @@ def test_queries_and_passages_get_the_same_vectors_whatever_the_threads(
         np.testing.assert_allclose(query, passage.dense, atol=1e-5)
 
 
+def test_passages_after_the_provider_closed_are_still_embedded(
+    model_dir: Path, tmp_path: Path, embedder: Embedder
+) -> None:
+    # Shutting down while an ingest is in hand: its passages run in the calling thread instead.
+    other = Embedder(Settings(data_dir=tmp_path, embedding_model_dir=model_dir, embedding_threads=2, _env_file=None))
+    texts = ["Moss grows on the north side.", "Rivers carry silt to the sea.", "Owls hunt at night."]
+    other.load_sync()
+    other.provider.close()
+    for got, expected in zip(other.embed_passages_sync(texts), embedder.embed_passages_sync(texts), strict=True):
+        np.testing.assert_allclose(got.dense, expected.dense, atol=1e-5)
+
+
 async def test_embedding_does_not_block_the_event_loop(embedder: Embedder) -> None:
     texts = [f"Paragraph {i}: " + "the river flows past the old mill and the meadow " * 12 for i in range(32)]
     ticks = 0
