@@ -6,9 +6,9 @@ other point of that document is deleted; a document that no longer exists loses 
 points. Reconciling is idempotent, so replaying entries (after a crash, or by two
 workers) is harmless; still, the workers of one region that share a Qdrant server (every
 replica of the server, and ``mcp-rag sync --follow``) take turns through an advisory lock on
-the read database, so two passes never interleave their reads and writes. An index only its own
-process can open (``VectorIndex.exclusive``: the embedded engine) needs no such lock. The cursor (last applied seq) lives with the index, which is the one thing
-a region can always write.
+the read database, so two passes never interleave their reads and writes. An index only its
+own process can open (``VectorIndex.exclusive``: the embedded engine) needs no such lock. The
+cursor (last applied seq) lives with the index, which is the one thing a region can always write.
 
 Two guards do not rely on that lock:
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 
 import anyio
 
@@ -188,7 +187,7 @@ class IndexSyncer:
         metrics.INDEX_LAG.set(0)
         return applied
 
-    def _region_lock(self) -> AbstractAsyncContextManager[None]:
+    def _region_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         """The database lock that makes the region's passes take turns; none for an index only
         this process writes (its passes already take turns through ``self._lock``)."""
         return contextlib.nullcontext() if self.index.exclusive else self.store.sync_lock()
