@@ -8,7 +8,7 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -565,7 +565,7 @@ class RagService:
             row = rows.get(hit.id)
             if row is None:
                 continue  # the index is ahead of (or behind) this region's Postgres: never show it
-            results.append(SearchResult(**{f.name: getattr(row, f.name) for f in fields(row)}, score=float(hit.score)))
+            results.append(_scored(row, float(hit.score)))
         return results, len(hits) < limit
 
     def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:
@@ -656,6 +656,24 @@ class RagService:
 
 
 # --- validation and helpers ----------------------------------------------------------------
+
+
+def _scored(hit: ChunkHit, score: float) -> SearchResult:
+    # Field by field: copying through dataclasses.fields() took 0.2 ms of a 40-chunk search.
+    return SearchResult(
+        hit.chunk_id,
+        hit.document_id,
+        hit.collection,
+        hit.source_uri,
+        hit.title,
+        hit.metadata,
+        hit.position,
+        hit.text,
+        hit.start_char,
+        hit.end_char,
+        hit.heading_path,
+        score,
+    )
 
 
 def group_by_document(chunks: Sequence[SearchResult], limit: int, per_document: int) -> list[SearchResult]:
