@@ -214,6 +214,11 @@ async def test_sigterm_of_a_relaying_http_server_lets_its_running_call_finish(
         await stack.enter_async_context(stdio_server(env, tmp_path, "stdio"))
         with server_process(env, tmp_path / "http.stderr") as http:
             client_stack = AsyncExitStack()
+            # Closed below once the server exited; on a failure before that, closed here before the stdio
+            # client: a client left open keeps its task group's cancel scope on this task, and anyio's error
+            # on leaving the stdio client's scope ("isn't the current task's current cancel scope") hides
+            # the failure.
+            stack.push_async_callback(client_stack.aclose)
             acme = await client_stack.enter_async_context(http_client(http.url, ACME))
             outcome: dict[str, Any] = {}
 
