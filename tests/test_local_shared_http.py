@@ -208,8 +208,9 @@ async def test_sigterm_of_a_relaying_http_server_lets_its_running_call_finish(
 ) -> None:
     data = tmp_path / "data"
     # Stateless HTTP: no standing stream for the client to re-open while the server drains and exits
-    # (the drain of the call is what this test is about).
-    env = base_env(model_dir, data, database_url, api_keys=KEYS, stateless_http="true")
+    # (the drain of the call is what this test is about). A grace period far beyond the call's few seconds:
+    # on a busy machine the call has outlasted the default 20 s, and the server then stops it.
+    env = base_env(model_dir, data, database_url, api_keys=KEYS, stateless_http="true", shutdown_grace_seconds="300")
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(stdio_server(env, tmp_path, "stdio"))
         with server_process(env, tmp_path / "http.stderr") as http:
