@@ -19,7 +19,7 @@ from .chunking import chunk_text
 from .embedding import Embedder, Embedding, QueryEmbedding
 from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, UnavailableError
 from .extract import SourceDocument, read_file
-from .index.base import FusionParams, IndexQuery, SearchFilter, VectorIndex
+from .index.base import FusionParams, Hit, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
 from .paths import roots_for
 from .rerank import create_reranker, rerank_results
@@ -517,7 +517,8 @@ class RagService:
         """Fused chunks from the index, reranked when a reranker is configured, then grouped by document.
 
         Grouping fetches more chunks than it returns, and more again (up to MAX_CHUNKS_FETCHED) while a few
-        documents hold all the best chunks."""
+        documents hold all the best chunks. Without a reranker, only the chunks the grouping keeps are read
+        from Postgres (the index says which document each hit belongs to)."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
         self.syncer.require_model()
         self.syncer.require_open()
@@ -525,24 +526,28 @@ class RagService:
         wanted = limit if per_document is None else min(limit * DOCUMENT_OVERFETCH, MAX_CHUNKS_FETCHED)
         fetch = wanted if self.reranker is None else max(wanted, self.reranker.candidates)
         while True:
-            chunks, exhausted = await self._ranked_chunks(tenant, search_filter, embedding, mode, fetch)
-            enough = per_document is None or len({c.document_id for c in chunks}) >= limit
-            if enough or exhausted or fetch >= MAX_CHUNKS_FETCHED:
+            hits = await self._ranked_hits(search_filter, embedding, mode, fetch)
+            enough = per_document is None or len({h.document_id for h in hits}) >= limit
+            if enough or len(hits) < fetch or fetch >= MAX_CHUNKS_FETCHED:
                 break
             fetch = min(fetch * 4, MAX_CHUNKS_FETCHED)
-        answer = (
-            SearchAnswer(chunks)
-            if self.reranker is None
-            else await rerank_results(self.reranker, query, chunks, len(chunks), top_k=limit)
-        )
+        if self.reranker is not None:
+            chunks = await self._hydrated(tenant, hits)
+            answer = await rerank_results(self.reranker, query, chunks, len(chunks), top_k=limit)
+        else:
+            kept = hits[:limit] if per_document is None else kept_hits(hits, limit, per_document)
+            chunks = await self._hydrated(tenant, kept)
+            if len(chunks) < len(kept):  # the index is ahead of (or behind) Postgres: rank what Postgres has
+                chunks = await self._hydrated(tenant, hits)
+            answer = SearchAnswer(chunks)
         if per_document is None:
             return replace(answer, results=answer.results[:limit])
         return replace(answer, results=group_by_document(answer.results, limit, per_document))
 
-    async def _ranked_chunks(
-        self, tenant: str, search_filter: SearchFilter, embedding: QueryEmbedding, mode: SearchMode, limit: int
-    ) -> tuple[list[SearchResult], bool]:
-        """The best ``limit`` chunks, hydrated from Postgres; and whether the index had no more."""
+    async def _ranked_hits(
+        self, search_filter: SearchFilter, embedding: QueryEmbedding, mode: SearchMode, limit: int
+    ) -> list[Hit]:
+        """The best ``limit`` chunks in the index, fused."""
         s = self.settings
         fusion = FusionParams(
             method=s.fusion,
@@ -550,7 +555,7 @@ class RagService:
             weights=(s.dense_weight, s.sparse_weight),
             prefetch_limit=max(s.prefetch_limit, limit),
         )
-        hits = await self.index.query(
+        return await self.index.query(
             IndexQuery(
                 filter=search_filter,
                 limit=limit,
@@ -559,14 +564,11 @@ class RagService:
                 fusion=fusion,
             )
         )
+
+    async def _hydrated(self, tenant: str, hits: Sequence[Hit]) -> list[SearchResult]:
+        """The hits read from Postgres, in their order; a hit Postgres does not have is never shown."""
         rows = await self.store.hydrate(tenant, [h.id for h in hits])
-        results = []
-        for hit in hits:
-            row = rows.get(hit.id)
-            if row is None:
-                continue  # the index is ahead of (or behind) this region's Postgres: never show it
-            results.append(_scored(row, float(hit.score)))
-        return results, len(hits) < limit
+        return [_scored(rows[h.id], float(h.score)) for h in hits if h.id in rows]
 
     def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:
         collection = validate_collection(filters.collection) if filters.collection is not None else None
@@ -674,6 +676,19 @@ def _scored(hit: ChunkHit, score: float) -> SearchResult:
         hit.heading_path,
         score,
     )
+
+
+def kept_hits(hits: Sequence[Hit], limit: int, per_document: int) -> list[Hit]:
+    """The hits ``group_by_document`` keeps: up to ``per_document`` of each of the first ``limit``
+    documents, in ranking order."""
+    taken: dict[str, int] = {}
+    kept = []
+    for hit in hits:
+        count = taken.get(hit.document_id, 0)
+        if (count or len(taken) < limit) and count < per_document:
+            taken[hit.document_id] = count + 1
+            kept.append(hit)
+    return kept
 
 
 def group_by_document(chunks: Sequence[SearchResult], limit: int, per_document: int) -> list[SearchResult]:

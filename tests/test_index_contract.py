@@ -245,6 +245,22 @@ async def test_fused_query_respects_limit(index: VectorIndex) -> None:
     assert ids(await index.query(query)) == [3]
 
 
+@pytest.mark.parametrize("kind", ["dense", "sparse", "fused"])
+async def test_hits_name_their_documents(index: VectorIndex, kind: str) -> None:
+    # What lets a search group hits by document before it reads their text.
+    await index.upsert(
+        [
+            pt(1, vec(a0=1.0), sparse({1: 1.0}), document_id="doc-one"),
+            pt(2, vec(a0=1.0, a1=0.5), sparse({1: 1.0, 2: 1.0}), document_id="doc-two"),
+            pt(3, vec(a0=1.0, a1=1.0), sparse({1: 1.0, 3: 1.0}), document_id="doc-two"),
+        ]
+    )
+    dense = vec(a0=1.0) if kind != "sparse" else None
+    terms = sparse({1: 1.0}) if kind != "dense" else None
+    hits = await index.query(IndexQuery(SearchFilter("a"), limit=10, dense=dense, sparse=terms))
+    assert {h.id: h.document_id for h in hits} == {1: "doc-one", 2: "doc-two", 3: "doc-two"}
+
+
 # -- filters --------------------------------------------------------------------------
 
 FILTER_CORPUS = [

@@ -11,13 +11,15 @@ from typing import Any
 
 import pytest
 from fpdf import FPDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcp_rag.embedding import Embedder
 from mcp_rag.errors import IndexUnavailableError, InvalidInputError, NotFoundError, RagError, TooLargeError
 from mcp_rag.extract import SourceDocument, read_file, walk
-from mcp_rag.index.base import SearchFilter
+from mcp_rag.index.base import Hit, IndexPoint, PointPayload, SearchFilter
 from mcp_rag.runtime import Runtime, open_runtime
-from mcp_rag.service import RagService, SearchFilters, passage_texts
+from mcp_rag.service import RagService, SearchFilters, SearchResult, group_by_document, kept_hits, passage_texts
 from mcp_rag.settings import Settings
 from mcp_rag.sources import SourceFailure
 from mcp_rag.store.postgres import DocumentWrite, NewChunk
@@ -504,6 +506,46 @@ async def test_lexical_needs_shared_words_dense_does_not(corpus: Corpus) -> None
     assert (await rt.service.search(T, "insects that make something sweet", mode="dense"))[0].document_id == (
         ids["bees"]
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from("abcdef"), max_size=30),
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=1, max_value=5),
+)
+def test_the_hits_kept_before_reading_postgres_are_the_chunks_grouping_shows(
+    documents: list[str], limit: int, per_document: int
+) -> None:
+    hits = [Hit(id=i, score=1.0 - i / 100, document_id=d) for i, d in enumerate(documents)]
+    results = [
+        SearchResult(h.id, h.document_id, "c", f"doc://{h.document_id}", "", {}, 0, "t", 0, 1, (), h.score)
+        for h in hits
+    ]
+    grouped = group_by_document(results, limit, per_document)
+    shown = [r.chunk_id for first in grouped for r in (first, *first.passages)]
+    assert [h.id for h in kept_hits(hits, limit, per_document)] == sorted(shown)
+
+
+async def test_a_hit_postgres_does_not_have_costs_no_place(runtime: Runtime, embedder: Embedder) -> None:
+    # The index is ahead of this region's Postgres: its best hit names a chunk Postgres does not have.
+    service = runtime.service
+    for name in ("herons", "egrets", "storks"):
+        await service.ingest_text(T, f"{name.title()} wade through shallow marsh water.", source_uri=f"birds://{name}")
+    query = "birds wading through the marsh"
+    probe = embedder.embed_query_sync(query)
+    assert probe.dense is not None
+    ghost = IndexPoint(
+        id=10**12,
+        dense=probe.dense.tolist(),
+        sparse=probe.sparse,
+        payload=PointPayload(T, "default", str(uuid.uuid4()), "birds://ghost", {}),
+    )
+    await runtime.index.upsert([ghost])
+    found = await service.search(T, query, top_k=3)
+    assert sorted(r.source_uri for r in found) == ["birds://egrets", "birds://herons", "birds://storks"]
+    raw = await service.search(T, query, top_k=3, per_document=None)
+    assert raw and "birds://ghost" not in {r.source_uri for r in raw}
 
 
 async def test_filters(corpus: Corpus) -> None:

@@ -91,6 +91,9 @@ class IndexQuery:
 class Hit:
     id: int
     score: float
+    document_id: str
+    """The chunk's document (from the point's payload): lets a search group hits before it reads
+    their text from Postgres."""
 
 
 def identity_meta(model: ModelIdentity) -> dict[str, Any]:

@@ -88,6 +88,7 @@ T = TypeVar("T")
 log = get_logger(__name__)
 
 _SCROLL_PAGE = 1000
+_HIT_PAYLOAD = ["document_id"]  # what a query reads of each hit's payload
 
 
 class EdgeIndex(VectorIndex):
@@ -383,17 +384,17 @@ class EdgeIndex(VectorIndex):
                     Prefetch(limit=f.prefetch_limit, query=sparse, filter=flt),
                 ],
                 filter=flt,
-                with_payload=False,
+                with_payload=_HIT_PAYLOAD,
                 with_vector=False,
             )
         elif dense is not None or sparse is not None:
             request = QueryRequest(
-                limit=query.limit, query=dense or sparse, filter=flt, with_payload=False, with_vector=False
+                limit=query.limit, query=dense or sparse, filter=flt, with_payload=_HIT_PAYLOAD, with_vector=False
             )
         else:
             return []  # an empty sparse query (e.g. only stop words) matches nothing
         points = await self._read(lambda shard: shard.query(request))
-        return [Hit(id=int_id(p.id), score=p.score) for p in points]
+        return [Hit(id=int_id(p.id), score=p.score, document_id=str((p.payload or {})["document_id"])) for p in points]
 
     async def count(self, filter: SearchFilter | None = None) -> int:
         request = CountRequest(exact=True, filter=_filter(filter) if filter is not None else None)

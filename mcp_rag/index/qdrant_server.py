@@ -352,10 +352,13 @@ class QdrantServerIndex(VectorIndex):
 
         response = await self._call(
             lambda: self._client.query_points(
-                self._collection, query_filter=flt, limit=query.limit, with_payload=False, **kwargs
+                self._collection, query_filter=flt, limit=query.limit, with_payload=["document_id"], **kwargs
             )
         )
-        return [Hit(id=int_id(p.id), score=p.score) for p in response.points]
+        return [
+            Hit(id=int_id(p.id), score=p.score, document_id=str((p.payload or {})["document_id"]))
+            for p in response.points
+        ]
 
     async def count(self, filter: SearchFilter | None = None) -> int:
         flt = _filter(filter) if filter is not None else None
