@@ -10,7 +10,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 
@@ -678,32 +678,38 @@ def _scored(row: ChunkHit, score: float) -> SearchResult:
     )
 
 
+class _OfADocument(Protocol):
+    @property
+    def document_id(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_OfADocument)
+
+
+def _by_document(items: Sequence[_Item], limit: int, per_document: int) -> list[list[_Item]]:
+    """The first ``limit`` documents in ranking order, each with up to ``per_document`` of its items
+    (best first)."""
+    groups: dict[str, list[_Item]] = {}
+    for item in items:
+        group = groups.get(item.document_id)
+        if group is None:
+            if len(groups) < limit:
+                groups[item.document_id] = [item]
+        elif len(group) < per_document:
+            group.append(item)
+    return list(groups.values())
+
+
 def kept_hits(hits: Sequence[Hit], limit: int, per_document: int) -> list[Hit]:
-    """The hits ``group_by_document`` keeps: up to ``per_document`` of each of the first ``limit``
-    documents, in ranking order."""
-    taken: dict[str, int] = {}
-    kept = []
-    for hit in hits:
-        count = taken.get(hit.document_id, 0)
-        if (count or len(taken) < limit) and count < per_document:
-            taken[hit.document_id] = count + 1
-            kept.append(hit)
-    return kept
+    """The hits ``group_by_document`` keeps, in ranking order."""
+    kept = {hit.id for group in _by_document(hits, limit, per_document) for hit in group}
+    return [hit for hit in hits if hit.id in kept]
 
 
 def group_by_document(chunks: Sequence[SearchResult], limit: int, per_document: int) -> list[SearchResult]:
     """The first ``limit`` documents in ranking order, each as its best chunk carrying up to
     ``per_document - 1`` of its next-best chunks as passages."""
-    best: dict[str, SearchResult] = {}
-    more: dict[str, list[SearchResult]] = {}
-    for chunk in chunks:
-        if chunk.document_id not in best:
-            if len(best) < limit:
-                best[chunk.document_id] = chunk
-                more[chunk.document_id] = []
-        elif len(more[chunk.document_id]) < per_document - 1:
-            more[chunk.document_id].append(chunk)
-    return [replace(first, passages=tuple(more[doc_id])) for doc_id, first in best.items()]
+    return [replace(best, passages=tuple(more)) for best, *more in _by_document(chunks, limit, per_document)]
 
 
 def validate_collection(name: str | None) -> str:

@@ -5,11 +5,11 @@ engine supplies the few constructors of its own library)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..types import MetadataValue
-from .base import PointPayload, SearchFilter
+from .base import Hit, PointPayload, SearchFilter
 
 C = TypeVar("C")
 
@@ -25,6 +25,15 @@ def payload_of(p: PointPayload) -> dict[str, Any]:
         "source_uri": p.source_uri,
         "metadata": metadata,
     }
+
+
+HIT_PAYLOAD = ["document_id"]
+"""What a query reads of each hit's payload."""
+
+
+def hit_of(point_id: object, score: float, payload: Mapping[str, Any] | None) -> Hit:
+    """A query's point, read with ``HIT_PAYLOAD``, as a ``Hit``."""
+    return Hit(id=int_id(point_id), score=score, document_id=str((payload or {})["document_id"]))
 
 
 def metadata_key(key: str) -> str:

@@ -77,7 +77,7 @@ from mcp_rag.index.base import (
     identity_meta,
     mismatch_message,
 )
-from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
+from mcp_rag.index.payload import HIT_PAYLOAD, conditions_of, equals, hit_of, int_id, one_of, payload_of
 from mcp_rag.logging import get_logger
 from mcp_rag.types import MetadataValue, ModelIdentity
 
@@ -88,7 +88,6 @@ T = TypeVar("T")
 log = get_logger(__name__)
 
 _SCROLL_PAGE = 1000
-_HIT_PAYLOAD = ["document_id"]  # what a query reads of each hit's payload
 
 
 class EdgeIndex(VectorIndex):
@@ -384,17 +383,17 @@ class EdgeIndex(VectorIndex):
                     Prefetch(limit=f.prefetch_limit, query=sparse, filter=flt),
                 ],
                 filter=flt,
-                with_payload=_HIT_PAYLOAD,
+                with_payload=HIT_PAYLOAD,
                 with_vector=False,
             )
         elif dense is not None or sparse is not None:
             request = QueryRequest(
-                limit=query.limit, query=dense or sparse, filter=flt, with_payload=_HIT_PAYLOAD, with_vector=False
+                limit=query.limit, query=dense or sparse, filter=flt, with_payload=HIT_PAYLOAD, with_vector=False
             )
         else:
             return []  # an empty sparse query (e.g. only stop words) matches nothing
         points = await self._read(lambda shard: shard.query(request))
-        return [Hit(id=int_id(p.id), score=p.score, document_id=str((p.payload or {})["document_id"])) for p in points]
+        return [hit_of(p.id, p.score, p.payload) for p in points]
 
     async def count(self, filter: SearchFilter | None = None) -> int:
         request = CountRequest(exact=True, filter=_filter(filter) if filter is not None else None)

@@ -41,7 +41,7 @@ from mcp_rag.index.base import (
     identity_meta,
     mismatch_message,
 )
-from mcp_rag.index.payload import conditions_of, equals, int_id, one_of, payload_of
+from mcp_rag.index.payload import HIT_PAYLOAD, conditions_of, equals, hit_of, int_id, one_of, payload_of
 from mcp_rag.settings import Settings
 from mcp_rag.types import MetadataValue, ModelIdentity
 
@@ -352,13 +352,10 @@ class QdrantServerIndex(VectorIndex):
 
         response = await self._call(
             lambda: self._client.query_points(
-                self._collection, query_filter=flt, limit=query.limit, with_payload=["document_id"], **kwargs
+                self._collection, query_filter=flt, limit=query.limit, with_payload=HIT_PAYLOAD, **kwargs
             )
         )
-        return [
-            Hit(id=int_id(p.id), score=p.score, document_id=str((p.payload or {})["document_id"]))
-            for p in response.points
-        ]
+        return [hit_of(p.id, p.score, p.payload) for p in response.points]
 
     async def count(self, filter: SearchFilter | None = None) -> int:
         flt = _filter(filter) if filter is not None else None

@@ -599,33 +599,27 @@ class Store:
                         await conn.close()
 
     async def changes_after(self, seq: int, limit: int) -> list[Change]:
+        return await self._changes("seq > %s", seq, limit)
+
+    async def changes_from(self, seq: int, limit: int) -> tuple[str | None, list[Change]]:
+        """The stamp of entry ``seq`` (see ``log_stamp``; "" for 0) and up to ``limit`` entries after
+        it, read in one query: what a sync pass checks and applies first."""
+        changes = await self._changes("seq >= %s", seq, limit + 1)
+        if changes and changes[0].seq == seq:
+            return changes[0].stamp, changes[1:]
+        return ("" if seq == 0 else None), changes[:limit]
+
+    async def _changes(self, where: str, seq: int, limit: int) -> list[Change]:
         async with self._reading() as conn:
             cur = await conn.execute(
                 f"SELECT seq, tenant, collection, document_id, op, {_STAMP_SQL} FROM change_log"
-                " WHERE seq > %s ORDER BY seq LIMIT %s",
+                f" WHERE {where} ORDER BY seq LIMIT %s",
                 (seq, limit),
             )
             return [
                 Change(r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4], _stamp(r[0], r[5]))
                 for r in await cur.fetchall()
             ]
-
-    async def changes_from(self, seq: int, limit: int) -> tuple[str | None, list[Change]]:
-        """The stamp of entry ``seq`` (see ``log_stamp``; "" for 0) and up to ``limit`` entries after
-        it, read in one query: what a sync pass checks and applies first."""
-        async with self._reading() as conn:
-            cur = await conn.execute(
-                f"SELECT seq, tenant, collection, document_id, op, {_STAMP_SQL} FROM change_log"
-                " WHERE seq >= %s ORDER BY seq LIMIT %s",
-                (seq, limit + 1),
-            )
-            changes = [
-                Change(r[0], r[1], r[2], None if r[3] is None else str(r[3]), r[4], _stamp(r[0], r[5]))
-                for r in await cur.fetchall()
-            ]
-        if changes and changes[0].seq == seq:
-            return changes[0].stamp, changes[1:]
-        return ("" if seq == 0 else None), changes[:limit]
 
     async def log_stamp(self, seq: int) -> str | None:
         """The stamp of change-log entry ``seq`` (None when the log has no such entry).
