@@ -168,7 +168,7 @@ async def test_titles_annotations_and_a_smaller_tool_list(runtime: Runtime) -> N
         # that is called "title".
         search = tools["search"]
         assert "Document Id" not in json.dumps(search.input_schema) + json.dumps(search.output_schema)
-        assert "title" in search.output_schema["$defs"]["SearchHit"]["properties"]
+        assert "title" in search.output_schema["properties"]["results"]["items"]["properties"]
         assert "title" not in search.input_schema["properties"]["query"]
 
 

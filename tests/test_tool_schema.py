@@ -23,11 +23,13 @@ json_values = st.recursive(
 
 
 async def generated_schemas() -> list[tuple[str, dict[str, Any]]]:
-    """Every property schema of every tool's generated input and output schema, with its ``$defs``."""
+    """Every tool's generated input and output schema, and every property schema in them with its
+    ``$defs``."""
     out: list[tuple[str, dict[str, Any]]] = []
     server = build_server(lambda: None)  # type: ignore[arg-type, return-value]
     for listed in await MCPServer.list_tools(server):  # as generated, before compaction
         for kind, schema in (("in", listed.input_schema), ("out", listed.output_schema or {})):
+            out.append((f"{listed.name}.{kind}", schema))
             defs = schema.get("$defs", {})
             for name, prop in schema.get("properties", {}).items():
                 out.append((f"{listed.name}.{kind}.{name}", {**prop, "$defs": defs}))
@@ -81,3 +83,59 @@ async def test_tools_list_carries_the_compact_schemas() -> None:
     assert '"default": null' not in text and '"Document Id"' not in text
     search = next(t for t in listed if t.name == "search")
     assert search.input_schema["properties"]["collection"]["type"] == ["string", "null"]
+
+
+def test_definitions_used_once_are_written_in_place() -> None:
+    schema = {
+        "properties": {
+            "hits": {"items": {"$ref": "#/$defs/Hit"}, "type": "array"},
+            "report": {"anyOf": [{"$ref": "#/$defs/Report"}, {"type": "null"}], "description": "When done."},
+        },
+        "$defs": {
+            "Hit": {"properties": {"passages": {"items": {"$ref": "#/$defs/Passage"}}}, "type": "object"},
+            "Passage": {"properties": {"text": {"type": "string"}}, "required": ["text"], "type": "object"},
+            "Report": {"properties": {"added": {"type": "integer"}}, "type": "object"},
+        },
+    }
+    compact = compact_schema(schema)
+    assert "$defs" not in compact and "$ref" not in json.dumps(compact)
+    passage = compact["properties"]["hits"]["items"]["properties"]["passages"]["items"]
+    assert passage == {"properties": {"text": {"type": "string"}}, "required": ["text"], "type": "object"}
+    # the inlined object merges with its null alternative like any other type
+    assert compact["properties"]["report"]["type"] == ["object", "null"]
+    for value, ok in (
+        ({"hits": [{"passages": [{"text": "a"}]}], "report": None}, True),
+        ({"hits": [{"passages": [{}]}]}, False),
+        ({"report": {"added": "3"}}, False),
+    ):
+        assert valid(schema, value) is ok and valid(compact, value) is ok
+
+
+def test_shared_and_recursive_definitions_stay_referenced() -> None:
+    shared = {"type": "object", "properties": {"text": {"type": "string"}}}
+    tree = {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}
+    schema = {
+        "properties": {
+            "a": {"$ref": "#/$defs/Shared"},
+            "b": {"$ref": "#/$defs/Shared"},
+            "root": {"$ref": "#/$defs/Node"},
+            "odd": {"$ref": "#/$defs/Odd", "type": "object"},  # a sibling that constrains: kept as written
+        },
+        "$defs": {"Shared": shared, "Node": tree, "Odd": {"required": ["x"]}},
+    }
+    compact = compact_schema(schema)
+    assert set(compact["$defs"]) == {"Shared", "Node", "Odd"}
+    assert compact["properties"]["a"] == {"$ref": "#/$defs/Shared"}
+    assert compact["properties"]["root"] == {"$ref": "#/$defs/Node"}
+    deep = {"root": {"children": [{"children": [{"children": "no"}]}]}}
+    assert not valid(schema, deep) and not valid(compact, deep)
+
+
+async def test_search_results_validate_without_references() -> None:
+    """The output schema a client validates every search against carries no reference to resolve."""
+    async with Client(build_server(lambda: None)) as client:  # type: ignore[arg-type, return-value]
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+    schema = listed["search"].output_schema
+    assert schema is not None and "$ref" not in json.dumps(schema) and "$defs" not in schema
+    hit = schema["properties"]["results"]["items"]
+    assert {"document_id", "source_uri", "text", "passages"} <= set(hit["properties"])
