@@ -518,7 +518,9 @@ class RagService:
 
         Grouping fetches more chunks than it returns, and more again (up to MAX_CHUNKS_FETCHED) while a few
         documents hold all the best chunks. Without a reranker, only the chunks the grouping keeps are read
-        from Postgres (the index says which document each hit belongs to)."""
+        from Postgres (the index says which document each hit belongs to). Hits Postgres does not have (an
+        index ahead of or behind this region's database) take no place: the search reads further down the
+        index until it has ``limit`` results or the index has no more."""
         search_filter = self._index_filter(tenant, filters or SearchFilters())
         self.syncer.require_model()
         self.syncer.require_open()
@@ -527,10 +529,19 @@ class RagService:
         fetch = wanted if self.reranker is None else max(wanted, self.reranker.candidates)
         while True:
             hits = await self._ranked_hits(search_filter, embedding, mode, fetch)
+            exhausted = len(hits) < fetch or fetch >= MAX_CHUNKS_FETCHED
             enough = per_document is None or len({h.document_id for h in hits}) >= limit
-            if enough or len(hits) < fetch or fetch >= MAX_CHUNKS_FETCHED:
-                break
+            if enough or exhausted:
+                answer = await self._answer(tenant, query, hits, limit, per_document)
+                if len(answer.results) >= limit or exhausted:
+                    return answer
             fetch = min(fetch * 4, MAX_CHUNKS_FETCHED)
+
+    async def _answer(
+        self, tenant: str, query: str, hits: list[Hit], limit: int, per_document: int | None
+    ) -> SearchAnswer:
+        """The ranked hits read from Postgres, reranked when a reranker is configured, and cut to
+        ``limit`` chunks (``per_document`` None) or grouped into ``limit`` documents."""
         if self.reranker is not None:
             chunks = await self._hydrated(tenant, hits)
             answer = await rerank_results(self.reranker, query, chunks, len(chunks), top_k=limit)
