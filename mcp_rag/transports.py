@@ -29,6 +29,7 @@ from .runtime import Runtime, open_runtime
 from .server import build_server
 from .serving import DrainingServer, bind, uvicorn_config
 from .settings import Settings
+from .wire import serve_session
 
 log = get_logger(__name__)
 
@@ -49,7 +50,7 @@ def run_stdio(settings: Settings) -> None:
         async with open_runtime(settings) as runtime:
             holder.runtime = runtime
             log.info("stdio server ready", region=settings.region)
-            await server.run_stdio_async()
+            await serve_session(server)
 
     serve_stdio(serve)
 

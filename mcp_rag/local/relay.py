@@ -7,12 +7,9 @@ It imports neither the MCP server nor the model or the index, so a relaying proc
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import stat
 import sys
-from collections.abc import AsyncIterator
 from types import FrameType
 from typing import BinaryIO
 
@@ -21,7 +18,7 @@ import anyio
 from ..errors import RagError, describe
 from ..logging import get_logger
 from ..settings import Settings
-from .protocol import MAX_LINE
+from ..wire import LineWriter, claimed_stdio, read_lines
 from .session import HANDOVER_TIMEOUT, SessionRelay, Successor
 
 log = get_logger(__name__)
@@ -32,10 +29,12 @@ class Relay:
         self.settings = settings
         self._in = wire_in
         self._out = wire_out
+        self._writer: LineWriter | None = None
         self.fatal: str | None = None
         self.exit_status = 0
 
     async def run(self) -> int:
+        self._writer = await LineWriter.open(self._out)
         async with anyio.create_task_group() as tg:
             session = SessionRelay(Successor(self.settings, task_group=tg), self._write)
             tg.start_soon(self._client_to_holder, session, tg.cancel_scope)
@@ -49,22 +48,8 @@ class Relay:
             tg.cancel_scope.cancel()
         return self.exit_status
 
-    async def _client_lines(self) -> AsyncIterator[bytes]:
-        """The client's lines: read by the event loop from a pipe (no thread hop per message), or in a
-        worker thread from anything else (a file)."""
-        mode = os.fstat(self._in.fileno()).st_mode
-        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):  # a file, a terminal, /dev/null
-            while line := await anyio.to_thread.run_sync(self._in.readline, abandon_on_cancel=True):
-                yield line
-            return
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_LINE)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self._in)
-        while line := await reader.readline():
-            yield line
-
     async def _client_to_holder(self, session: SessionRelay, scope: anyio.CancelScope) -> None:
-        async for line in self._client_lines():  # until the client closes stdin: the session is over
+        async for line in read_lines(self._in):  # until the client closes stdin: the session is over
             await session.send(line)
         # Not before the holder answered once: a holder that refuses this process is still reported.
         with anyio.move_on_after(HANDOVER_TIMEOUT):
@@ -72,8 +57,8 @@ class Relay:
         scope.cancel()
 
     async def _write(self, data: bytes) -> None:
-        self._out.write(data)
-        self._out.flush()
+        assert self._writer is not None
+        await self._writer.write(data)
 
 
 class _StopRequested(KeyboardInterrupt):
@@ -82,24 +67,22 @@ class _StopRequested(KeyboardInterrupt):
 
 def run_relay(settings: Settings) -> None:
     """The stdio server of a process that does not hold the data directory (see the module doc)."""
-    # The wire keeps private copies of fd 0 and 1; fd 1 then points at stderr so nothing printed by
-    # accident (or by a library, once this process holds the data directory) corrupts the MCP stream.
-    wire_in = os.fdopen(os.dup(0), "rb")
-    wire_out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _StopRequested
 
     signal.signal(signal.SIGTERM, stop)
-    relay = Relay(settings, wire_in, wire_out)
     status = 0
-    try:
-        status = anyio.run(relay.run)
-    except _StopRequested:
-        log.info("stopped by signal")
+    # The wire keeps private copies of fd 0 and 1; fd 1 points at stderr meanwhile, so nothing printed
+    # by accident (or by a library, once this process holds the data directory) corrupts the stream.
+    with claimed_stdio() as (wire_in, wire_out):
+        relay = Relay(settings, wire_in, wire_out)
+        try:
+            status = anyio.run(relay.run)
+        except _StopRequested:
+            log.info("stopped by signal")
+        wire_out.flush()
     if relay.fatal:
         print(f"mcp-rag: {relay.fatal}", file=sys.stderr)
     sys.stderr.flush()
-    wire_out.flush()
     os._exit(status)  # the thread blocked reading stdin would otherwise keep the process alive

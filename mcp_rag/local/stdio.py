@@ -27,6 +27,7 @@ def run_stdio_shared(settings: Settings) -> None:
         return
 
     from ..server import build_server
+    from ..wire import serve_session
     from .holder import hold
 
     async def serve() -> None:
@@ -37,7 +38,7 @@ def run_stdio_shared(settings: Settings) -> None:
                 default_tenant=settings.default_tenant,
                 in_flight=holder.calls,
             )
-            await server.run_stdio_async()
+            await serve_session(server)
 
     from ..transports import serve_stdio
 
