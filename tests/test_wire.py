@@ -77,8 +77,6 @@ print("after", flush=True)  # fd 1 is the wire again
 
 
 def test_the_claim_keeps_the_wire_to_itself_and_gives_it_back() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CLAIM], input=b"hello\n", capture_output=True, timeout=60, check=True
-    )
+    done = subprocess.run([sys.executable, "-c", CLAIM], input=b"hello\n", capture_output=True, timeout=60, check=True)
     assert done.stdout == b"HELLO\nafter\n"
     assert done.stderr.split() == [b"stray", b"child"]
