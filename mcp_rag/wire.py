@@ -24,6 +24,9 @@ from .local.protocol import MAX_LINE
 if TYPE_CHECKING:
     from mcp.server import MCPServer
 
+CLOSE_SECONDS = 5.0
+"""How long the end of a session waits for a client to read the answers still in the pipe's buffer."""
+
 
 @contextlib.contextmanager
 def claimed_stdio() -> Iterator[tuple[BinaryIO, BinaryIO]]:
@@ -70,40 +73,64 @@ async def read_lines(wire_in: BinaryIO) -> AsyncIterator[bytes]:
         transport.close()
 
 
+class _PipeFlow(asyncio.Protocol):
+    """The write end's state: whether its buffer has room, and whether it is closed."""
+
+    def __init__(self) -> None:
+        self.room = asyncio.Event()
+        self.room.set()
+        self.closed = asyncio.Event()
+
+    def pause_writing(self) -> None:
+        self.room.clear()
+
+    def resume_writing(self) -> None:
+        self.room.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.room.set()
+        self.closed.set()
+
+
 class LineWriter:
     """Writes the answers to the client: through the event loop (waiting while the pipe is full), or
     in a worker thread for a file. A client that has gone stops nothing: its session ends when its
     input does."""
 
-    def __init__(self, wire_out: BinaryIO, stream: asyncio.StreamWriter | None) -> None:
+    def __init__(self, wire_out: BinaryIO, pipe: tuple[asyncio.WriteTransport, _PipeFlow] | None) -> None:
         self._out = wire_out
-        self._stream = stream
+        self._pipe = pipe
 
     @classmethod
     async def open(cls, wire_out: BinaryIO) -> LineWriter:
         if not _is_stream(wire_out):
             return cls(wire_out, None)
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.connect_write_pipe(
-            lambda: asyncio.streams.FlowControlMixin(loop=loop), wire_out
-        )
-        return cls(wire_out, asyncio.StreamWriter(transport, protocol, None, loop))
+        transport, flow = await asyncio.get_running_loop().connect_write_pipe(_PipeFlow, wire_out)
+        return cls(wire_out, (transport, flow))
 
     async def write(self, data: bytes) -> None:
-        with contextlib.suppress(ConnectionError):
-            if self._stream is None:
+        if self._pipe is None:
+            with contextlib.suppress(ConnectionError):
                 await anyio.to_thread.run_sync(self._write_file, data)
-                return
-            self._stream.write(data)
-            await self._stream.drain()
+            return
+        transport, flow = self._pipe
+        if not flow.closed.is_set():
+            transport.write(data)
+            await flow.room.wait()
 
     def _write_file(self, data: bytes) -> None:
         self._out.write(data)
         self._out.flush()
 
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
+    async def aclose(self) -> None:
+        """Close the wire once what was written has reached the pipe: the last answers are not lost
+        (unless the client has stopped reading for ``CLOSE_SECONDS``)."""
+        if self._pipe is None:
+            return
+        transport, flow = self._pipe
+        transport.close()
+        with anyio.move_on_after(CLOSE_SECONDS, shield=True):
+            await flow.closed.wait()
 
 
 class _SdkLinesIn:
@@ -147,4 +174,4 @@ async def serve_session(server: MCPServer[Any]) -> None:
                 await lowlevel.run(read, write, lowlevel.create_initialization_options())
         finally:
             await cast(Any, lines).aclose()
-            writer.close()
+            await writer.aclose()

@@ -80,3 +80,34 @@ def test_the_claim_keeps_the_wire_to_itself_and_gives_it_back() -> None:
     done = subprocess.run([sys.executable, "-c", CLAIM], input=b"hello\n", capture_output=True, timeout=60, check=True)
     assert done.stdout == b"HELLO\nafter\n"
     assert done.stderr.split() == [b"stray", b"child"]
+
+
+@pytest.mark.integration
+def test_answers_still_in_the_pipe_when_the_client_closes_its_end_reach_it(
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """The client sends its requests and closes stdin before reading anything: the answers that do
+    not fit the pipe's buffer (64 KiB, against about 22 KB per tool list) wait for it, complete, and
+    the server exits once they are read."""
+    lists = [{"jsonrpc": "2.0", "id": 10 + i, "method": "tools/list"} for i in range(12)]
+    env = base_env(database_url=database_url, model_dir=model_dir, data_dir=tmp_path / "data")
+    with (tmp_path / "stderr").open("wb") as stderr:
+        server = subprocess.Popen(
+            [MCP_RAG, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env
+        )
+        assert server.stdin is not None and server.stdout is not None
+        try:
+            server.stdin.write(b"".join(json.dumps(r).encode() + b"\n" for r in [*REQUESTS[:2], *lists]))
+            server.stdin.close()
+            time.sleep(3)  # the session ends meanwhile, with answers waiting in the full pipe
+            out = server.stdout.read()
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert server.returncode == 0, (tmp_path / "stderr").read_text()[-3000:]
+    answered = {json.loads(line)["id"]: json.loads(line) for line in out.splitlines()}
+    listed = [a for i, a in answered.items() if i >= 10 and "result" in a]
+    assert listed and sum(len(json.dumps(a)) for a in listed) > 65536
+    assert all(len(a["result"]["tools"]) == len(listed[0]["result"]["tools"]) for a in listed)

@@ -35,6 +35,12 @@ class Relay:
 
     async def run(self) -> int:
         self._writer = await LineWriter.open(self._out)
+        try:
+            return await self._relay()
+        finally:
+            await self._writer.aclose()
+
+    async def _relay(self) -> int:
         async with anyio.create_task_group() as tg:
             session = SessionRelay(Successor(self.settings, task_group=tg), self._write)
             tg.start_soon(self._client_to_holder, session, tg.cancel_scope)
@@ -81,7 +87,6 @@ def run_relay(settings: Settings) -> None:
             status = anyio.run(relay.run)
         except _StopRequested:
             log.info("stopped by signal")
-        wire_out.flush()
     if relay.fatal:
         print(f"mcp-rag: {relay.fatal}", file=sys.stderr)
     sys.stderr.flush()
