@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import anyio
@@ -56,7 +56,7 @@ def _is_stream(file: BinaryIO) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-async def read_lines(wire_in: BinaryIO) -> AsyncIterator[bytes]:
+async def read_lines(wire_in: BinaryIO) -> AsyncGenerator[bytes, None]:
     """The lines the client sends, each with its newline, until it closes its end."""
     if not _is_stream(wire_in):
         readline = cast(Any, wire_in).readline
@@ -173,5 +173,5 @@ async def serve_session(server: MCPServer[Any]) -> None:
             async with streams as (read, write):
                 await lowlevel.run(read, write, lowlevel.create_initialization_options())
         finally:
-            await cast(Any, lines).aclose()
+            await lines.aclose()
             await writer.aclose()
