@@ -139,3 +139,20 @@ async def test_search_results_validate_without_references() -> None:
     assert schema is not None and "$ref" not in json.dumps(schema) and "$defs" not in schema
     hit = schema["properties"]["results"]["items"]
     assert {"document_id", "source_uri", "text", "passages"} <= set(hit["properties"])
+
+
+def test_properties_named_like_keywords_are_properties() -> None:
+    schema = {
+        "properties": {
+            "default": {"$ref": "#/$defs/Value"},
+            "$defs": {"type": "string"},
+            "enum": {"items": {"$ref": "#/$defs/Value"}, "type": "array"},
+        },
+        "$defs": {"Value": {"type": "integer"}},
+    }
+    compact = compact_schema(schema)
+    assert set(compact["properties"]) == {"default", "$defs", "enum"}
+    assert compact["properties"]["$defs"] == {"type": "string"}
+    assert compact["$defs"] == {"Value": {"type": "integer"}}  # referenced twice: kept
+    for value, ok in (({"default": 1, "$defs": "x", "enum": [2]}, True), ({"default": "1"}, False)):
+        assert valid(schema, value) is ok and valid(compact, value) is ok

@@ -11,7 +11,7 @@ Every client sends ``tools/list`` to its model, so each character is paid on eve
   merge validates exactly the same values); ``anyOf`` of bare types becomes one ``type`` list too;
 - a ``$defs`` entry referenced once (and not from itself) is written where it is referenced. A
   client validates every result against the tool's output schema, and a reference costs it a
-  lookup per value: a search result of 10 hits validated in 1.0 ms instead of 1.7 ms
+  lookup per value: a page of 10 search hits validated in 0.97 ms instead of 1.10 ms
   (docs/benchmarks.md). The schema gets no longer, since each definition still appears once.
 """
 
@@ -113,9 +113,17 @@ def _inline_single_use(schema: Any) -> Any:
         if name in inline:
             siblings = {key: value for key, value in node.items() if key != "$ref"}
             return {**resolve(defs[name]), **siblings}
-        return {key: value if key in _VALUES else resolve(value) for key, value in node.items() if key != "$defs"}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _VALUES:
+                out[key] = value
+            elif key in _SCHEMA_MAPS and isinstance(value, dict):
+                out[key] = {sub_name: resolve(sub) for sub_name, sub in value.items()}
+            else:
+                out[key] = resolve(value)
+        return out
 
-    out = resolve(schema)
+    out = resolve({key: value for key, value in schema.items() if key != "$defs"})
     kept = {name: resolve(definition) for name, definition in defs.items() if name not in inline}
     if kept:
         out["$defs"] = kept
@@ -131,13 +139,20 @@ def _defined_ref(node: Any) -> str | None:
 
 
 def _schema_nodes(node: Any) -> Iterator[Any]:
-    """Every sub-schema of ``node`` (not the data under ``default``, ``enum`` and the like)."""
+    """``node`` and every schema in it (not the data under ``default``, ``enum`` and the like)."""
     yield node
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-    keys = node.keys() if isinstance(node, dict) else [None] * len(children)
-    for key, child in zip(keys, children, strict=True):
-        if key not in _VALUES and isinstance(child, dict | list):
-            yield from _schema_nodes(child)
+    if isinstance(node, list):
+        for item in node:
+            yield from _schema_nodes(item)
+    elif isinstance(node, dict):
+        for key, child in node.items():
+            if key in _VALUES:
+                continue
+            if key in _SCHEMA_MAPS and isinstance(child, dict):
+                for sub in child.values():  # keyed by names, which are not keywords
+                    yield from _schema_nodes(sub)
+            elif isinstance(child, dict | list):
+                yield from _schema_nodes(child)
 
 
 def _reachable(defs: dict[str, Any], start: str) -> set[str]:
