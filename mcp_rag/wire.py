@@ -59,8 +59,7 @@ def _is_stream(file: BinaryIO) -> bool:
 async def read_lines(wire_in: BinaryIO) -> AsyncGenerator[bytes, None]:
     """The lines the client sends, each with its newline, until it closes its end."""
     if not _is_stream(wire_in):
-        readline = cast(Any, wire_in).readline
-        while line := await anyio.to_thread.run_sync(readline, abandon_on_cancel=True):
+        while line := await anyio.to_thread.run_sync(wire_in.readline, abandon_on_cancel=True):
             yield line
         return
     loop = asyncio.get_running_loop()
