@@ -5,7 +5,8 @@ A document is cut into sections at markdown headings (found by a CommonMark pars
 reader sees it: escapes resolved, inline markup dropped), or at the section offsets its
 extractor found (a PDF's outline), sections into paragraphs, and
 paragraphs into sentences; sentences (or word windows of an over-long sentence) are
-packed into chunks of at most ``max_tokens`` tokens, each new chunk repeating the last
+packed into as few chunks of at most ``max_tokens`` tokens as a section needs, of even size
+(the smallest bound that needs no more chunks), each new chunk repeating the last
 ``overlap_tokens`` worth of sentences of the previous one within a section. Every chunk is
 an exact span of the source text: ``text[start:end] == chunk.text``.
 
@@ -84,37 +85,63 @@ def chunk_text(
     units, counts = _split_long(text, units, counts, count_tokens, max_tokens)
 
     chunks: list[Chunk] = []
-    current: list[int] = []  # indices into units
-    tokens = 0
+    for section in _by_section(units):
+        for group in _balanced(section, counts, max_tokens, overlap_tokens):
+            first, last = units[group[0]], units[group[-1]]
+            chunks.append(Chunk(len(chunks), text[first.start : last.end], first.start, last.end, first.heading_path))
+    return chunks
 
-    def emit() -> None:
-        first, last = units[current[0]], units[current[-1]]
-        chunks.append(Chunk(len(chunks), text[first.start : last.end], first.start, last.end, first.heading_path))
 
+def _by_section(units: Sequence[_Unit]) -> list[list[int]]:
+    """Indices of the units, one list per section."""
+    sections: list[list[int]] = []
     for i, unit in enumerate(units):
-        new_section = bool(current) and units[current[-1]].section != unit.section
-        if current and (new_section or tokens + counts[i] > max_tokens):
-            emit()
-            if new_section:
-                current, tokens = [], 0
-            else:
-                # carry the tail of the previous chunk as overlap
-                carried: list[int] = []
-                carried_tokens = 0
-                for j in reversed(current):
-                    if (
-                        carried_tokens + counts[j] > overlap_tokens
-                        or carried_tokens + counts[j] + counts[i] > max_tokens
-                    ):
-                        break
-                    carried.insert(0, j)
-                    carried_tokens += counts[j]
-                current, tokens = carried, carried_tokens
+        if not sections or units[sections[-1][-1]].section != unit.section:
+            sections.append([])
+        sections[-1].append(i)
+    return sections
+
+
+def _balanced(section: list[int], counts: Sequence[int], max_tokens: int, overlap_tokens: int) -> list[list[int]]:
+    """The section's units packed into as few chunks as ``max_tokens`` allows, with the smallest
+    budget that still needs no more chunks: chunks of even size rather than full ones and a short
+    rest (the model's cost follows the longest passage, and a short rest carries little)."""
+    groups = _pack(section, counts, max_tokens, overlap_tokens)
+    if len(groups) < 2:
+        return groups
+    low = max(max(counts[i] for i in section), -(-sum(counts[i] for i in section) // len(groups)))
+    high = max_tokens
+    while low < high:
+        budget = (low + high) // 2
+        if len(_pack(section, counts, budget, min(overlap_tokens, budget - 1))) <= len(groups):
+            high = budget
+        else:
+            low = budget + 1
+    return _pack(section, counts, high, min(overlap_tokens, high - 1))
+
+
+def _pack(section: list[int], counts: Sequence[int], budget: int, overlap_tokens: int) -> list[list[int]]:
+    """Greedy packing of a section's units into chunks of at most ``budget`` tokens, each new chunk
+    starting with the last ``overlap_tokens`` worth of units of the previous one."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in section:
+        if current and tokens + counts[i] > budget:
+            groups.append(current)
+            carried: list[int] = []
+            carried_tokens = 0
+            for j in reversed(current):
+                if carried_tokens + counts[j] > overlap_tokens or carried_tokens + counts[j] + counts[i] > budget:
+                    break
+                carried.insert(0, j)
+                carried_tokens += counts[j]
+            current, tokens = carried, carried_tokens
         current.append(i)
         tokens += counts[i]
     if current:
-        emit()
-    return chunks
+        groups.append(current)
+    return groups
 
 
 def _units(text: str, markdown: bool, given: Sequence[Section] = ()) -> list[_Unit]:

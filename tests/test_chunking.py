@@ -83,6 +83,19 @@ def test_sentences_are_packed_up_to_the_bound() -> None:
     assert [len(c.text.split()) for c in chunks] == [20, 20, 20]
 
 
+def test_a_split_section_gets_chunks_of_even_size() -> None:
+    """As few chunks as the bound allows, of even size rather than full ones and a short rest: the
+    model's cost follows the longest passage of a document, and a short rest carries little."""
+    text = " ".join(sentence(10, f"w{k}x") for k in range(10))
+    assert [len(c.text.split()) for c in chunks_of(text, max_tokens=80)] == [50, 50]
+    # With overlap: greedy packing would give 80 and 10 + 20.
+    assert [len(c.text.split()) for c in chunks_of(text, max_tokens=80, overlap_tokens=10)] == [60, 50]
+    nine = " ".join(sentence(10, f"w{k}x") for k in range(9))
+    assert [len(c.text.split()) for c in chunks_of(nine, max_tokens=40)] == [30, 30, 30]  # not 40, 40, 10
+    # Sentences are not cut to even things out: the longest chunk is as short as they allow.
+    assert [len(c.text.split()) for c in chunks_of(text, max_tokens=40)] == [40, 40, 20]
+
+
 def test_sentences_are_never_cut_when_they_fit() -> None:
     sentences = [sentence(n, f"w{k}x") for k, n in enumerate([3, 7, 4, 9, 2, 8, 6, 5, 9, 1])]
     text = " ".join(sentences)
