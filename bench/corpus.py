@@ -71,7 +71,7 @@ def settings_for(data_dir: Path, database_url: str, model: Path, **extra: Any) -
 def load_seed(dataset: Path, doc_limit: int | None, model: Path, pg: Postgres, work: Path) -> Seed:
     """The dataset's first ``doc_limit`` documents, chunked and embedded by the real ingest (cached)."""
     corpus = dataset / "corpus.jsonl"
-    key = file_key("seed-v1", corpus, doc_limit, model)
+    key = file_key("seed-v2", corpus, doc_limit, model)  # v2: chunks of even size
     cache_npz = work / "seeds" / f"seed-{key}.npz"
     cache_json = cache_npz.with_suffix(".json")
     if cache_npz.is_file() and cache_json.is_file():
@@ -249,6 +249,7 @@ async def _build(seed: Seed, target: int, dsn: str, index_dir: Path) -> dict[str
             await syncer.catch_up()
             log(f"  corpus: {written} chunks written and indexed")
             copy += 1
+        await index.settle()  # compacted, as a bulk `mcp-rag ingest` leaves it
     finally:
         await index.close()
         await store.close()

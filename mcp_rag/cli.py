@@ -234,6 +234,7 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
             )
         finally:
             bar.close()
+        await runtime.index.settle()  # a bulk ingest leaves an optimised index behind
         print(
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "
             f"removed {report.removed}, failed {len(report.failed)} ({report.chunks} chunks written)"
@@ -365,6 +366,7 @@ async def _set_on_stop_signal(stop: anyio.Event) -> None:
 def _reindex(settings: Settings, args: argparse.Namespace) -> None:
     async def body(runtime: Any) -> None:
         written = await runtime.syncer.reindex()
+        await runtime.index.settle()
         print(f"rebuilt the index: {written} points")
 
     _run(settings, body)

@@ -90,7 +90,11 @@ def build_index(settings: Settings) -> VectorIndex:
         )
     from .index.qdrant_edge import EdgeIndex
 
-    return EdgeIndex(settings.embedded_index_dir, flush_seconds=settings.index_flush_seconds)
+    return EdgeIndex(
+        settings.embedded_index_dir,
+        flush_seconds=settings.index_flush_seconds,
+        compact_points=settings.index_compact_points,
+    )
 
 
 @dataclass(slots=True)

@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     index_flush_seconds: float = Field(default=5.0, ge=0)
     """Embedded index: flush its segments once for all the writes of this many seconds (0: after every write).
     The WAL holds each write meanwhile; after an unclean stop the change log re-applies the unflushed ones."""
+    index_compact_points: int = Field(default=10_000, ge=0)
+    """Embedded index: once this many points (or half the index, whichever is more) were written since the
+    last compaction, a child process optimises a copy (HNSW graph, deleted points dropped) that then replaces
+    the shard, while the server goes on serving. 0: never (every search then scans every point)."""
 
     # --- embeddings ----------------------------------------------------------------
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"

@@ -704,6 +704,8 @@ async def test_edge_meta_file_is_plain_json(tmp_path: Path) -> None:
         "fingerprint": [],
         "cursor": 9,
         "origin": "9@1700000000000000",
+        "churn": 0,
+        "compacted": 0,
     }
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -210,6 +210,10 @@ class VectorIndex(abc.ABC):
         """Store the cursor durably. With ``expected``, only if the stored ``seq`` still equals it
         (compare-and-set); otherwise raise CursorConflictError and change nothing."""
 
+    async def settle(self) -> None:
+        """Finish background upkeep that is due (the end of a bulk ingest). Most engines have none."""
+        return None
+
     @abc.abstractmethod
     async def clear(self) -> None:
         """Drop every point and reset the cursor to ``Cursor()`` (for a rebuild); keeps the model identity.

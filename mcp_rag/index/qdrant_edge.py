@@ -6,6 +6,8 @@ Layout of ``directory``:
 * ``index_meta.json`` model identity, change-log cursor (seq + origin) and a ``clearing``
   flag, replaced atomically (write, fsync, rename, fsync the directory)
 * ``owner.pid``       flock-ed by the process that has the index open, holds its pid
+* ``shard.next/``     a compaction's copy of the shard, while a child process optimises it
+* ``shard.old/``      the shard a compaction replaced, until it is deleted
 
 Durability: every update is appended to the shard's WAL before ``update`` returns, and
 the WAL is replayed on load, so a ``kill -9`` right after a write loses nothing. Flushing the
@@ -18,19 +20,32 @@ idempotent), including writes the WAL may not hold durably after a power loss. T
 never claims more than the flushed segments hold. (Meta files of earlier versions may carry
 the cursor of the last flush as ``flushed`` beside a later cursor; an open rewinds to it.)
 
-The engine does not optimise segments in the background (``EdgeShard.optimize`` exists
-but blocks for a long time), so points stay in plain appendable segments searched
-exhaustively; that is fast enough at the scale of a local index.
+Compaction. The engine searches its plain, appendable segments exhaustively, and keeps deleted
+points in them; ``EdgeShard.optimize`` builds the HNSW graph and drops deleted points, but it
+holds the GIL (and the shard) while it works: 40 s for 100k points here. So once the points
+written since the last compaction reach ``compact_points`` (or half the index, whichever is
+more), the index compacts on the side: under the write lock it flushes and copies the shard to
+``shard.next``; a child process (``index/edge_optimize.py``) optimises the copy while this
+process goes on serving and records every write it makes; then, under the write lock and with
+no query in flight, the copy takes the shard's place and the recorded writes are applied to it.
+The meta file's cursor is rewound to the copy's before the swap and moved forward only once the
+recorded writes are flushed in the new shard, so a crash at any step reopens an index that holds
+at least what its cursor says (an open also finishes or undoes an interrupted swap).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -92,14 +107,26 @@ _SCROLL_PAGE = 1000
 
 class EdgeIndex(VectorIndex):
     exclusive = True  # owner.pid is flock-ed by the process that opened it
+    optimizer: Sequence[str] = (sys.executable, "-m", "mcp_rag.index.edge_optimize")
+    """The compaction's child process; it is given the copy's directory and this process's pid."""
 
-    def __init__(self, directory: Path, *, flush_seconds: float = 5.0) -> None:
+    def __init__(self, directory: Path, *, flush_seconds: float = 5.0, compact_points: int = 10_000) -> None:
         self._dir = Path(directory)
         self._flush_seconds = flush_seconds
+        self._compact_points = compact_points
+        self._churn = 0  # points written (upserted or deleted) since the last compaction
+        self._compacted = 0  # points in the shard after the last compaction
+        self._compaction: threading.Thread | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._replay: list[UpdateOperation] | None = None  # writes made while a compaction runs
+        self._generation = 0  # bumped by clear() and close(): a compaction started before is void
+        self._readers = _Readers()
         self._flushed = Cursor()  # the cursor when the segments were last flushed
         self._dirty = False  # writes since that flush
         self._timer: threading.Timer | None = None
         self._shard_path = self._dir / "shard"
+        self._next_path = self._dir / "shard.next"
+        self._old_path = self._dir / "shard.old"
         self._meta_path = self._dir / "index_meta.json"
         self._shard: EdgeShard | None = None
         self._owner_fd: int | None = None
@@ -121,10 +148,12 @@ class EdgeIndex(VectorIndex):
         self._owner_fd = self._lock_owner()
         try:
             meta = self._read_meta()
-            if meta is not None and not meta[0].matches(model):
-                raise ModelMismatchError(mismatch_message(str(self._dir), meta[0], model))
+            if meta is not None and not meta.model.matches(model):
+                raise ModelMismatchError(mismatch_message(str(self._dir), meta.model, model))
+            self._finish_interrupted_compaction()
             has_shard = self._shard_path.is_dir() and any(self._shard_path.iterdir())
-            if meta is None or not has_shard or meta[2]:
+            self._churn = self._compacted = 0
+            if meta is None or not has_shard or meta.clearing:
                 # New index, one half of it missing, or a clear() that was interrupted: the
                 # index is derived data, so start afresh (meta first: a shard never exists
                 # without its identity, and never with a cursor it does not hold).
@@ -135,10 +164,13 @@ class EdgeIndex(VectorIndex):
                 self._cursor = Cursor()
             else:
                 self._shard = self._load_shard()
-                self._cursor = meta[1]
-                if meta[3] is not None and meta[3] != meta[1]:
+                self._cursor = meta.cursor
+                # An index of an earlier version was never compacted: all its points count.
+                self._churn = meta.churn if meta.churn is not None else self._shard.info().points_count
+                self._compacted = meta.compacted
+                if meta.behind is not None and meta.behind != meta.cursor:
                     # Stopped with unflushed writes: re-apply them from the change log.
-                    self._cursor = meta[3]
+                    self._cursor = meta.behind
                     self._write_meta(model, self._cursor)
             self._flushed = self._cursor
             self._dirty = False
@@ -146,6 +178,16 @@ class EdgeIndex(VectorIndex):
         except BaseException:
             self._release_owner()
             raise
+
+    def _finish_interrupted_compaction(self) -> None:
+        """After a crash during a compaction: a copy that was never swapped in is dropped; a swap
+        that stopped between its two renames is undone; a replaced shard left behind is deleted.
+        The cursor was rewound before the swap, so either shard holds what the meta file says."""
+        if not self._shard_path.exists() and self._old_path.is_dir():
+            os.rename(self._old_path, self._shard_path)
+            _fsync_dir(self._dir)
+        _remove(self._next_path)
+        _remove(self._old_path)
 
     def _lock_owner(self) -> int:
         path = self._dir / "owner.pid"
@@ -184,6 +226,11 @@ class EdgeIndex(VectorIndex):
     async def close(self) -> None:
         def close() -> None:
             with self._write_lock:
+                self._void_compaction_locked()
+                compaction = self._compaction
+            if compaction is not None:
+                compaction.join()  # quick: its child is killed, and it will not swap
+            with self._write_lock, self._readers.exclusive():
                 self._cancel_timer()
                 if self._shard is not None:
                     self._flush_locked()
@@ -202,15 +249,26 @@ class EdgeIndex(VectorIndex):
         return self._shard
 
     async def _read(self, fn: Callable[[EdgeShard], T]) -> T:
-        return await anyio.to_thread.run_sync(lambda: fn(self._require()))
+        def read() -> T:
+            with self._readers.reading():
+                return fn(self._require())
 
-    async def _write(self, *ops: UpdateOperation) -> None:
+        return await anyio.to_thread.run_sync(read)
+
+    async def _write(self, *ops: UpdateOperation, points: int) -> None:
+        """Apply ``ops``, which write or delete about ``points`` points (for the compaction's count)."""
+
         def write() -> None:
             with self._write_lock:
                 shard = self._require()
                 for op in ops:
                     shard.update(op)
+                    if self._replay is not None:
+                        self._replay.append(op)
+                self._churn += points
                 self._written_locked()
+                if self._compaction is None and self._compaction_due(self._compacted // 2):
+                    self._start_compaction_locked()
 
         await anyio.to_thread.run_sync(write)
 
@@ -260,23 +318,154 @@ class EdgeIndex(VectorIndex):
 
         await anyio.to_thread.run_sync(flush)
 
+    # -- compaction (see the module docstring) ----------------------------------------
+
+    def _compaction_due(self, at_least: int = 0) -> bool:
+        return self._compact_points > 0 and self._churn >= max(self._compact_points, at_least)
+
+    def _start_compaction_locked(self) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._compact, args=(self._generation,), name="mcp-rag-edge-compaction", daemon=True
+        )
+        self._compaction = thread
+        thread.start()
+        return thread
+
+    def _void_compaction_locked(self) -> None:
+        """A running compaction will not swap its copy in (clear or close; lock held)."""
+        self._generation += 1
+        if self._child is not None:
+            self._child.kill()
+
+    def _compact(self, generation: int) -> None:
+        """The compaction thread: copy, optimise the copy in a child process, swap it in."""
+        started = time.monotonic()
+        try:
+            with self._write_lock:
+                if generation != self._generation or self._shard is None:
+                    return
+                self._cancel_timer()
+                self._flush_locked()
+                start, churn = self._cursor, self._churn
+                _remove(self._next_path)
+                shutil.copytree(self._shard_path, self._next_path)
+                self._replay = []
+                child = subprocess.Popen(
+                    [*self.optimizer, str(self._next_path), str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                self._child = child
+            log.info("compacting the edge index in a child process", directory=str(self._dir), written=churn)
+            _, err = child.communicate()
+            with self._write_lock:
+                self._child = None
+                if generation != self._generation or self._shard is None:
+                    return
+                if child.returncode != 0:
+                    log.warning(
+                        "edge index compaction failed; the index keeps its segments",
+                        exit_code=child.returncode,
+                        error=err.decode(errors="replace").strip()[-300:],
+                    )
+                    return
+                with self._readers.exclusive():
+                    self._swap_locked(start, churn)
+            log.info(
+                "edge index compacted",
+                points=self._compacted,
+                seconds=round(time.monotonic() - started, 1),
+            )
+        except Exception as exc:  # the index keeps serving from its current shard
+            log.warning("edge index compaction failed; the index keeps its segments", error=str(exc)[:300])
+        finally:
+            with self._write_lock:
+                if self._child is not None:
+                    self._child.kill()
+                    self._child = None
+                self._replay = None
+                _remove(self._next_path)
+                self._compaction = None
+
+    def _swap_locked(self, start: Cursor, churn: int) -> None:
+        """Put the optimised copy in the shard's place and apply the writes made meanwhile (write
+        lock held, no query in flight). ``start`` is the cursor the copy was taken at."""
+        model, replay = self._model, self._replay or []
+        assert model is not None
+        assert self._shard is not None
+        self._write_meta(model, start)  # until the new shard holds everything, reopen at the copy's cursor
+        self._flushed = start
+        self._shard.close()
+        self._shard = None
+        os.rename(self._shard_path, self._old_path)
+        os.rename(self._next_path, self._shard_path)
+        _fsync_dir(self._dir)
+        shard: EdgeShard | None = None
+        try:
+            shard = self._load_shard()
+            for op in replay:
+                shard.update(op)
+            shard.flush()
+        except BaseException:
+            if shard is not None:
+                shard.close()
+            shutil.rmtree(self._shard_path, ignore_errors=True)
+            os.rename(self._old_path, self._shard_path)
+            _fsync_dir(self._dir)
+            self._shard = self._load_shard()
+            self._dirty = True  # the next flush writes the cursor again
+            raise
+        self._shard = shard
+        self._churn -= churn
+        self._compacted = shard.info().points_count
+        self._dirty = False
+        self._flushed = self._cursor
+        self._write_meta(model, self._cursor)
+        _remove(self._old_path)
+
+    async def settle(self) -> None:
+        """Wait for the running compaction, then run one if a compaction's worth of points was
+        written since (the end of a bulk ingest: the index it leaves is optimised)."""
+
+        def settle() -> None:
+            for _ in range(2):
+                with self._write_lock:
+                    thread = self._compaction
+                    if thread is None:
+                        if self._shard is None or not self._compaction_due():
+                            return
+                        thread = self._start_compaction_locked()
+                thread.join()
+
+        await anyio.to_thread.run_sync(settle)
+
+    @property
+    def compacting(self) -> bool:
+        return self._compaction is not None
+
     # -- meta: model identity and cursor --------------------------------------------
 
-    def _read_meta(self) -> tuple[ModelIdentity, Cursor, bool, Cursor | None] | None:
-        """(model, cursor, clearing, flushed cursor if behind: meta files of earlier versions) or None
-        when there is no meta file."""
+    def _read_meta(self) -> _Meta | None:
+        """The meta file, or None when there is none."""
         try:
             data = json.loads(self._meta_path.read_text())
         except FileNotFoundError:
             return None
-        model = identity_from_meta(data)
         flushed = data.get("flushed")
-        behind = Cursor(int(flushed["cursor"]), str(flushed.get("origin", ""))) if flushed else None
-        cursor = Cursor(int(data["cursor"]), str(data.get("origin", "")))
-        return model, cursor, bool(data.get("clearing", False)), behind
+        churn = data.get("churn")
+        return _Meta(
+            model=identity_from_meta(data),
+            cursor=Cursor(int(data["cursor"]), str(data.get("origin", ""))),
+            clearing=bool(data.get("clearing", False)),
+            behind=Cursor(int(flushed["cursor"]), str(flushed.get("origin", ""))) if flushed else None,
+            churn=int(churn) if churn is not None else None,
+            compacted=int(data.get("compacted", 0)),
+        )
 
     def _write_meta(self, model: ModelIdentity, cursor: Cursor, *, clearing: bool = False) -> None:
         data: dict[str, Any] = {**identity_meta(model), "cursor": cursor.seq, "origin": cursor.origin}
+        data.update(churn=self._churn, compacted=self._compacted)
         if clearing:
             data["clearing"] = True
         tmp = self._meta_path.with_suffix(".json.tmp")
@@ -285,11 +474,7 @@ class EdgeIndex(VectorIndex):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._meta_path)
-        dir_fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(self._dir)  # make the rename itself durable
 
     async def read_cursor(self) -> Cursor:
         return self._cursor
@@ -316,12 +501,12 @@ class EdgeIndex(VectorIndex):
 
     async def upsert(self, points: Sequence[IndexPoint]) -> None:
         if points:
-            await self._write(UpdateOperation.upsert_points([_point(p) for p in points]))
+            await self._write(UpdateOperation.upsert_points([_point(p) for p in points]), points=len(points))
 
     async def delete_points(self, ids: Sequence[int]) -> None:
         point_ids: list[PointId] = list(ids)
         if point_ids:
-            await self._write(UpdateOperation.delete_points(point_ids))
+            await self._write(UpdateOperation.delete_points(point_ids), points=len(point_ids))
 
     async def delete_documents(self, tenant: str, document_ids: Sequence[str], keep_ids: Sequence[int] = ()) -> None:
         if not document_ids:
@@ -329,11 +514,11 @@ class EdgeIndex(VectorIndex):
         keep_set: set[PointId] = set(keep_ids)
         keep: list[ConditionType] = [HasIdCondition(keep_set)] if keep_set else []
         flt = Filter(must=[_equals("tenant", tenant), _any_of("document_id", document_ids)], must_not=keep)
-        await self._write(UpdateOperation.delete_points_by_filter(flt))
+        await self._write(UpdateOperation.delete_points_by_filter(flt), points=len(document_ids))
 
     async def delete_collection(self, tenant: str, collection: str) -> None:
         flt = Filter(must=[_equals("tenant", tenant), _equals("collection", collection)])
-        await self._write(UpdateOperation.delete_points_by_filter(flt))
+        await self._write(UpdateOperation.delete_points_by_filter(flt), points=1)
 
     async def clear(self) -> None:
         def clear() -> None:
@@ -347,13 +532,16 @@ class EdgeIndex(VectorIndex):
                 # durable before anything is destroyed: a kill at any later step reopens
                 # as an empty index at cursor 0, never as a partial one at the old cursor.
                 self._cancel_timer()
+                self._void_compaction_locked()
+                self._churn = self._compacted = 0
                 self._write_meta(model, Cursor(), clearing=True)
                 self._cursor = self._flushed = Cursor()
                 self._dirty = False
-                shard.close()
-                self._shard = None
-                shutil.rmtree(self._shard_path)
-                self._shard = _create_shard(self._shard_path, model)
+                with self._readers.exclusive():
+                    shard.close()
+                    self._shard = None
+                    shutil.rmtree(self._shard_path)
+                    self._shard = _create_shard(self._shard_path, model)
                 self._write_meta(model, Cursor())
 
         await anyio.to_thread.run_sync(clear)
@@ -415,6 +603,66 @@ class EdgeIndex(VectorIndex):
                     return ids
 
         return await self._read(scroll_all)
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    model: ModelIdentity
+    cursor: Cursor
+    clearing: bool
+    behind: Cursor | None  # the cursor of the last flush, when behind (meta files of earlier versions)
+    churn: int | None  # points written since the last compaction (None: an earlier version's index)
+    compacted: int  # points after the last compaction
+
+
+class _Readers:
+    """Queries run side by side; replacing or closing the shard waits for those in flight and
+    holds new ones back until it is done."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._held = False
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._held:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._held = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+
+def _remove(directory: Path) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_shard(path: Path, model: ModelIdentity) -> EdgeShard:
