@@ -53,3 +53,9 @@ SYNC_OVERLAPS = Counter(
 INDEX_REBUILDS = Counter(
     "mcp_rag_index_rebuilds", "Automatic index rebuilds after the change log's history changed.", registry=REGISTRY
 )
+INDEX_COMPACTIONS = Counter(
+    "mcp_rag_index_compactions",
+    "Compactions of the embedded index (an optimised copy swapped in), by outcome: done or failed.",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from mcp_rag import metrics
 from mcp_rag.index.base import (
     Cursor,
     FusionParams,
@@ -79,6 +80,10 @@ def gate(index: EdgeIndex, directory: Path) -> Path:
     return path
 
 
+def compactions(outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("mcp_rag_index_compactions_total", {"outcome": outcome}) or 0.0
+
+
 def meta(directory: Path) -> dict[str, object]:
     data: dict[str, object] = json.loads((directory / "index_meta.json").read_text())
     return data
@@ -108,6 +113,7 @@ async def test_a_compaction_keeps_every_point_and_answers_as_a_fresh_index(tmp_p
         await fresh.close()
     directory = tmp_path / "compacted"
     index = EdgeIndex(directory, compact_points=200)
+    done_before = compactions("done")
     await index.open(MODEL)
     try:
         for start in range(0, 600, 100):
@@ -116,6 +122,7 @@ async def test_a_compaction_keeps_every_point_and_answers_as_a_fresh_index(tmp_p
         await index.set_cursor(9, "9@1")
         await index.settle()  # the compaction the writes started, and one more if due
         assert not index.compacting
+        assert compactions("done") > done_before
         assert meta(directory)["compacted"] == 550
         assert meta(directory)["churn"] == 0
         assert await index.count() == 550
@@ -213,10 +220,12 @@ async def test_clear_during_a_compaction_is_not_undone_by_it(tmp_path: Path) -> 
 async def test_a_failed_optimisation_leaves_the_index_serving(tmp_path: Path) -> None:
     index = EdgeIndex(tmp_path, compact_points=100)
     index.optimizer = (sys.executable, "-c", "import sys; sys.exit('no optimiser here')")
+    failed_before = compactions("failed")
     await index.open(MODEL)
     try:
         await index.upsert(points(range(1, 151)))
         await wait_for(lambda: not index.compacting)
+        assert compactions("failed") == failed_before + 1
         assert await index.count() == 150
         assert not (tmp_path / "shard.next").exists()
         await index.upsert(points(range(151, 161)))  # still writable, and still due

@@ -77,6 +77,7 @@ from qdrant_edge import (
     UpdateOperation,
 )
 
+from mcp_rag import metrics
 from mcp_rag.errors import IndexInUseError, IndexUnavailableError, ModelMismatchError
 from mcp_rag.index.base import (
     DENSE_VECTOR,
@@ -364,6 +365,7 @@ class EdgeIndex(VectorIndex):
                 if generation != self._generation or self._shard is None:
                     return
                 if child.returncode != 0:
+                    metrics.INDEX_COMPACTIONS.labels("failed").inc()
                     log.warning(
                         "edge index compaction failed; the index keeps its segments",
                         exit_code=child.returncode,
@@ -372,12 +374,14 @@ class EdgeIndex(VectorIndex):
                     return
                 with self._readers.exclusive():
                     self._swap_locked(start, churn)
+            metrics.INDEX_COMPACTIONS.labels("done").inc()
             log.info(
                 "edge index compacted",
                 points=self._compacted,
                 seconds=round(time.monotonic() - started, 1),
             )
         except Exception as exc:  # the index keeps serving from its current shard
+            metrics.INDEX_COMPACTIONS.labels("failed").inc()
             log.warning("edge index compaction failed; the index keeps its segments", error=str(exc)[:300])
         finally:
             with self._write_lock:
