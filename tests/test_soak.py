@@ -52,3 +52,27 @@ async def test_soak_32_clients_no_errors_flat_resources(
         assert verdict["rss_kb_max_after_warmup"] <= verdict["rss_kb_warm"] * (1 + RSS_GROWTH), report
     finally:
         pg_server.drop_database(name)
+
+
+async def test_soak_while_compactions_swap_the_index(
+    pg_server: PgServer, template_db: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """The same load with the embedded index compacting every ~100 written points: optimised copies
+    replace the shard while searches and ingests run, and no call fails."""
+    name = f"soak_{uuid.uuid4().hex[:12]}"
+    dsn = pg_server.create_database(name, template=template_db)
+    log = tmp_path / "server.log"
+    try:
+        env = server_env(tmp_path / "data", model_dir, dsn, index_compact_points=100)
+        with http_server(env, log) as server:
+            result = await soak(server.url, server.pid, seconds=SECONDS, clients=CLIENTS, warmup=WARMUP, interval=1.0)
+        events = [json.loads(line).get("event") for line in log.read_text().splitlines() if line.startswith("{")]
+        report = json.dumps({"calls": result.calls, "ingests": result.ingests, "errors": result.errors})
+        assert result.errors == 0, result.error_messages
+        assert result.ingests >= 100, report
+        assert events.count("edge index compacted") >= 2, report
+        assert "edge index compaction failed; the index keeps its segments" not in events
+        verdict = result.verdict()
+        assert verdict["fds_max_after_warmup"] <= verdict["fds_warm"] + FD_SLACK, report
+    finally:
+        pg_server.drop_database(name)

@@ -431,18 +431,21 @@ class EdgeIndex(VectorIndex):
     async def settle(self) -> None:
         """Wait for the running compaction, then run one if a compaction's worth of points was
         written since (the end of a bulk ingest: the index it leaves is optimised)."""
+        await anyio.to_thread.run_sync(self._compact_and_wait, False)
 
-        def settle() -> None:
-            for _ in range(2):
-                with self._write_lock:
-                    thread = self._compaction
-                    if thread is None:
-                        if self._shard is None or not self._compaction_due():
-                            return
-                        thread = self._start_compaction_locked()
+    async def compact(self) -> None:
+        """Compact now, however little was written since the last compaction, and wait for it."""
+        await anyio.to_thread.run_sync(self._compact_and_wait, True)
+
+    def _compact_and_wait(self, always: bool) -> None:
+        """Wait for the running compaction; then start one if ``always`` or if one is due, and wait."""
+        for may_start in (False, True):
+            with self._write_lock:
+                thread = self._compaction
+                if thread is None and may_start and self._shard is not None and (always or self._compaction_due()):
+                    thread = self._start_compaction_locked()
+            if thread is not None:
                 thread.join()
-
-        await anyio.to_thread.run_sync(settle)
 
     @property
     def compacting(self) -> bool:
