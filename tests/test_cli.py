@@ -287,3 +287,20 @@ def test_ingest_prune_removes_documents_of_deleted_files(cli: Cli, tmp_path: Pat
     assert "removed 1," in cli("ingest", str(folder), "--prune").stdout
     listed = cli("search", "lanterns", "--json")
     assert "one.md" not in listed.stdout
+
+
+def test_ingest_and_reindex_leave_a_compacted_index(cli: Cli, tmp_path: Path, data_dir: Path) -> None:
+    """A bulk ingest ends with the compaction that is due (here every 5 points), and so does reindex."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i, topic in enumerate(["lanterns", "kettles", "ferns", "compasses", "quilts", "anvils", "kites", "sextants"]):
+        (folder / f"{i}.md").write_text(f"# {topic.title()}\n\nA short note about {topic} and their care.\n")
+    compact = {"MCP_RAG_INDEX_COMPACT_POINTS": "5"}
+    cli("ingest", str(folder), **compact)
+    meta = json.loads((data_dir / "index" / "index_meta.json").read_text())
+    assert meta["compacted"] == 8  # one point a note
+    assert meta["churn"] < 5
+    assert "kettles" in cli("search", "kettle care", "--json").stdout
+    cli("reindex", **compact)
+    meta = json.loads((data_dir / "index" / "index_meta.json").read_text())
+    assert (meta["compacted"], meta["churn"]) == (8, 0)
