@@ -109,15 +109,17 @@ def _balanced(section: list[int], counts: Sequence[int], max_tokens: int, overla
     groups = _pack(section, counts, max_tokens, overlap_tokens)
     if len(groups) < 2:
         return groups
+    best = groups
     low = max(max(counts[i] for i in section), -(-sum(counts[i] for i in section) // len(groups)))
     high = max_tokens
     while low < high:
         budget = (low + high) // 2
-        if len(_pack(section, counts, budget, min(overlap_tokens, budget - 1))) <= len(groups):
-            high = budget
+        packed = _pack(section, counts, budget, min(overlap_tokens, budget - 1))
+        if len(packed) <= len(groups):
+            best, high = packed, budget
         else:
             low = budget + 1
-    return _pack(section, counts, high, min(overlap_tokens, high - 1))
+    return best
 
 
 def _pack(section: list[int], counts: Sequence[int], budget: int, overlap_tokens: int) -> list[list[int]]:
