@@ -64,6 +64,8 @@ class FastembedProvider(DenseProvider):
         try:
             model: Any = TextEmbedding(self._name, **kwargs)
             single: Any = model if self._threads == 1 else TextEmbedding(self._name, **{**kwargs, "threads": 1})
+            if model is not single:
+                _stop_spinning(model)
         except Exception as exc:
             hint = (
                 f"from {self._model_dir}"
@@ -116,6 +118,20 @@ class FastembedProvider(DenseProvider):
         if self._budget is None:
             raise RuntimeError("token_budget() before load()")
         return self._budget
+
+
+def _stop_spinning(model: Any) -> None:
+    """Build the session of a fastembed model again with its worker threads waiting idle between
+    runs instead of spinning on a core (ONNX Runtime's default): the event loop, Postgres, the
+    single-threaded session and a local client need those cores right after a run. fastembed does
+    not expose the option; the session is built from the same file with fastembed's own options."""
+    import onnxruntime as ort
+
+    onnx = model.model
+    session = onnx.model
+    options = session.get_session_options()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    onnx.model = ort.InferenceSession(session._model_path, sess_options=options, providers=session.get_providers())
 
 
 def available_cores() -> int:
