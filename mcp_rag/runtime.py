@@ -274,20 +274,32 @@ async def open_runtime(
             except RagError as exc:
                 log.warning("could not catch the index up at start; the sync worker will retry", error=str(exc))
 
-        if not follow:
-            yield runtime
-            return
-        from .jobs import IngestJobs
+        try:
+            async with anyio.create_task_group() as passes:
+                # Committed writes reach the index in the background; searches wait for them.
+                await passes.start(syncer.run_passes)
+                try:
+                    if not follow:
+                        yield runtime
+                        return
+                    from .jobs import IngestJobs
 
-        jobs = IngestJobs(store, service, settings.ingest_job_after_seconds)
-        runtime.jobs = await stack.enter_async_context(jobs.running())
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(syncer.follow, settings.sync_interval_seconds)
-            if settings.watch_dirs:  # the server process (the one following the change log) watches
-                from .watch import watch_configured
+                    jobs = IngestJobs(store, service, settings.ingest_job_after_seconds)
+                    runtime.jobs = await stack.enter_async_context(jobs.running())
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(syncer.follow, settings.sync_interval_seconds)
+                        if settings.watch_dirs:  # the server process (the one following the change log) watches
+                            from .watch import watch_configured
 
-                tg.start_soon(watch_configured, service, settings)
-            try:
-                yield runtime
-            finally:
-                tg.cancel_scope.cancel()
+                            tg.start_soon(watch_configured, service, settings)
+                        try:
+                            yield runtime
+                        finally:
+                            tg.cancel_scope.cancel()
+                finally:
+                    passes.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the task group wraps what the caller's block raised
+            raise group.exceptions[0] if len(group.exceptions) == 1 else group from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await syncer.finish_passes()

@@ -17,7 +17,7 @@ import anyio
 from . import metrics
 from .chunking import chunk_text
 from .embedding import Embedder, Embedding, QueryEmbedding
-from .errors import IndexError_, InvalidInputError, RagError, TooLargeError, UnavailableError
+from .errors import InvalidInputError, RagError, TooLargeError
 from .extract import SourceDocument, read_file
 from .index.base import FusionParams, Hit, IndexQuery, SearchFilter, VectorIndex
 from .logging import get_logger
@@ -48,6 +48,8 @@ MAX_NEIGHBOURS = 10
 DOCUMENT_OVERFETCH = 4
 """Chunks fetched per document asked for when results are grouped by document (more when that is not enough)."""
 MAX_CHUNKS_FETCHED = 1000
+INDEX_WAIT_SECONDS = 10.0
+"""How long a search waits for the index to apply writes this process has acknowledged."""
 MAX_TITLE_CHARS = 1000
 MAX_SOURCE_CHARS = 4096
 MAX_METADATA_KEYS = 64
@@ -234,7 +236,7 @@ class RagService:
         report.removed += len(deleted)
         metrics.DOCUMENTS_INGESTED.labels("removed").inc(len(deleted))
         log.info("pruned documents whose files are gone", directory=str(directory), removed=len(deleted))
-        await self._index_committed()
+        await self.syncer.after_commit()
 
     async def ingest_url(
         self,
@@ -294,7 +296,7 @@ class RagService:
                     metrics.DOCUMENTS_INGESTED.labels("unchanged").inc(len(batch.unchanged))
                     report.failed.extend(batch.failures)
                     if batch.writes:
-                        await self._index_committed()
+                        await self.syncer.after_commit()
                     if progress is not None:
                         await progress(
                             report.processed,
@@ -312,17 +314,6 @@ class RagService:
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         return report
-
-    async def _index_committed(self) -> None:
-        """Apply what was just committed to the index. The write is durable in Postgres with its
-        change-log entry, so an index that does not answer fails nothing: the sync worker (or the
-        next catch-up) applies it, and search never shows chunks Postgres does not have."""
-        try:
-            await self.syncer.catch_up()
-        except (IndexError_, UnavailableError) as exc:  # the index, or a read replica that does not answer
-            log.warning(
-                "index not updated after a committed write; it will catch up from the change log", error=str(exc)[:300]
-            )
 
     async def _prepare(
         self, tenant: str, collection: str, sources: Iterable[Source], raise_on_failure: bool
@@ -525,6 +516,7 @@ class RagService:
         self.syncer.require_model()
         self.syncer.require_open()
         embedding = await self.embedder.embed_query(query.replace("\x00", " "), dense=mode != "lexical")
+        await self._index_written()
         wanted = limit if per_document is None else min(limit * DOCUMENT_OVERFETCH, MAX_CHUNKS_FETCHED)
         fetch = wanted if self.reranker is None else max(wanted, self.reranker.candidates)
         while True:
@@ -580,6 +572,15 @@ class RagService:
         """The hits read from Postgres, in their order; a hit Postgres does not have is never shown."""
         rows = await self.store.hydrate(tenant, [h.id for h in hits])
         return [_scored(rows[h.id], float(h.score)) for h in hits if h.id in rows]
+
+    async def _index_written(self) -> None:
+        """Read-your-writes: an acknowledged write is applied to the index in the background, and a
+        read of the index waits for it (bounded: an index that does not answer delays reads, it does
+        not stop them; its lag then shows in stats and readiness)."""
+        if not await self.syncer.wait_applied(INDEX_WAIT_SECONDS):
+            log.warning(
+                "the index has not applied the latest writes yet; reading it as it is", waited=INDEX_WAIT_SECONDS
+            )
 
     def _index_filter(self, tenant: str, filters: SearchFilters) -> SearchFilter:
         collection = validate_collection(filters.collection) if filters.collection is not None else None
@@ -648,12 +649,12 @@ class RagService:
 
     async def delete_document(self, tenant: str, document_id: str) -> DocumentInfo:
         info = await self.store.delete_document(tenant, document_id)
-        await self._index_committed()
+        await self.syncer.after_commit()
         return info
 
     async def delete_collection(self, tenant: str, collection: str) -> int:
         count = await self.store.delete_collection(tenant, validate_collection(collection))
-        await self._index_committed()
+        await self.syncer.after_commit()
         return count
 
     async def list_collections(self, tenant: str) -> list[Any]:
@@ -664,6 +665,7 @@ class RagService:
         every tenant's when ``tenant`` is None (the operator's CLI)."""
         stats = await self.store.stats(tenant)
         self.syncer.require_open()
+        await self._index_written()
         points = await self.index.count(SearchFilter(tenant=tenant) if tenant is not None else None)
         return stats, points, await self.syncer.lag(tenant)
 

@@ -77,6 +77,74 @@ class IndexSyncer:
         self.diverged = ""
         """Why the index does not belong to the database's change-log history ("" when it does)."""
         self.rebuilding = False
+        self._written = 0
+        """Committed writes handed to the background passes (``after_commit``)."""
+        self._applied = 0
+        """How many of those a finished pass has covered."""
+        self._wake = anyio.Event()
+        self._passed = anyio.Event()
+        self._background = False
+
+    # --- applying committed writes off the request path ---
+
+    async def after_commit(self) -> None:
+        """Apply what was just committed to the index: in the background when ``run_passes`` runs
+        (the writer answers at once; ``wait_applied`` keeps read-your-writes), else right here.
+
+        The write is durable in Postgres with its change-log entry, so an index that does not
+        answer fails nothing: the sync worker (or the next pass) applies it later."""
+        if self._background:
+            self._written += 1
+            self._wake.set()
+        else:
+            await self._logged_pass()
+
+    async def run_passes(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Apply committed writes as they come, one pass at a time: a pass covers every write
+        committed before it began, so writes that arrive during a pass share the next one."""
+        self._background = True
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                target = self._written
+                try:
+                    await self._logged_pass()
+                except Exception:  # a bug: the server keeps serving, the sync worker and the next pass retry
+                    log.exception("index pass after a committed write failed")
+                self._applied = target
+                self._passed.set()
+                self._passed = anyio.Event()
+        finally:
+            self._background = False
+            self._passed.set()  # nobody waits for a pass that will not run
+
+    async def finish_passes(self) -> None:
+        """Apply the writes the background passes have not (at shutdown, after ``run_passes`` ended)."""
+        if self._applied < self._written:
+            try:
+                await self._logged_pass()
+            except Exception:  # a bug; the change log still holds the writes for the next start
+                log.exception("index pass at shutdown failed")
+            self._applied = self._written
+
+    async def wait_applied(self, seconds: float | None = None) -> bool:
+        """Wait until a pass has covered every write committed so far (at most ``seconds``);
+        False when it timed out."""
+        target = self._written
+        with anyio.move_on_after(seconds):
+            while self._applied < target and self._background:
+                await self._passed.wait()
+        return self._applied >= target or not self._background
+
+    async def _logged_pass(self) -> None:
+        try:
+            await self.catch_up()
+        except (IndexError_, UnavailableError) as exc:  # the index, or a read replica that does not answer
+            log.warning(
+                "index not updated after a committed write; it will catch up from the change log", error=str(exc)[:300]
+            )
 
     # --- an index that could not be opened at start (a Qdrant server that does not answer) ---
 
