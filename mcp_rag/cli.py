@@ -234,6 +234,7 @@ def _ingest(settings: Settings, args: argparse.Namespace) -> None:
             )
         finally:
             bar.close()
+        await runtime.syncer.wait_applied()  # in a holder, its background pass may still be applying the last batch
         await runtime.index.settle()  # a bulk ingest leaves an optimised index behind
         print(
             f"added {report.added}, updated {report.updated}, unchanged {report.unchanged}, "

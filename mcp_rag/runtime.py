@@ -187,7 +187,9 @@ async def open_runtime(
     """Start everything the service needs; stop it all on exit.
 
     ``follow_changes`` runs the index sync worker in the background (default: the
-    ``sync_in_server`` setting). ``index`` and ``embedder`` replace the ones the settings
+    ``sync_in_server`` setting), and with it the passes that apply committed writes to an
+    embedded index after the writer has answered (``IndexSyncer.run_passes``); without it, a
+    write is applied to the index before it returns. ``index`` and ``embedder`` replace the ones the settings
     describe (tests, benchmarks). ``catch_up=False`` leaves the index as it is at start
     (``mcp-rag stats`` must report the lag it finds, not hide it).
     """
@@ -274,32 +276,26 @@ async def open_runtime(
             except RagError as exc:
                 log.warning("could not catch the index up at start; the sync worker will retry", error=str(exc))
 
+        if not follow:
+            yield runtime
+            return
+        from .jobs import IngestJobs
+
+        jobs = IngestJobs(store, service, settings.ingest_job_after_seconds)
+        runtime.jobs = await stack.enter_async_context(jobs.running())
         try:
-            async with anyio.create_task_group() as passes:
-                # Committed writes reach the index in the background; searches wait for them.
-                await passes.start(syncer.run_passes)
+            async with anyio.create_task_group() as tg:
+                # A server applies committed writes in the background; its searches wait for them.
+                await tg.start(syncer.run_passes)
+                tg.start_soon(syncer.follow, settings.sync_interval_seconds)
+                if settings.watch_dirs:  # the server process (the one following the change log) watches
+                    from .watch import watch_configured
+
+                    tg.start_soon(watch_configured, service, settings)
                 try:
-                    if not follow:
-                        yield runtime
-                        return
-                    from .jobs import IngestJobs
-
-                    jobs = IngestJobs(store, service, settings.ingest_job_after_seconds)
-                    runtime.jobs = await stack.enter_async_context(jobs.running())
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(syncer.follow, settings.sync_interval_seconds)
-                        if settings.watch_dirs:  # the server process (the one following the change log) watches
-                            from .watch import watch_configured
-
-                            tg.start_soon(watch_configured, service, settings)
-                        try:
-                            yield runtime
-                        finally:
-                            tg.cancel_scope.cancel()
+                    yield runtime
                 finally:
-                    passes.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # the task group wraps what the caller's block raised
-            raise group.exceptions[0] if len(group.exceptions) == 1 else group from None
+                    tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await syncer.finish_passes()

@@ -89,11 +89,13 @@ class IndexSyncer:
 
     async def after_commit(self) -> None:
         """Apply what was just committed to the index: in the background when ``run_passes`` runs
-        (the writer answers at once; ``wait_applied`` keeps read-your-writes), else right here.
+        and the index is this process's own (the writer answers at once; ``wait_applied`` keeps
+        read-your-writes), else right here. A shared Qdrant server is written before the writer
+        answers, so a search on another replica finds what this one acknowledged.
 
         The write is durable in Postgres with its change-log entry, so an index that does not
         answer fails nothing: the sync worker (or the next pass) applies it later."""
-        if self._background:
+        if self._background and self.index.exclusive:
             self._written += 1
             self._wake.set()
         else:

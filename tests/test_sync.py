@@ -4,13 +4,16 @@ lock cannot exclude, and a bounded stress run of concurrent writers with a sync 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
 import psycopg
 import pytest
+from qdrant_client import QdrantClient
 
 from mcp_rag import metrics
+from mcp_rag import service as service_module
 from mcp_rag.embedding import Embedder
 from mcp_rag.errors import NotFoundError, RagError
 from mcp_rag.extract import SourceDocument
@@ -25,7 +28,11 @@ from mcp_rag.index.base import (
     SearchFilter,
     VectorIndex,
 )
-from mcp_rag.runtime import Runtime
+from mcp_rag.index.qdrant_edge import EdgeIndex
+from mcp_rag.index.qdrant_server import QdrantServerIndex
+from mcp_rag.runtime import Runtime, open_runtime
+from mcp_rag.service import SearchResult
+from mcp_rag.settings import Settings
 from mcp_rag.store.postgres import Store
 from mcp_rag.sync import IndexSyncer
 from tests.pgcluster import PgServer
@@ -330,3 +337,121 @@ async def test_an_index_of_another_history_is_refused_then_rebuilt_once(runtime:
     assert await runtime.readiness() == []
     assert await index.read_cursor() == Cursor(seq, await store.log_stamp(seq) or "")
     assert await index.point_ids() == await store.all_chunk_ids()
+
+
+# --- committed writes applied after the writer has answered -------------------------------------
+
+BASALT = "Columnar basalt forms hexagonal prisms as a thick lava flow cools and contracts."
+
+
+def own_index(tmp_path: Path) -> GatedIndex:
+    """The embedded engine behind a gate: an index only this process writes, like the default."""
+    index = GatedIndex(EdgeIndex(tmp_path / "index"))
+    index.exclusive = True
+    return index
+
+
+async def test_a_server_answers_a_write_before_its_own_index_applies_it_and_a_search_waits_for_it(
+    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
+) -> None:
+    index = own_index(tmp_path)
+    settings = make_settings(sync_interval_seconds=3600)  # no pass of the sync worker's in between
+    with anyio.fail_after(60):
+        async with open_runtime(settings, index=index, embedder=embedder, follow_changes=True) as runtime:
+            arrived, release = index.upsert_gate = gate()
+            added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
+            await arrived.wait()  # the ingest has answered; its pass is about to write the point
+            assert await index.inner.count() == 0
+
+            found: list[SearchResult] = []
+
+            async def search() -> None:
+                found.extend(await runtime.service.search(T, "hexagonal basalt prisms"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(search)
+                await anyio.sleep(0.3)  # the search is waiting for the pass, not reading the empty index
+                assert not found
+                release.set()
+            assert [r.document_id for r in found] == [added.document_id]
+            assert await index.inner.count() == added.chunks
+
+
+async def test_a_search_waits_for_the_index_only_so_long(
+    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index that does not apply a write delays searches by a bounded time; they then read it as it is."""
+    monkeypatch.setattr(service_module, "INDEX_WAIT_SECONDS", 0.2)
+    index = own_index(tmp_path)
+    with anyio.fail_after(60):
+        async with open_runtime(
+            make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True
+        ) as runtime:
+            arrived, release = index.upsert_gate = gate()
+            added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
+            await arrived.wait()
+            assert await runtime.service.search(T, "hexagonal basalt prisms") == []
+            release.set()
+            found = await runtime.service.search(T, "hexagonal basalt prisms")
+            assert [r.document_id for r in found] == [added.document_id]
+
+
+async def test_writes_committed_during_a_pass_share_the_next_one(
+    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
+) -> None:
+    index = own_index(tmp_path)
+    with anyio.fail_after(60):
+        async with open_runtime(
+            make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True
+        ) as runtime:
+            arrived, release = index.cursor_gate = gate()
+            await runtime.service.ingest_text(T, BASALT, title="Basalt")
+            first = await runtime.store.last_change_seq()
+            await arrived.wait()  # the first pass holds; three more writes arrive meanwhile
+            for i in range(3):
+                await runtime.service.ingest_text(T, f"Pillow lava number {i} forms under water.", title=f"Pillow {i}")
+            cursors: list[int] = []
+            real_set_cursor = index.inner.set_cursor
+
+            async def recording(seq: int, origin: str = "", *, expected: int | None = None) -> None:
+                cursors.append(seq)
+                await real_set_cursor(seq, origin, expected=expected)
+
+            index.inner.set_cursor = recording  # type: ignore[method-assign]
+            release.set()
+            assert len(await runtime.service.search(T, "pillow lava under water")) == 4  # every write
+            assert cursors == [first, first + 3]  # the held pass, then one pass for the three writes
+            assert (await runtime.service.stats(T))[1:] == (4, 0)
+
+
+async def test_a_shared_qdrant_server_is_written_before_the_write_returns(
+    make_settings: Callable[..., Settings], embedder: Embedder
+) -> None:
+    """Another replica's search must find what this one acknowledged."""
+    index = QdrantServerIndex(QdrantClient(":memory:"))
+    with anyio.fail_after(60):
+        async with open_runtime(
+            make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True
+        ) as runtime:
+            added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
+            assert await index.count() == added.chunks
+
+
+async def test_writes_not_yet_applied_at_shutdown_reach_the_index(
+    make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
+) -> None:
+    index = own_index(tmp_path)
+    settings = make_settings(sync_interval_seconds=3600)
+    with anyio.fail_after(60):
+        async with open_runtime(settings, index=index, embedder=embedder, follow_changes=True) as runtime:
+            arrived, _never = index.upsert_gate = gate()
+            added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
+            await arrived.wait()  # the pass is stuck; the process stops
+            last = await runtime.store.last_change_seq()
+    reopened = EdgeIndex(tmp_path / "index")
+    await reopened.open(embedder.identity)
+    try:
+        assert (await reopened.read_cursor()).seq == last
+        assert await reopened.count() == added.chunks
+    finally:
+        await reopened.close()
