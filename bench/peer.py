@@ -8,14 +8,18 @@ our offline model folder through fastembed's cache layout (``FASTEMBED_CACHE_PAT
 ``HF_HUB_OFFLINE=1``, so it downloads nothing). The peer is installed with pip into its own
 virtualenv under the work directory (once; reused while its version matches).
 
-* ingest: one call per document, alternating between the two servers document by document (and
-  which of them goes first), so that other load on the machine hits both alike: mcp-rag's
+* ingest: one call per document, the two servers taking turns in blocks of ``--block`` calls (20;
+  which of them goes first alternates), so that other load on the machine hits both alike, with a
+  pause of ``--switch-pause`` seconds (0.2) when they switch. The pause lets the server that just
+  finished go idle: ONNX Runtime's worker threads keep spinning on a core for about 100 ms after a
+  run (about 40 ms of CPU, measured on this machine), which would otherwise be charged to the other
+  server's next call. ``--block 1 --switch-pause 0`` alternates call by call. mcp-rag's
   ``ingest_text`` (title, text, a source URI), the peer's ``qdrant-store`` (title and text as one
   ``information``, the document id in its metadata). Reported: documents/s over the summed call
   times, and the per-call p50/p95.
 * search: the dataset's queries, top_k 10 on both sides (mcp-rag's ``search``, hybrid by default,
   one result per document; the peer's ``qdrant-find`` with ``QDRANT_SEARCH_LIMIT=10``),
-  alternating the same way. Reported: p50/p95/p99, and nDCG@10 / recall@10 of the ids each side
+  taking turns the same way. Reported: p50/p95/p99, and nDCG@10 / recall@10 of the ids each side
   returns against the dataset's qrels (queries whose relevant documents were all ingested).
 * memory: each server process's VmHWM (peak RSS since start) at the end, and its VmRSS after the
   ingest. mcp-rag's Postgres runs in its own processes and is not counted (the peer has no
@@ -359,7 +363,19 @@ async def timed(side: Side, call: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-async def run_both(clients: dict[str, Any], work: Workload, warmup: int) -> dict[str, Side]:
+def turns(n: int, names: Sequence[str], block: int) -> list[tuple[str, range]]:
+    """Which server runs which items, in order: blocks of ``block`` items, each block by both
+    servers in turn, the first of them alternating from block to block."""
+    out: list[tuple[str, range]] = []
+    for k, start in enumerate(range(0, n, block)):
+        items = range(start, min(start + block, n))
+        out += [(name, items) for name in (names if k % 2 == 0 else names[::-1])]
+    return out
+
+
+async def run_both(
+    clients: dict[str, Any], work: Workload, warmup: int, block: int, switch_pause: float
+) -> dict[str, Side]:
     impls: dict[str, Ours | Peer] = {"mcp-rag": Ours(), "mcp-server-qdrant": Peer()}
     sides = {name: Side(name) for name in impls}
     async with contextlib.AsyncExitStack() as stack:
@@ -369,21 +385,27 @@ async def run_both(clients: dict[str, Any], work: Workload, warmup: int) -> dict
             sides[name].ready_seconds = time.perf_counter() - started
             sides[name].pid = child_pid(impls[name].marker)
         names = list(impls)
-        log(f"ingest: {len(work.docs)} documents, one call each, alternating the servers")
-        for i, doc in enumerate(work.docs):
-            for name in names if i % 2 == 0 else names[::-1]:
-                seconds, error = await timed(sides[name], impls[name].ingest(clients[name], doc))
+        log(f"ingest: {len(work.docs)} documents, one call each, the servers taking turns in blocks of {block}")
+        logged = 0
+        for name, items in turns(len(work.docs), names, block):
+            await anyio.sleep(switch_pause)
+            for i in items:
+                seconds, error = await timed(sides[name], impls[name].ingest(clients[name], work.docs[i]))
                 sides[name].ingest.append(seconds)
                 if error:
                     sides[name].fail(str(error))
-            if (i + 1) % 500 == 0:
-                log(f"  {i + 1} documents")
+            if items[-1] + 1 >= logged + 500:
+                logged = items[-1] + 1
+                log(f"  {logged} documents")
         for side in sides.values():
             side.rss_after_ingest = proc_status(side.pid).get("VmRSS", 0.0)
-        log(f"search: {len(work.queries)} queries (+{warmup} warm-up), top_k {TOP_K}, alternating the servers")
-        for i, (qid, query) in enumerate(work.queries[:warmup] + work.queries):
-            for name in names if i % 2 == 0 else names[::-1]:
-                side = sides[name]
+        log(f"search: {len(work.queries)} queries (+{warmup} warm-up), top_k {TOP_K}, the servers taking turns")
+        queries = work.queries[:warmup] + work.queries
+        for name, items in turns(len(queries), names, block):
+            await anyio.sleep(switch_pause)
+            side = sides[name]
+            for i in items:
+                qid, query = queries[i]
                 seconds, out = await timed(side, impls[name].search(clients[name], query))
                 if i < warmup:
                     continue
@@ -425,6 +447,8 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--docs", type=int, default=None, help="documents to ingest (default all; quick 500; tiny all)")
     p.add_argument("--queries", type=int, default=None, help="searches per server (default 300; quick 100)")
+    p.add_argument("--block", type=int, default=20, help="calls per server before the other takes its turn")
+    p.add_argument("--switch-pause", type=float, default=0.2, help="seconds of rest when the servers switch (0: none)")
     p.add_argument("--peer-version", default=PEER_VERSION)
     p.add_argument(
         "--peer-venv",
@@ -465,6 +489,8 @@ def main() -> None:
         judged_queries=len(work.qrels),
         peer=f"{PEER_PACKAGE} {args.peer_version}",
         peer_storage=args.peer_storage,
+        block=max(1, args.block),
+        switch_pause=max(0.0, args.switch_pause),
         dataset=dataset.name,
         load_avg=machine()["load_avg"],
     )
@@ -482,7 +508,7 @@ def main() -> None:
             "mcp-server-qdrant": peer_client(script, peer_env(cache, args.peer_storage, peer_dir), peer_log, peer_dir),
         }
         load_before = os.getloadavg()[0]
-        sides = anyio.run(run_both, clients, work, warmup)
+        sides = anyio.run(run_both, clients, work, warmup, max(1, args.block), max(0.0, args.switch_pause))
         load_after = os.getloadavg()[0]
         figures = {name: summary(side, len(work.docs)) for name, side in sides.items()}
         for name, fig in figures.items():
