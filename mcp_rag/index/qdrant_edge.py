@@ -2,23 +2,25 @@
 
 Layout of ``directory``:
 
-* ``shard/``          the EdgeShard (segments + WAL; the engine locks the WAL exclusively)
+* ``shard/``          the EdgeShard (its segments; a shard made before 2026-12-01 also has a WAL)
 * ``index_meta.json`` model identity, change-log cursor (seq + origin) and a ``clearing``
   flag, replaced atomically (write, fsync, rename, fsync the directory)
 * ``owner.pid``       flock-ed by the process that has the index open, holds its pid
 * ``shard.next/``     a compaction's copy of the shard, while a child process optimises it
 * ``shard.old/``      the shard a compaction replaced, until it is deleted
 
-Durability: every update is appended to the shard's WAL before ``update`` returns, and
-the WAL is replayed on load, so a ``kill -9`` right after a write loses nothing. Flushing the
-segments (fsyncs of many files) is grouped: one flush for all the writes of up to
-``flush_seconds`` (a timer after the first unflushed write; ``close`` flushes too), instead of
-one per write. The cursor in the meta file is written with that flush, not with each write: it
-names what the flushed segments hold, so an index whose owner stopped without flushing reopens
-at the last flush and the change log applies the rest again (re-applying a change is
-idempotent), including writes the WAL may not hold durably after a power loss. The cursor
-never claims more than the flushed segments hold. (Meta files of earlier versions may carry
-the cursor of the last flush as ``flushed`` beside a later cursor; an open rewinds to it.)
+Durability: the change log in Postgres is the index's log. Flushing the segments (fsyncs of
+many files) is grouped: one flush for all the writes of up to ``flush_seconds`` (a timer after
+the first unflushed write; ``close`` flushes too), instead of one per write. The cursor in the
+meta file is written with that flush, not with each write: it names what the flushed segments
+hold, so an index whose owner stopped without flushing reopens at the last flush and the change
+log applies the rest again (re-applying a change reconciles a document with Postgres, whatever
+part of the unflushed writes reached the disk). The cursor never claims more than the flushed
+segments hold. So a shard keeps no write-ahead log of its own: the engine's would repeat the
+change log, cost a write per update and keep about 40 MiB of log segments mapped in memory.
+(Shards made before 2026-12-01 keep theirs until ``mcp-rag reindex`` makes a new one; meta files
+of earlier versions may carry the cursor of the last flush as ``flushed`` beside a later cursor;
+an open rewinds to it.)
 
 Compaction. The engine searches its plain, appendable segments exhaustively, and keeps deleted
 points in them; ``EdgeShard.optimize`` builds the HNSW graph and drops deleted points, but it
@@ -213,7 +215,7 @@ class EdgeIndex(VectorIndex):
         try:
             return EdgeShard.load(str(self._shard_path))
         except Exception as e:
-            if "WouldBlock" in str(e):  # the engine's own WAL lock
+            if "WouldBlock" in str(e):  # the engine's own WAL lock (a shard that has a WAL)
                 raise IndexInUseError(self._in_use(None)) from e
             raise IndexUnavailableError(f"cannot open edge index {self._shard_path}: {e}") from e
 
@@ -676,6 +678,7 @@ def _create_shard(path: Path, model: ModelIdentity) -> EdgeShard:
     config = EdgeConfig(
         vectors={DENSE_VECTOR: EdgeVectorParams(size=model.dimension, distance=Distance.Cosine)},
         sparse_vectors={SPARSE_VECTOR: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+        wal_enabled=False,  # the change log is the index's log (see the module docstring)
     )
     shard = EdgeShard.create(str(path), config)
     for name in ("tenant", "collection", "document_id", "source_uri"):
