@@ -162,9 +162,13 @@ class Corpus:
         return dsn
 
 
+SHARD_FORMAT = 2
+"""Bumped when the embedded index's files change, so that cached corpora are built again (2: no WAL)."""
+
+
 def build_corpus(seed: Seed, chunks: int, pg: Postgres, work: Path) -> Corpus:
     """A corpus of (at least) ``chunks`` chunks; built once per seed, size and Postgres server."""
-    name = f"bench_c{seed.key}_{chunks}"
+    name = f"bench_c{seed.key}_{chunks}_s{SHARD_FORMAT}"
     folder = work / "corpora" / name
     done = folder / "corpus.json"
     if done.is_file() and pg.exists(name):
