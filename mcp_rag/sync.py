@@ -10,6 +10,13 @@ the read database, so two passes never interleave their reads and writes. An ind
 own process can open (``VectorIndex.exclusive``: the embedded engine) needs no such lock. The
 cursor (last applied seq) lives with the index, which is the one thing a region can always write.
 
+When a write is applied: a server process (``run_passes``, started with the sync worker) whose
+index is its own (the embedded engine) answers the writer once Postgres has committed, and applies
+the change log in a background pass right after; writes that arrive during a pass share the next
+one, and a search in the process first waits until a pass has covered every write acknowledged
+before it (``wait_applied``). With a shared Qdrant server, and in one-shot commands, the pass runs
+before the write returns (``after_commit``).
+
 Two guards do not rely on that lock:
 
 * **Which history.** The cursor also records the *stamp* of the entry it names
