@@ -189,9 +189,9 @@ async def open_runtime(
     ``follow_changes`` runs the index sync worker in the background (default: the
     ``sync_in_server`` setting), and with it the passes that apply committed writes to an
     embedded index after the writer has answered (``IndexSyncer.run_passes``); without it, a
-    write is applied to the index before it returns. ``index`` and ``embedder`` replace the ones the settings
-    describe (tests, benchmarks). ``catch_up=False`` leaves the index as it is at start
-    (``mcp-rag stats`` must report the lag it finds, not hide it).
+    write is applied to the index before it returns. ``index`` and ``embedder`` replace the
+    ones the settings describe (tests, benchmarks). ``catch_up=False`` leaves the index as it
+    is at start (``mcp-rag stats`` must report the lag it finds, not hide it).
     """
     prepare_data_dir(settings.data_dir)
     async with AsyncExitStack() as stack:
