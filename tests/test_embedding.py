@@ -3,6 +3,8 @@ the event loop, and the model identity the index checks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,6 +194,39 @@ def test_queries_and_passages_get_the_same_vectors_whatever_the_threads(
         query = other.embed_query_sync(text).dense
         assert query is not None
         np.testing.assert_allclose(query, passage.dense, atol=1e-5)
+
+
+IDLE_CPU_SCRIPT = """
+import sys, time
+from pathlib import Path
+from mcp_rag.embedding import Embedder
+from mcp_rag.settings import Settings
+
+embedder = Embedder(Settings(data_dir=Path(sys.argv[2]), embedding_model_dir=Path(sys.argv[1]), _env_file=None))
+embedder.load_sync()
+text = "Columnar basalt forms hexagonal prisms as a thick lava flow cools. " * 12
+spent = []
+for _ in range(5):
+    embedder.embed_passages_sync([text])  # a lone passage: the session that runs on every core
+    before = time.process_time()
+    time.sleep(0.2)
+    spent.append(time.process_time() - before)
+print(sorted(spent)[2])
+"""
+
+
+def test_the_model_threads_leave_the_cores_when_a_passage_is_done(model_dir: Path, tmp_path: Path) -> None:
+    """ONNX Runtime's worker threads spin for about 100 ms after a run by default (about 40 ms of
+    CPU here), taking a core from whatever the process does next. Measured in a process of its own:
+    its CPU time while it sleeps after a passage."""
+    out = subprocess.run(
+        [sys.executable, "-c", IDLE_CPU_SCRIPT, str(model_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert float(out.stdout.split()[-1]) < 0.01, out.stdout  # CPU seconds in 0.2 s of sleep
 
 
 def test_passages_after_the_provider_closed_are_still_embedded(
