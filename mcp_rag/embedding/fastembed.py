@@ -56,16 +56,12 @@ class FastembedProvider(DenseProvider):
             return self._identity
         from fastembed import TextEmbedding
 
-        kwargs: dict[str, Any] = {"cache_dir": str(self._cache_dir)}
-        if self._threads:
-            kwargs["threads"] = self._threads
+        kwargs: dict[str, Any] = {"cache_dir": str(self._cache_dir), "threads": 1}
         if self._model_dir is not None:
             kwargs["specific_model_path"] = str(self._model_dir)
         try:
-            model: Any = TextEmbedding(self._name, **kwargs)
-            single: Any = model if self._threads == 1 else TextEmbedding(self._name, **{**kwargs, "threads": 1})
-            if model is not single:
-                _stop_spinning(model)
+            single: Any = TextEmbedding(self._name, **kwargs)
+            model: Any = single if self._threads == 1 else _on_threads(single, self._threads)
         except Exception as exc:
             hint = (
                 f"from {self._model_dir}"
@@ -120,18 +116,29 @@ class FastembedProvider(DenseProvider):
         return self._budget
 
 
-def _stop_spinning(model: Any) -> None:
-    """Build the session of a fastembed model again with its worker threads waiting idle between
-    runs instead of spinning on a core (ONNX Runtime's default): the event loop, Postgres, the
-    single-threaded session and a local client need those cores right after a run. fastembed does
-    not expose the option; the session is built from the same file with fastembed's own options."""
+def _on_threads(single: Any, threads: int | None) -> Any:
+    """The fastembed model ``single`` (loaded on one thread) on a second session of the same file,
+    of ``threads`` threads (None: ONNX Runtime's default, one per core), sharing its tokenizer.
+
+    The session's threads wait idle between runs instead of spinning on a core for about 100 ms
+    after each (ONNX Runtime's default): the event loop, Postgres, the single-threaded session and
+    a local client need those cores right after a run. fastembed does not expose that option, so
+    the session is built here rather than by fastembed."""
+    import copy
+
     import onnxruntime as ort
 
-    onnx = model.model
-    session = onnx.model
-    options = session.get_session_options()
+    session = single.model.model
+    options = ort.SessionOptions()
+    options.graph_optimization_level = session.get_session_options().graph_optimization_level
+    options.intra_op_num_threads = options.inter_op_num_threads = threads or 0
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    onnx.model = ort.InferenceSession(session._model_path, sess_options=options, providers=session.get_providers())
+    model = copy.copy(single)
+    model.model = copy.copy(single.model)
+    model.model.model = ort.InferenceSession(
+        session._model_path, sess_options=options, providers=session.get_providers()
+    )
+    return model
 
 
 def available_cores() -> int:
