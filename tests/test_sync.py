@@ -3,6 +3,7 @@ lock cannot exclude, and a bounded stress run of concurrent writers with a sync 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -344,6 +345,14 @@ async def test_an_index_of_another_history_is_refused_then_rebuilt_once(runtime:
 BASALT = "Columnar basalt forms hexagonal prisms as a thick lava flow cools and contracts."
 
 
+def serving(
+    make_settings: Callable[..., Settings], embedder: Embedder, index: VectorIndex
+) -> contextlib.AbstractAsyncContextManager[Runtime]:
+    """A server's runtime (the sync worker and its background passes); the worker's own periodic
+    pass is kept out of the way."""
+    return open_runtime(make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True)
+
+
 def own_index(tmp_path: Path) -> GatedIndex:
     """The embedded engine behind a gate: an index only this process writes, like the default."""
     index = GatedIndex(EdgeIndex(tmp_path / "index"))
@@ -355,9 +364,8 @@ async def test_a_server_answers_a_write_before_its_own_index_applies_it_and_a_se
     make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
 ) -> None:
     index = own_index(tmp_path)
-    settings = make_settings(sync_interval_seconds=3600)  # no pass of the sync worker's in between
     with anyio.fail_after(60):
-        async with open_runtime(settings, index=index, embedder=embedder, follow_changes=True) as runtime:
+        async with serving(make_settings, embedder, index) as runtime:
             arrived, release = index.upsert_gate = gate()
             added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
             await arrived.wait()  # the ingest has answered; its pass is about to write the point
@@ -384,9 +392,7 @@ async def test_a_search_waits_for_the_index_only_so_long(
     monkeypatch.setattr(service_module, "INDEX_WAIT_SECONDS", 0.2)
     index = own_index(tmp_path)
     with anyio.fail_after(60):
-        async with open_runtime(
-            make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True
-        ) as runtime:
+        async with serving(make_settings, embedder, index) as runtime:
             arrived, release = index.upsert_gate = gate()
             added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
             await arrived.wait()
@@ -401,9 +407,7 @@ async def test_writes_committed_during_a_pass_share_the_next_one(
 ) -> None:
     index = own_index(tmp_path)
     with anyio.fail_after(60):
-        async with open_runtime(
-            make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True
-        ) as runtime:
+        async with serving(make_settings, embedder, index) as runtime:
             arrived, release = index.cursor_gate = gate()
             await runtime.service.ingest_text(T, BASALT, title="Basalt")
             first = await runtime.store.last_change_seq()
@@ -430,9 +434,7 @@ async def test_a_shared_qdrant_server_is_written_before_the_write_returns(
     """Another replica's search must find what this one acknowledged."""
     index = QdrantServerIndex(QdrantClient(":memory:"))
     with anyio.fail_after(60):
-        async with open_runtime(
-            make_settings(sync_interval_seconds=3600), index=index, embedder=embedder, follow_changes=True
-        ) as runtime:
+        async with serving(make_settings, embedder, index) as runtime:
             added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
             assert await index.count() == added.chunks
 
@@ -441,9 +443,8 @@ async def test_writes_not_yet_applied_at_shutdown_reach_the_index(
     make_settings: Callable[..., Settings], embedder: Embedder, tmp_path: Path
 ) -> None:
     index = own_index(tmp_path)
-    settings = make_settings(sync_interval_seconds=3600)
     with anyio.fail_after(60):
-        async with open_runtime(settings, index=index, embedder=embedder, follow_changes=True) as runtime:
+        async with serving(make_settings, embedder, index) as runtime:
             arrived, _never = index.upsert_gate = gate()
             added = await runtime.service.ingest_text(T, BASALT, title="Basalt")
             await arrived.wait()  # the pass is stuck; the process stops
