@@ -41,6 +41,17 @@ same weights on other hardware or thread counts differ by about 1e-6, an int8 bu
 model under the same name by 1e-2 and more."""
 
 
+INT8_SUFFIX = "@int8-unfused"
+"""Ends the name of an int8 build's identity (``embedding/fastembed.py`` says why it runs unfused)."""
+FUSED_INT8_SUFFIX = "@int8"
+"""Ends the name of the int8 build run with the SkipLayerNormalization fusion (before 2026-12-01)."""
+
+
+def base_model_name(name: str) -> str:
+    """The model an identity's name names, without the suffix of its build."""
+    return name.removesuffix(INT8_SUFFIX).removesuffix(FUSED_INT8_SUFFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelIdentity:
     """The embedding model vectors were made with; a mismatch makes vectors meaningless.

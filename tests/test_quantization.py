@@ -26,7 +26,9 @@ from tests.pgcluster import PgServer
 from tests.reliability_support import base_env, run_cli
 
 FP32_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-INT8_NAME = "sentence-transformers/all-MiniLM-L6-v2@int8"
+INT8_NAME = "sentence-transformers/all-MiniLM-L6-v2@int8-unfused"
+FUSED_INT8_NAME = "sentence-transformers/all-MiniLM-L6-v2@int8"
+"""The int8 build run with ONNX Runtime's SkipLayerNormalization fusion (mcp-rag before 2026-12-01)."""
 
 DOCUMENTS = {
     "note://lighthouse": "Lighthouses guide ships past dangerous rocks at night with a rotating beam of light.",
@@ -104,6 +106,35 @@ async def test_int8_vectors_are_close_to_the_float_ones_but_not_equal(
     int8 = np.stack([e.dense for e in await int8_embedder.embed_passages(texts)])
     cosines = (fp32 * int8).sum(axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
     assert np.all(cosines > 0.85) and np.all(cosines < 0.999), cosines
+
+
+@pytest.fixture(scope="module")
+def fused_int8_embedder(int8_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Embedder:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("fused-int8-embedder"),
+        embedding_model_dir=int8_model_dir,
+        embedding_fused_layer_norm=True,
+        _env_file=None,
+    )
+    instance = Embedder(settings)
+    instance.load_sync()
+    return instance
+
+
+async def test_the_int8_build_run_with_the_fused_graph_is_a_model_of_its_own(
+    int8_embedder: Embedder, fused_int8_embedder: Embedder
+) -> None:
+    """The same int8 file run with ONNX Runtime's SkipLayerNormalization fusion gives slightly other
+    vectors: too far apart to share an index, close enough to be the same model."""
+    unfused, fused = int8_embedder.identity, fused_int8_embedder.identity
+    assert (unfused.name, fused.name) == (INT8_NAME, FUSED_INT8_NAME)
+    assert unfused.fingerprint_distance(fused) > 1e-3
+    assert not unfused.matches(fused) and not fused.matches(unfused)
+    texts = list(DOCUMENTS.values())
+    a = np.stack([e.dense for e in await int8_embedder.embed_passages(texts)])
+    b = np.stack([e.dense for e in await fused_int8_embedder.embed_passages(texts)])
+    cosines = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert np.all(cosines > 0.99) and cosines.min() < 0.9999, cosines  # some move, none far
 
 
 def test_the_settings_choose_the_build(model_dir: Path, int8_model_dir: Path, tmp_path: Path) -> None:
@@ -275,3 +306,27 @@ async def test_unset_quantization_keeps_the_build_a_database_was_made_with(
             assert rt.embedder.identity.name == names[DEFAULT_QUANTIZATION]
     finally:
         pg_server.drop_database(fresh)
+
+
+async def test_a_database_embedded_with_the_fused_graph_keeps_it(
+    make_settings: Callable[..., Settings], int8_model_dir: Path
+) -> None:
+    """Vectors made before the int8 build ran unfused keep the fused graph while the setting is unset;
+    setting the other graph is refused in one line that names the setting to use."""
+    async with open_runtime(make_settings(embedding_model_dir=int8_model_dir, embedding_fused_layer_norm=True)) as rt:
+        assert rt.embedder.identity.name == FUSED_INT8_NAME
+        await rt.service.ingest_text("default", DOCUMENTS["note://bread"], source_uri="note://bread")
+    async with open_runtime(make_settings(embedding_model_dir=int8_model_dir)) as rt:
+        assert rt.embedder.identity.name == FUSED_INT8_NAME
+        assert rt.settings.embedding_fused_layer_norm is True
+        [hit] = await rt.service.search("default", QUERIES["fermented loaf made with natural leaven"], top_k=1)
+        assert hit.source_uri == "note://bread"
+    settings = make_settings(embedding_model_dir=int8_model_dir, embedding_fused_layer_norm=False)
+    with pytest.raises(ConfigurationError) as info:
+        async with open_runtime(settings):
+            pass
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"the database holds vectors of model fastembed:{FUSED_INT8_NAME} (384-d" in message
+    assert f"configured with fastembed:{INT8_NAME} (384-d" in message
+    assert "MCP_RAG_EMBEDDING_FUSED_LAYER_NORM=true selects this data's" in message

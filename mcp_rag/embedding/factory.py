@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import ConfigurationError
 from ..logging import get_logger
 from ..settings import Settings
-from ..types import ModelIdentity
+from ..types import FUSED_INT8_SUFFIX, ModelIdentity
 from .base import DenseProvider
 from .fastembed import DEFAULT_MODEL, FastembedProvider
 from .model_build import (
@@ -31,6 +31,7 @@ def _fastembed(settings: Settings) -> DenseProvider:
         threads=settings.embedding_threads,
         batch_size=settings.embedding_batch_size,
         quantization=quantization,
+        fused_layer_norm=bool(settings.embedding_fused_layer_norm),
     )
 
 
@@ -77,27 +78,40 @@ async def keep_recorded_build(settings: Settings, store: RecordsModel) -> Settin
     """``settings`` with the build of the default model the database's vectors were made with, when
     MCP_RAG_EMBEDDING_QUANTIZATION is unset: data embedded before the default build changed keeps its
     model (a new database gets the default build). An explicit setting or model folder is left as it is
-    (a mismatch is then refused with the usual message)."""
-    if (
-        settings.embedding_quantization is not None
-        or settings.embedding_provider != "fastembed"
-        or settings.embedding_model_dir is not None
-        or settings.embedding_model != DEFAULT_MODEL
-    ):
+    (a mismatch is then refused with the usual message). Likewise, with MCP_RAG_EMBEDDING_FUSED_LAYER_NORM
+    unset, vectors of the int8 build run with the fused graph keep that graph."""
+    if settings.embedding_provider != "fastembed":
         return settings
     recorded = await store.recorded_model()
     if recorded is None or recorded.provider != "fastembed":
         return settings
+    update: dict[str, Any] = {}
+    if settings.embedding_fused_layer_norm is None and recorded.name.endswith(FUSED_INT8_SUFFIX):
+        log.info("the database's vectors were made with the int8 build's fused graph; keeping it", model=recorded.name)
+        update["embedding_fused_layer_norm"] = True
+    if (
+        settings.embedding_quantization is None
+        and settings.embedding_model_dir is None
+        and settings.embedding_model == DEFAULT_MODEL
+        and recorded_build(recorded.name) not in (None, DEFAULT_QUANTIZATION)
+    ):
+        quantization = recorded_build(recorded.name)
+        log.info(
+            "the database's vectors belong to another build of the default model; keeping it",
+            model=recorded.name,
+            quantization=quantization,
+        )
+        update["embedding_quantization"] = quantization
+    return settings.model_copy(update=update) if update else settings
+
+
+def recorded_build(name: str) -> Quantization | None:
+    """Which build of the default model an identity name names (None: another model)."""
     builds: tuple[Quantization, ...] = ("none", "int8")
     for quantization in builds:
-        if quantization != DEFAULT_QUANTIZATION and recorded.name == identity_name(DEFAULT_MODEL, quantization):
-            log.info(
-                "the database's vectors belong to another build of the default model; keeping it",
-                model=recorded.name,
-                quantization=quantization,
-            )
-            return settings.model_copy(update={"embedding_quantization": quantization})
-    return settings
+        if name in {identity_name(DEFAULT_MODEL, quantization, fused_layer_norm=f) for f in (False, True)}:
+            return quantization
+    return None
 
 
 PROVIDERS: dict[str, Callable[[Settings], DenseProvider]] = {"fastembed": _fastembed, "openai": _openai}

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from ..types import FUSED_INT8_SUFFIX, INT8_SUFFIX
+
 if TYPE_CHECKING:
     from onnx import ModelProto, NodeProto, TensorProto
 
@@ -724,11 +726,14 @@ def provision_default_model(
 # --------------------------------------------------------------------------- int8
 
 
-def identity_name(model: str, quantization: Quantization) -> str:
-    """The model identity's name: the model's, with ``@int8`` for the quantised build.
+def identity_name(model: str, quantization: Quantization, *, fused_layer_norm: bool = False) -> str:
+    """The model identity's name: the model's, with ``@int8-unfused`` for the quantised build (``@int8``
+    for it run with the SkipLayerNormalization fusion, see ``embedding/fastembed.py``).
 
-    A database or index built with one is refused by the other (their vectors differ)."""
-    return f"{model}@int8" if quantization == "int8" else model
+    A database or index built with one is refused by the others (their vectors differ)."""
+    if quantization != "int8":
+        return model
+    return model + (FUSED_INT8_SUFFIX if fused_layer_norm else INT8_SUFFIX)
 
 
 def folder_quantization(model_dir: Path) -> Quantization | None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from ..errors import CursorConflictError as CursorConflictError
 from ..errors import IndexDivergedError as IndexDivergedError
 from ..errors import IndexError_ as IndexError_
 from ..errors import IndexUnavailableError as IndexUnavailableError
 from ..errors import ModelMismatchError as ModelMismatchError
-from ..types import Fusion, MetadataValue, ModelIdentity, SparseVector
+from ..types import FUSED_INT8_SUFFIX, Fusion, MetadataValue, ModelIdentity, SparseVector, base_model_name
 
 DENSE_VECTOR = "dense"
 SPARSE_VECTOR = "bm25"
@@ -116,9 +116,6 @@ def identity_from_meta(data: Mapping[str, Any]) -> ModelIdentity:
     )
 
 
-_INT8: Final = "@int8"
-
-
 def _difference(built: ModelIdentity, configured: ModelIdentity) -> str:
     same = (built.provider, built.name, built.dimension) == (configured.provider, configured.name, configured.dimension)
     if same:
@@ -126,12 +123,21 @@ def _difference(built: ModelIdentity, configured: ModelIdentity) -> str:
             " — same name, but the vector of a fixed probe text differs by "
             f"{built.fingerprint_distance(configured):.4f} (another model served under that name, or another build of it)"
         )
-    if built.provider == configured.provider and built.name.removesuffix(_INT8) == configured.name.removesuffix(_INT8):
-        wanted = "int8" if built.name.endswith(_INT8) else "none"
+    if built.provider != configured.provider or base_model_name(built.name) != base_model_name(configured.name):
+        return ""
+    int8 = (_is_int8(built.name), _is_int8(configured.name))
+    if int8 == (True, True):
+        fused = "true" if built.name.endswith(FUSED_INT8_SUFFIX) else "false"
         return (
-            f" (the float32 and int8 builds of one model; MCP_RAG_EMBEDDING_QUANTIZATION={wanted} selects this data's)"
+            " (the int8 build run with and without ONNX Runtime's SkipLayerNormalization fusion; "
+            f"MCP_RAG_EMBEDDING_FUSED_LAYER_NORM={fused} selects this data's)"
         )
-    return ""
+    wanted = "int8" if int8[0] else "none"
+    return f" (the float32 and int8 builds of one model; MCP_RAG_EMBEDDING_QUANTIZATION={wanted} selects this data's)"
+
+
+def _is_int8(name: str) -> bool:
+    return name != base_model_name(name)
 
 
 def mismatch_message(index: str, built: ModelIdentity, configured: ModelIdentity) -> str:
