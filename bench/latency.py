@@ -56,7 +56,7 @@ def targets_for(size: int, transport: str, mode: str) -> dict[str, tuple[str, fl
     if transport != "stdio" or mode != "hybrid":
         return None
     if size == 10_000:
-        return {"p50_ms": ("<=", 10.0), "p95_ms": ("<=", 20.0)}
+        return {"p50_ms": ("<=", 8.0), "p95_ms": ("<=", 20.0)}
     if size == 100_000:
         return {"p50_ms": ("<=", 30.0)}
     return None
