@@ -71,7 +71,8 @@ def settings_for(data_dir: Path, database_url: str, model: Path, **extra: Any) -
 def load_seed(dataset: Path, doc_limit: int | None, model: Path, pg: Postgres, work: Path) -> Seed:
     """The dataset's first ``doc_limit`` documents, chunked and embedded by the real ingest (cached)."""
     corpus = dataset / "corpus.jsonl"
-    key = file_key("seed-v2", corpus, doc_limit, model)  # v2: chunks of even size
+    # v2: chunks of even size; the identity name: another build (or run) of the model embeds anew
+    key = file_key("seed-v2", corpus, doc_limit, model, model_name(model))
     cache_npz = work / "seeds" / f"seed-{key}.npz"
     cache_json = cache_npz.with_suffix(".json")
     if cache_npz.is_file() and cache_json.is_file():
