@@ -9,7 +9,9 @@ batch with the other, alternating which goes first, so load on this shared machi
 alike. Queries are embedded one at a time the same way. The figure is CPU time of the whole
 process (every ONNX Runtime thread) per passage and per query, as medians over the rounds, with
 the int8/float ratio; wall time per item beside it; and how far the int8 vectors move (cosine to
-the float vector of the same text).
+the float vector of the same text). A third model is the int8 build run with ONNX Runtime's
+SkipLayerNormalization fusion (``int8_fused``, how mcp-rag ran it before 2026-12-01), with its time
+over the unfused run's (``fused_ratio``) and the cosine between the two runs' vectors.
 """
 
 from __future__ import annotations
@@ -37,11 +39,17 @@ BENCH = "quantization"
 BATCH = 8
 
 
-def provider(folder: Path, threads: int | None, work: Path) -> Any:
+def provider(folder: Path, threads: int | None, work: Path, *, fused: bool = False) -> Any:
     from mcp_rag.embedding.factory import create_provider
     from mcp_rag.settings import Settings
 
-    settings = Settings(data_dir=work, embedding_model_dir=folder, embedding_threads=threads, _env_file=None)
+    settings = Settings(
+        data_dir=work,
+        embedding_model_dir=folder,
+        embedding_threads=threads,
+        embedding_fused_layer_norm=fused,
+        _env_file=None,
+    )
     instance = create_provider(settings, "fastembed")
     instance.load()
     return instance
@@ -74,7 +82,11 @@ def main() -> None:
     # the int8 build beside the float one (quantised from it when missing)
     int8_dir = args.int8_model_dir or provision_default_model(fp32_dir.parent, quantization="int8")
     work = args.work_dir / "quantization"
-    models = {"fp32": provider(fp32_dir, threads, work), "int8": provider(int8_dir, threads, work)}
+    models = {
+        "fp32": provider(fp32_dir, threads, work),
+        "int8": provider(int8_dir, threads, work),
+        "int8_fused": provider(int8_dir, threads, work, fused=True),
+    }
     for name, model in models.items():
         log(f"{name}: {model.load().describe()} from {fp32_dir if name == 'fp32' else int8_dir}")
 
@@ -91,21 +103,19 @@ def main() -> None:
     log(f"{len(passages)} passages in batches of {BATCH}, {len(queries)} queries, threads={threads or 'default'}")
     for round_, start in enumerate(range(0, len(passages), BATCH)):
         batch = passages[start : start + BATCH]
-        order = list(models) if round_ % 2 == 0 else list(reversed(models))
-        for name in order:
+        for name in _turns(list(models), round_):
             c, w, out = timed(lambda m=models[name], texts=batch: m.embed_passages(texts))
             cpu[name]["passage"].append(c / len(batch))
             wall[name]["passage"].append(w / len(batch))
             vectors[name].extend(out)
     for i, query in enumerate(queries):
-        order = list(models) if i % 2 == 0 else list(reversed(models))
-        for name in order:
+        for name in _turns(list(models), i):
             c, w, _ = timed(lambda m=models[name], text=query: m.embed_query(text))
             cpu[name]["query"].append(c)
             wall[name]["query"].append(w)
 
-    a, b = np.stack(vectors["fp32"]), np.stack(vectors["int8"])
-    cosines = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cosines = _cosines(vectors["fp32"], vectors["int8"])
+    fused_cosines = _cosines(vectors["int8"], vectors["int8_fused"])
     results: dict[str, dict[str, float]] = {}
     for kind in ("passage", "query"):
         row = {f"{name}_cpu_ms": median(cpu[name][kind]) * 1000 for name in models} | {
@@ -113,6 +123,7 @@ def main() -> None:
         }
         row["cpu_ratio"] = row["fp32_cpu_ms"] / row["int8_cpu_ms"]
         row["wall_ratio"] = row["fp32_wall_ms"] / row["int8_wall_ms"]
+        row["fused_ratio"] = row["int8_fused_cpu_ms"] / row["int8_cpu_ms"]
         results[kind] = row
         emit(
             BENCH,
@@ -128,6 +139,8 @@ def main() -> None:
         passages=len(cosines),
         cosine_mean=float(cosines.mean()),
         cosine_min=float(cosines.min()),
+        fused_cosine_mean=float(fused_cosines.mean()),
+        fused_cosine_min=float(fused_cosines.min()),
         model_onnx_mb={
             "fp32": (fp32_dir / "model.onnx").stat().st_size / 2**20,
             "int8": (int8_dir / "model.onnx").stat().st_size / 2**20,
@@ -135,16 +148,30 @@ def main() -> None:
         machine=machine(),
     )
     print(
-        "\n                 fp32 CPU ms   int8 CPU ms   ratio   fp32 wall ms   int8 wall ms   ratio",
+        "\n                 fp32 CPU ms   int8 CPU ms   ratio   fp32 wall ms   int8 wall ms   ratio"
+        "   int8 fused CPU ms   ratio",
         *(
             f"per {kind:<8}  {r['fp32_cpu_ms']:>11.2f}   {r['int8_cpu_ms']:>11.2f}   {r['cpu_ratio']:>5.2f}x"
             f"   {r['fp32_wall_ms']:>12.2f}   {r['int8_wall_ms']:>12.2f}   {r['wall_ratio']:>5.2f}x"
+            f"   {r['int8_fused_cpu_ms']:>17.2f}   {r['fused_ratio']:>5.2f}x"
             for kind, r in results.items()
         ),
         f"int8 vs fp32 cosine: mean {cosines.mean():.4f}, min {cosines.min():.4f} over {len(cosines)} passages",
+        f"int8 vs int8 fused cosine: mean {fused_cosines.mean():.5f}, min {fused_cosines.min():.5f}",
         sep="\n",
         file=sys.stderr,
     )
+
+
+def _turns(names: list[str], round_: int) -> list[str]:
+    """``names`` rotated by ``round_``: each model goes first, second and last in turn."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
+
+
+def _cosines(a: list[Any], b: list[Any]) -> Any:
+    x, y = np.stack(a), np.stack(b)
+    return (x * y).sum(axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
 
 
 if __name__ == "__main__":

@@ -254,10 +254,20 @@ def test_quantization(bench_env: Callable[[str], Lines]) -> None:
     for kind in ("passage_embedding", "query_embedding"):
         line = lines[kind]
         assert line["samples"] > 0
-        for key in ("fp32_cpu_ms", "int8_cpu_ms", "fp32_wall_ms", "int8_wall_ms", "cpu_ratio", "wall_ratio"):
+        for key in (
+            "fp32_cpu_ms",
+            "int8_cpu_ms",
+            "int8_fused_cpu_ms",
+            "fp32_wall_ms",
+            "int8_wall_ms",
+            "cpu_ratio",
+            "wall_ratio",
+            "fused_ratio",
+        ):
             assert line[key] > 0, (kind, key)
     vectors = lines["int8_vectors"]
     assert 0.8 < vectors["cosine_min"] <= vectors["cosine_mean"] < 0.999
+    assert 0.99 < vectors["fused_cosine_min"] <= vectors["fused_cosine_mean"] <= 1.0
     assert vectors["model_onnx_mb"]["int8"] < vectors["model_onnx_mb"]["fp32"] / 3
 
 
