@@ -321,6 +321,12 @@ async def test_a_database_embedded_with_the_fused_graph_keeps_it(
         assert rt.settings.embedding_fused_layer_norm is True
         [hit] = await rt.service.search("default", QUERIES["fermented loaf made with natural leaven"], top_k=1)
         assert hit.source_uri == "note://bread"
+    # A holder starts loading the model from the settings alone (unfused) before the database answers.
+    settings = make_settings(embedding_model_dir=int8_model_dir)
+    lock = try_hold(address(settings.data_dir))
+    assert lock is not None
+    async with hold(settings, lock) as holder:
+        assert holder.runtime.embedder.identity.name == FUSED_INT8_NAME
     settings = make_settings(embedding_model_dir=int8_model_dir, embedding_fused_layer_norm=False)
     with pytest.raises(ConfigurationError) as info:
         async with open_runtime(settings):
