@@ -69,10 +69,14 @@ class FastembedProvider(DenseProvider):
         if self._model_dir is not None:
             kwargs["specific_model_path"] = str(self._model_dir)
         try:
-            single: Any = TextEmbedding(self._name, **kwargs)
-            if self._unfused:
-                single = _rebuilt(single, 1, unfused=True)
-            model: Any = single if self._threads == 1 else _rebuilt(single, self._threads, unfused=self._unfused)
+            # lazy_load: fastembed finds the model and reads its tokenizer, the sessions are built here
+            single: Any = TextEmbedding(self._name, lazy_load=True, **kwargs)
+            single.model._ensure_tokenizer()
+            model_file = Path(single.model._model_dir) / single.model.model_description.model_file
+            single.model.model = _session(model_file, 1, unfused=self._unfused)
+            model: Any = single
+            if self._threads != 1:
+                model = _sharing_tokenizer(single, _session(model_file, self._threads, unfused=self._unfused))
         except Exception as exc:
             hint = (
                 f"from {self._model_dir}"
@@ -128,30 +132,32 @@ class FastembedProvider(DenseProvider):
         return self._budget
 
 
-def _rebuilt(single: Any, threads: int | None, *, unfused: bool) -> Any:
-    """The fastembed model ``single`` on a new session of the same file, sharing its tokenizer:
-    ``threads`` threads (None: ONNX Runtime's default, one per core), and with ``unfused`` the graph
-    without the SkipLayerNormalization fusion (fastembed exposes neither option).
+def _session(model_file: Path, threads: int | None, *, unfused: bool) -> Any:
+    """An ONNX Runtime session of ``model_file`` on ``threads`` threads (None: ONNX Runtime's
+    default, one per core); with ``unfused``, without the SkipLayerNormalization fusion. fastembed
+    exposes neither that nor the option below, so mcp-rag builds the sessions it hands fastembed.
 
     The session's threads wait idle between runs instead of spinning on a core for about 100 ms
     after each (ONNX Runtime's default): the event loop, Postgres, the single-threaded session and
     a local client need those cores right after a run."""
-    import copy
-
     import onnxruntime as ort
 
-    session = single.model.model
     options = ort.SessionOptions()
-    options.graph_optimization_level = session.get_session_options().graph_optimization_level
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = options.inter_op_num_threads = threads or 0
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if unfused:
         options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    return ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _sharing_tokenizer(single: Any, session: Any) -> Any:
+    """The fastembed model ``single`` running on ``session`` instead, with the same tokenizer."""
+    import copy
+
     model = copy.copy(single)
     model.model = copy.copy(single.model)
-    model.model.model = ort.InferenceSession(
-        session._model_path, sess_options=options, providers=session.get_providers()
-    )
+    model.model.model = session
     return model
 
 
