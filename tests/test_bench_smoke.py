@@ -318,5 +318,8 @@ def test_peer_side_by_side(pg_server: PgServer, model_dir: Path, tmp_path: Path)
         assert line["judged_queries"] > 0
         assert line["recall_at_10"] > 0.5, line
     [ratio] = of(lines, "ratio")
-    positive(ratio, "search_p50_ratio", "ingest_docs_per_s_ratio", "peak_rss_ratio")
-    assert set(ratio["targets"]) == {"search_p50_ratio", "ingest_docs_per_s_ratio"}
+    positive(ratio, "search_p50_ratio", "ingest_docs_per_s_ratio", "peak_rss_ratio", "bulk_docs_per_s")
+    assert ratio["bulk_over_peer_per_call"] == pytest.approx(
+        ratio["bulk_docs_per_s"] / sides["mcp-server-qdrant"]["ingest_docs_per_s"], rel=0.01
+    )  # emitted figures are rounded
+    assert set(ratio["targets"]) == {"search_p50_ratio", "ingest_docs_per_s_ratio", "bulk_over_peer_per_call"}
