@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     taken as this setting says, float32 when unset)."""
     embedding_fused_layer_norm: bool | None = None
     """The int8 build only: run it with ONNX Runtime's SkipLayerNormalization fusion, as mcp-rag did before
-    2026-12-01 (model name ``…@int8``). Unfused (``…@int8-unfused``) a passage costs 1.21× and a query 1.15×
+    2026-12-01 (model name ``…@int8``). Unfused (``…@int8-unfused``) a passage costs 1.21 and a query 1.15 times
     less CPU; the vectors differ slightly, so each is a model identity of its own. Unset: as the database's
     vectors were made, unfused for a new database."""
     embedding_batch_size: int = Field(default=1, ge=1, le=1024)

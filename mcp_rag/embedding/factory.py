@@ -64,7 +64,7 @@ def _openai(settings: Settings) -> DenseProvider:
 
 DEFAULT_QUANTIZATION: Quantization = "int8"
 """The build of the default model a new database gets when MCP_RAG_EMBEDDING_QUANTIZATION is unset:
-int8 (run unfused) costs 2.4× less CPU per embedding and scored within 0.005 nDCG@10 of float32 on
+int8 (run unfused) costs 2.4 times less CPU per embedding and scored within 0.005 nDCG@10 of float32 on
 SciFact-train through the search tool (docs/benchmarks.md, "The int8 encoder" and "The int8 graph without
 the SkipLayerNormalization fusion")."""
 

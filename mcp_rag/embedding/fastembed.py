@@ -8,7 +8,7 @@ layer; separate inputs on separate cores do not wait (docs/benchmarks.md has the
 
 The int8 build runs without ONNX Runtime's SkipLayerNormalization fusion (each residual Add and the
 LayerNorm after it stay two nodes): fused, its int8 graph spent 28% of a passage in that one kernel,
-and unfused a passage costs 1.21× less CPU. The vectors differ slightly (cosine about 0.999), so
+and unfused a passage costs 1.21 times less CPU. The vectors differ slightly (cosine about 0.999), so
 the unfused run is a model identity of its own (``identity_name``); a database embedded with the fused
 graph keeps it (``fused_layer_norm``).
 """
