@@ -9,14 +9,13 @@ from typing import Any, Protocol
 from ..errors import ConfigurationError
 from ..logging import get_logger
 from ..settings import Settings
-from ..types import FUSED_INT8_SUFFIX, ModelIdentity
+from ..types import FUSED_INT8_SUFFIX, ModelIdentity, base_model_name
 from .base import DenseProvider
 from .fastembed import DEFAULT_MODEL, FastembedProvider
 from .model_build import (
     DEFAULT_MODEL_DIRNAME,
     Quantization,
     folder_quantization,
-    identity_name,
     provision_default_model,
 )
 from .tokens import CharacterBudget, TokenBudget, tokenizer_budget_from_file
@@ -90,29 +89,21 @@ async def keep_recorded_build(settings: Settings, store: RecordsModel) -> Settin
     if settings.embedding_fused_layer_norm is None and recorded.name.endswith(FUSED_INT8_SUFFIX):
         log.info("the database's vectors were made with the int8 build's fused graph; keeping it", model=recorded.name)
         update["embedding_fused_layer_norm"] = True
+    build: Quantization = "none" if recorded.name == base_model_name(recorded.name) else "int8"
     if (
         settings.embedding_quantization is None
         and settings.embedding_model_dir is None
         and settings.embedding_model == DEFAULT_MODEL
-        and recorded_build(recorded.name) not in (None, DEFAULT_QUANTIZATION)
+        and base_model_name(recorded.name) == DEFAULT_MODEL
+        and build != DEFAULT_QUANTIZATION
     ):
-        quantization = recorded_build(recorded.name)
         log.info(
             "the database's vectors belong to another build of the default model; keeping it",
             model=recorded.name,
-            quantization=quantization,
+            quantization=build,
         )
-        update["embedding_quantization"] = quantization
+        update["embedding_quantization"] = build
     return settings.model_copy(update=update) if update else settings
-
-
-def recorded_build(name: str) -> Quantization | None:
-    """Which build of the default model an identity name names (None: another model)."""
-    builds: tuple[Quantization, ...] = ("none", "int8")
-    for quantization in builds:
-        if name in {identity_name(DEFAULT_MODEL, quantization, fused_layer_norm=f) for f in (False, True)}:
-            return quantization
-    return None
 
 
 PROVIDERS: dict[str, Callable[[Settings], DenseProvider]] = {"fastembed": _fastembed, "openai": _openai}
